@@ -1,0 +1,302 @@
+"""Reading blood-cell datasets: class folders, course-style and MedMNIST-style ``.npz``.
+
+Every reader produces a :class:`Source`: a list of :class:`Item` (position in
+the input, a path a person can find, a label) plus the class names.  Pixels are
+decoded lazily by :func:`iter_batches`, so a million-image folder is never held
+in memory at once.  Whatever the file holds (palette, grayscale, 16-bit, CMYK,
+RGBA, EXIF-rotated), the decoded image is RGB uint8 H x W x 3; what had to be
+converted is counted, and items that cannot be used are reported with a reason
+instead of stopping the run.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# The PBC dataset's eight classes (Acevedo et al. 2020), in label order.
+CLASS_NAMES: tuple[str, ...] = (
+    "basophil",
+    "eosinophil",
+    "erythroblast",
+    "ig",
+    "lymphocyte",
+    "monocyte",
+    "neutrophil",
+    "platelet",
+)
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
+# Refuse images over this many pixels before decoding them (decompression bombs);
+# analyser crops are about 0.13 Mpx, whole-slide tiles rarely above 50 Mpx.
+DEFAULT_MAX_PIXELS = 50_000_000
+
+
+class BloodcellError(Exception):
+    """An error the user can act on; the CLI prints its message without a traceback."""
+
+
+class ImageReadError(Exception):
+    """One item could not be used; the message says why."""
+
+
+@dataclass(frozen=True)
+class Item:
+    index: int  # position in the input, stable across runs
+    path: str  # a file path, or "file.npz::array[i]" for array data
+    label: int | None
+
+
+@dataclass
+class Source:
+    """A dataset as read from disk: what it is, its items and their class names."""
+
+    root: Path
+    kind: str  # "folders", "npz" or "medmnist"
+    class_names: list[str]
+    items: list[Item]
+    # (index, path, reason) for items refused while reading the layout.
+    problems: list[tuple[int, str, str]] = field(default_factory=list)
+    # For npz sources: the image arrays keyed by the array name in Item.path.
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def label_name(self, label: int | None) -> str:
+        return "" if label is None else self.class_names[label]
+
+
+@dataclass
+class Batch:
+    items: list[Item]
+    images: list[np.ndarray]  # RGB uint8 (H, W, 3), aligned with items
+    failed: list[tuple[Item, str]]  # items that could not be decoded, with the reason
+    conversions: Counter  # "mode P converted to RGB" -> count
+
+
+def open_source(path: str | os.PathLike, class_names: list[str] | None = None) -> Source:
+    """Read a dataset's layout (not its pixels) from a class-folder tree or an ``.npz`` file."""
+    root = Path(path)
+    if not root.exists():
+        raise BloodcellError(f"{root}: no such file or folder")
+    if root.is_file():
+        if root.suffix.lower() != ".npz":
+            raise BloodcellError(f"{root}: expected a folder of class folders or an .npz file")
+        return _open_npz(root, class_names)
+    return _open_folders(root, class_names)
+
+
+def _open_folders(root: Path, class_names: list[str] | None) -> Source:
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not subdirs:
+        raise BloodcellError(
+            f"{root}: no class folders found; expected {root}/<class>/<image files>"
+        )
+    found = [d.name for d in subdirs]
+    if class_names is None:
+        # Keep the PBC label order when the folders are PBC classes, so that label
+        # ids mean the same thing across datasets; otherwise sort the names.
+        class_names = [c for c in CLASS_NAMES if c in found] if set(found) <= set(CLASS_NAMES) else found
+    unknown = [name for name in found if name not in class_names]
+    if unknown:
+        raise BloodcellError(
+            f"{root}: unknown class folder(s) {', '.join(unknown)}; known classes: {', '.join(class_names)}"
+        )
+    items: list[Item] = []
+    problems: list[tuple[int, str, str]] = []
+    for label, name in enumerate(class_names):
+        folder = root / name
+        if not folder.is_dir():
+            continue
+        for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+            if file.name.startswith("."):
+                continue
+            if file.suffix.lower() in IMAGE_EXTENSIONS:
+                items.append(Item(len(items) + len(problems), str(file), label))
+            else:
+                problems.append((len(items) + len(problems), str(file), "not an image file extension"))
+    for file in sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")):
+        problems.append((len(items) + len(problems), str(file), "not inside a class folder"))
+    return Source(root, "folders", list(class_names), items, problems)
+
+
+def _npz_labels(labels: np.ndarray, where: str) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.ndim != 1:
+        raise BloodcellError(f"{where}: labels must have shape (N,) or (N, 1), got {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        if np.issubdtype(labels.dtype, np.floating) and np.all(np.isfinite(labels)) and np.all(labels == np.round(labels)):
+            labels = labels.astype(np.int64)
+        else:
+            raise BloodcellError(f"{where}: labels must be integers, got dtype {labels.dtype}")
+    return labels.astype(np.int64)
+
+
+def _npz_images(images: np.ndarray, where: str) -> np.ndarray:
+    if images.dtype == object or images.ndim not in (3, 4):
+        raise BloodcellError(
+            f"{where}: images must be an array of shape (N, H, W, 3) (or (N, H, W) grayscale), got {images.shape}"
+        )
+    if images.ndim == 4 and images.shape[-1] not in (1, 3, 4):
+        raise BloodcellError(f"{where}: images must have 1, 3 or 4 channels in the last axis, got {images.shape}")
+    if images.dtype != np.uint8 and not (
+        np.issubdtype(images.dtype, np.integer) or np.issubdtype(images.dtype, np.floating)
+    ):
+        raise BloodcellError(f"{where}: images must be uint8, got dtype {images.dtype}")
+    return images
+
+
+def _open_npz(root: Path, class_names: list[str] | None) -> Source:
+    try:
+        data = np.load(root, allow_pickle=False)
+        keys = set(data.files)
+    except Exception as exc:  # zipfile, ValueError: a broken or non-npz file
+        raise BloodcellError(f"{root}: not a readable .npz file ({exc})") from None
+    stored_names = None
+    for key in ("class_names", "classes", "label_names"):
+        if key in keys:
+            stored_names = [str(x) for x in data[key].tolist()]
+    names = list(class_names or stored_names or CLASS_NAMES)
+    if {"images", "labels"} <= keys:
+        parts = [("images", "labels")]
+        kind = "npz"
+    else:
+        parts = [(f"{s}_images", f"{s}_labels") for s in ("train", "val", "test") if f"{s}_images" in keys]
+        kind = "medmnist"
+        if not parts:
+            raise BloodcellError(
+                f"{root}: expected arrays 'images' and 'labels' (or MedMNIST's 'train_images', "
+                f"'train_labels', ...), found {', '.join(sorted(keys)) or 'none'}"
+            )
+    items: list[Item] = []
+    problems: list[tuple[int, str, str]] = []
+    arrays: dict[str, np.ndarray] = {}
+    for image_key, label_key in parts:
+        where = f"{root}::{image_key}"
+        if label_key not in keys:
+            raise BloodcellError(f"{root}: '{image_key}' has no matching '{label_key}' array")
+        images = _npz_images(data[image_key], where)
+        labels = _npz_labels(data[label_key], f"{root}::{label_key}")
+        if len(labels) != len(images):
+            raise BloodcellError(
+                f"{root}: {len(images)} images in '{image_key}' but {len(labels)} labels in '{label_key}'"
+            )
+        arrays[image_key] = images
+        for i, label in enumerate(labels.tolist()):
+            index = len(items) + len(problems)
+            path = f"{root}::{image_key}[{i}]"
+            if 0 <= label < len(names):
+                items.append(Item(index, path, label))
+            else:
+                problems.append((index, path, f"label {label} out of range 0..{len(names) - 1}"))
+    return Source(root, kind, names, items, problems, arrays)
+
+
+def _to_rgb_uint8(image: np.ndarray) -> tuple[np.ndarray, str | None]:
+    """Bring a decoded array to RGB uint8; say what was converted, if anything."""
+    note = None
+    if image.dtype != np.uint8:
+        note = f"dtype {image.dtype} scaled to uint8"
+        values = image.astype(np.float64)
+        top = float(np.nanmax(values)) if values.size else 0.0
+        if np.issubdtype(image.dtype, np.floating) and top <= 1.0:
+            values = values * 255.0
+        elif top > 255.0:
+            values = values / (65535.0 if top <= 65535.0 else top) * 255.0
+        image = np.clip(np.nan_to_num(np.round(values)), 0, 255).astype(np.uint8)
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+        note = note or "grayscale converted to RGB"
+    elif image.shape[2] == 1:
+        image = np.repeat(image, 3, axis=2)
+        note = note or "grayscale converted to RGB"
+    elif image.shape[2] == 4:
+        image = image[:, :, :3]
+        note = note or "alpha channel dropped"
+    return np.ascontiguousarray(image), note
+
+
+def decode_file(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, str | None]:
+    """Decode one image file to RGB uint8, honouring EXIF orientation.
+
+    Returns (image, conversion note or None).  Raises :class:`ImageReadError`
+    with a reason a person understands.
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise ImageReadError("empty file (0 bytes)")
+        with Image.open(path) as img:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise ImageReadError(
+                    f"{width}x{height} px is over the limit of {max_pixels} pixels (possible decompression bomb)"
+                )
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            mode = img.mode
+            if mode == "RGB":
+                return np.asarray(img), None
+            if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+                return _to_rgb_uint8(np.asarray(img))
+            return np.asarray(img.convert("RGB")), f"mode {mode} converted to RGB"
+    except ImageReadError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageReadError("not an image Pillow can read") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageReadError(f"refused as a decompression bomb ({exc})") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        # Truncated files raise OSError("image file is truncated ...").
+        raise ImageReadError(f"unreadable image ({exc})") from None
+
+
+def load_item(source: Source, item: Item, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, str | None]:
+    """Decode one item of a source to RGB uint8."""
+    if source.arrays:
+        key, _, rest = item.path.rpartition("::")[2].partition("[")
+        image = source.arrays[key][int(rest[:-1])]
+        if np.issubdtype(image.dtype, np.floating) and not np.all(np.isfinite(image)):
+            raise ImageReadError("image holds NaN or infinite values")
+        return _to_rgb_uint8(image)
+    return decode_file(item.path, max_pixels)
+
+
+def iter_batches(
+    source: Source,
+    batch_size: int = 256,
+    workers: int = 2,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Iterator[Batch]:
+    """Decode a source's items in batches; decoding runs on ``workers`` threads.
+
+    Pillow releases the GIL while decoding, so threads use both cores without
+    the pickling costs of processes.  Order is preserved.
+    """
+
+    def load(item: Item):
+        try:
+            return load_item(source, item, max_pixels)
+        except ImageReadError as exc:
+            return exc
+
+    with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool:
+        for start in range(0, len(source.items), batch_size):
+            chunk = source.items[start : start + batch_size]
+            batch = Batch([], [], [], Counter())
+            for item, result in zip(chunk, pool.map(load, chunk)):
+                if isinstance(result, ImageReadError):
+                    batch.failed.append((item, str(result)))
+                    continue
+                image, note = result
+                batch.items.append(item)
+                batch.images.append(image)
+                if note:
+                    batch.conversions[note] += 1
+            yield batch
