@@ -1,1 +1,198 @@
-from typer import Typer; app=Typer()
+"""The ``bloodcell`` command: parses arguments and calls library functions."""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import typer
+import yaml
+from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from . import __version__
+from .data import BloodcellError
+
+app = typer.Typer(
+    help="Curate, train, evaluate and serve peripheral blood cell classifiers.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+
+
+@contextmanager
+def user_errors():
+    """Print errors a user can act on as one line, never as a traceback."""
+    try:
+        yield
+    except BloodcellError as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        console.print(f"[bold red]error:[/] invalid settings: {problems}", highlight=False)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]")
+        raise typer.Exit(130) from None
+
+
+def progress_bar() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """``key.sub=value`` pairs into a nested dict; values parsed as YAML scalars."""
+    settings: dict = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise BloodcellError(f"--set expects key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        node = settings
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return settings
+
+
+def load_settings(config: Optional[Path], overrides: list[str]) -> dict:
+    settings: dict = {}
+    if config is not None:
+        if not config.is_file():
+            raise BloodcellError(f"{config}: config file not found")
+        try:
+            settings = yaml.safe_load(config.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise BloodcellError(f"{config}: not valid YAML ({exc})") from None
+        if not isinstance(settings, dict):
+            raise BloodcellError(f"{config}: expected a mapping of settings at the top level")
+
+    def merge(into: dict, new: dict) -> dict:
+        for key, value in new.items():
+            if isinstance(value, dict) and isinstance(into.get(key), dict):
+                merge(into[key], value)
+            else:
+                into[key] = value
+        return into
+
+    return merge(settings, parse_overrides(overrides))
+
+
+def version_callback(value: bool):
+    if value:
+        typer.echo(f"bloodcell {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True, help="Show the version."),
+):
+    """bloodcell: from a lab's cell images to a trustworthy classifier."""
+
+
+@app.command()
+def curate(
+    input_path: Path = typer.Argument(..., metavar="INPUT", help="A folder of class folders, or an .npz file."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (created; the input is never changed)."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML file of curation settings."),
+    set_: list[str] = typer.Option([], "--set", help="Override a setting, e.g. --set near_dhash=8 --set split.seed=1."),
+    classes: Optional[str] = typer.Option(None, help="Comma-separated class names, in label order."),
+    no_images: bool = typer.Option(False, "--no-images", help="Write the manifest and report only, no cleaned copy."),
+):
+    """Find duplicates, label conflicts and contaminants; write a cleaned, split dataset and a report."""
+    from .curate import CurateConfig
+    from .curate import curate as run_curation
+
+    with user_errors():
+        settings = load_settings(config, set_)
+        if no_images:
+            settings["write_images"] = False
+        cfg = CurateConfig(**settings)
+        with progress_bar() as bar:
+            task = None
+
+            def on_start(total: int):
+                nonlocal task
+                task = bar.add_task("reading and hashing", total=total, rate="")
+
+            def advance(count: int):
+                bar.advance(task, count)
+                elapsed = bar.tasks[task].elapsed or 0
+                if elapsed > 0:
+                    bar.update(task, rate=f"{bar.tasks[task].completed / elapsed:,.0f} img/s")
+
+            curation = run_curation(
+                input_path,
+                out,
+                cfg,
+                class_names=classes.split(",") if classes else None,
+                progress=advance,
+                on_start=on_start,
+            )
+        summary = json.loads((out / "summary.json").read_text())
+        table = Table(title=f"Curation of {input_path}")
+        table.add_column("status")
+        table.add_column("items", justify="right")
+        for status, count in summary["statuses"].items():
+            table.add_row(status, str(count))
+        Console().print(table)
+        Console().print(
+            f"{summary['duplicate_groups']} duplicate groups, {summary['label_conflict_groups']} label conflicts, "
+            f"{summary['contaminant_groups']} contaminants. Split: "
+            + ", ".join(f"{k} {v}" for k, v in summary["splits"].items())
+        )
+        Console().print(f"Report: {out / 'report.html'}\nManifest: {out / 'manifest.csv'}")
+        del curation
+
+
+@app.command()
+def leakage(
+    first: Path = typer.Argument(..., help="A dataset, e.g. the training folder."),
+    second: Path = typer.Argument(..., help="Another dataset, e.g. the test folder."),
+    near_dhash: int = typer.Option(10, help="Max dHash distance of a near copy."),
+    near_phash: int = typer.Option(10, help="Max pHash distance of a near copy."),
+    out: Optional[Path] = typer.Option(None, help="Write the pairs found as CSV here."),
+):
+    """Report images of FIRST that also appear, exactly or nearly, in SECOND. Exit 1 if any do."""
+    import csv
+
+    from .curate import CurateConfig, check_leakage
+
+    with user_errors():
+        with console.status("hashing both datasets"):
+            pairs = check_leakage(first, second, CurateConfig(near_dhash=near_dhash, near_phash=near_phash))
+        if out:
+            with open(out, "w", newline="") as handle:
+                writer = csv.DictWriter(
+                    handle, fieldnames=["first", "second", "kind", "dhash_distance", "phash_distance"]
+                )
+                writer.writeheader()
+                writer.writerows(pairs)
+        exact = sum(p["kind"] == "exact" for p in pairs)
+        Console().print(f"{len(pairs)} leaked pairs ({exact} exact, {len(pairs) - exact} near)")
+        for pair in pairs[:20]:
+            Console().print(f"  {pair['kind']}: {pair['first']}  ==  {pair['second']}", highlight=False)
+        if pairs:
+            raise typer.Exit(1)
+
+
+def run():  # pragma: no cover - console entry point
+    sys.exit(app())

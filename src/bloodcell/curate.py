@@ -47,6 +47,7 @@ FEATURE_NAMES = (
     "stained_area",  # fraction of dark, bluish pixels: nuclei and granules
     "edges",  # mean gradient magnitude
     "fine_texture",  # mean |Laplacian| of the 32x32 pHash thumbnail: noise, print, text
+    "flat_area",  # fraction of thumbnail pixels equal to their neighbours: drawings, blanks
 )
 EMBED_GRID = 8  # colour-layout embedding: mean RGB on an 8x8 grid, symmetrised below
 
@@ -73,7 +74,7 @@ class CurateConfig(BaseModel):
         10, ge=2, description="a picture found this many times or more is a contaminant, not a cell capture"
     )
     outlier_mads: float = Field(
-        12.0, gt=0, description="contaminant if its outlier score (MADs above the dataset's typical) reaches this"
+        18.0, gt=0, description="contaminant if its outlier score (MADs above the dataset's typical) reaches this"
     )
     outlier_neighbours: int = Field(50, ge=1, description="k of the k-nearest-neighbour outlier score")
     split: SplitConfig = SplitConfig()
@@ -110,6 +111,12 @@ def batch_features(thumbs: np.ndarray, for_phash: np.ndarray) -> tuple[np.ndarra
     lap = for_phash.astype(np.float32) / 255.0
     laplacian = 4 * lap[:, 1:-1, 1:-1] - lap[:, :-2, 1:-1] - lap[:, 2:, 1:-1] - lap[:, 1:-1, :-2] - lap[:, 1:-1, 2:]
     dark = gray < gray.mean(axis=(1, 2), keepdims=True) - 0.1
+    # Micrographs have sensor noise and texture everywhere; drawn or blank areas are
+    # exactly flat even at 32x32 (PBC: at most 24% of pixels; drawings: 46% and up).
+    steps = thumbs.astype(np.int16)
+    flat = (np.abs(np.diff(steps, axis=1))[:, :, :-1].max(axis=3) == 0) & (
+        np.abs(np.diff(steps, axis=2))[:, :-1].max(axis=3) == 0
+    )
     stats = np.stack(
         [
             r.mean(axis=(1, 2)),
@@ -122,6 +129,7 @@ def batch_features(thumbs: np.ndarray, for_phash: np.ndarray) -> tuple[np.ndarra
             (dark & (b > g)).mean(axis=(1, 2)),
             np.hypot(gx, gy).mean(axis=(1, 2)),
             np.abs(laplacian).mean(axis=(1, 2)),
+            flat.mean(axis=(1, 2)),
         ],
         axis=1,
     ).astype(np.float32)
@@ -477,11 +485,10 @@ def _safe_name(path: str, index: int, used: set[str]) -> str:
     return name
 
 
-def write_clean_data(curation: Curation, out: Path) -> dict[str, int]:
+def write_clean_data(curation: Curation, out: Path) -> None:
     """Copy the kept items into ``out``: class folders per split, or one .npz per split."""
     source = curation.source
     kept = [row for row in curation.rows if row["status"] == "keep"]
-    counts = Counter(row["split"] for row in kept)
     by_index = {item.index: item for item in source.items}
     if source.kind == "folders":
         used: dict[tuple[str, str], set[str]] = {}
@@ -491,7 +498,7 @@ def write_clean_data(curation: Curation, out: Path) -> dict[str, int]:
             name = _safe_name(row["path"], row["index"], used.setdefault((row["split"], row["label"]), set()))
             # Byte-for-byte copy: the cleaned data is the user's files, not re-encodings.
             shutil.copyfile(row["path"], folder / name)
-        return dict(counts)
+        return
     for split in SPLITS:
         chosen = [row for row in kept if row["split"] == split]
         # An .npz input holds one array, so every image has the same shape.
@@ -503,7 +510,6 @@ def write_clean_data(curation: Curation, out: Path) -> dict[str, int]:
             index=np.array([row["index"] for row in chosen], dtype=np.int64),
             class_names=np.array(source.class_names),
         )
-    return dict(counts)
 
 
 def curate(
@@ -535,7 +541,8 @@ def curate(
     out.mkdir(parents=True, exist_ok=True)
     write_manifest(curation, out / "manifest.csv")
     t0 = time.perf_counter()
-    split_counts = write_clean_data(curation, out) if config.write_images else {}
+    if config.write_images:
+        write_clean_data(curation, out)
     curation.timings["write_s"] = time.perf_counter() - t0
 
     kept = [row for row in curation.rows if row["status"] == "keep"]
@@ -557,7 +564,7 @@ def curate(
         )
     )
     (out / "config.yaml").write_text(yaml.safe_dump({"input": str(source.root), **config.model_dump()}, sort_keys=False))
-    summary = summarise(curation, split_counts)
+    summary = summarise(curation)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     from .report import write_curation_report
 
@@ -565,8 +572,9 @@ def curate(
     return curation
 
 
-def summarise(curation: Curation, split_counts: dict[str, int]) -> dict:
+def summarise(curation: Curation) -> dict:
     statuses = Counter(row["status"] for row in curation.rows)
+    splits = Counter(row["split"] for row in curation.rows if row["status"] == "keep")
     return {
         "input": str(curation.source.root),
         "format": curation.source.kind,
@@ -575,7 +583,7 @@ def summarise(curation: Curation, split_counts: dict[str, int]) -> dict:
         "duplicate_groups": len(curation.groups),
         "label_conflict_groups": len({r["group"] for r in curation.rows if r["status"] == "label_conflict"}),
         "contaminant_groups": len({r["group"] if r["group"] != "" else f"i{r['index']}" for r in curation.rows if r["status"] == "outlier"}),
-        "splits": split_counts,
+        "splits": {split: splits.get(split, 0) for split in SPLITS},
         "conversions": dict(curation.conversions),
         "timings_s": {k: round(v, 2) for k, v in curation.timings.items()},
     }

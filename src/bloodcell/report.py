@@ -22,6 +22,7 @@ h1{margin-bottom:.2rem} h2{border-bottom:2px solid #ddd;padding-bottom:.3rem;mar
 table{border-collapse:collapse;margin:.6rem 0;font-size:.92rem} td,th{border:1px solid #ddd;padding:.3rem .6rem;text-align:left;vertical-align:top}
 th{background:#f4f4f4} .num{text-align:right} .muted{color:#666;font-size:.9rem}
 .group{border:1px solid #ddd;border-radius:6px;padding:.5rem;margin:.6rem 0}
+.cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(340px,1fr));gap:8px} .cards .group{margin:0;font-size:.85rem}
 .thumbs{display:flex;flex-wrap:wrap;gap:6px} figure{margin:0;text-align:center;font-size:.75rem;width:96px}
 figure img{width:96px;height:96px;object-fit:cover;border-radius:3px;display:block}
 .bad{color:#a00} .tag{display:inline-block;background:#eef;border-radius:3px;padding:0 .3rem;margin-right:.2rem}
@@ -158,7 +159,7 @@ def write_curation_report(curation: Curation, summary: dict, path: Path, max_gro
         parts.append("<p>Split: " + ", ".join(f"{k} {v}" for k, v in summary["splits"].items())
                      + ". Every member of a duplicate group is assigned to the same split.</p>")
 
-    parts.append("<h2>Contaminants</h2>")
+    parts.append("<h2>Contaminants and unusual images</h2>")
     chart = _score_chart(curation)
     if chart:
         parts.append(f"<img src='{chart}' alt='outlier scores'>")
@@ -179,7 +180,10 @@ def write_curation_report(curation: Curation, summary: dict, path: Path, max_gro
                 + f"<br><span class='muted'>{esc(group_rows[0]['reason'])}</span><br>"
                 f"<span class='muted'>{esc(group_rows[0]['path'])}</span></div></div></div>"
             )
-        parts += cards
+        parts.append("<p>Images unlike the rest of the dataset (photos, blanks, noise, drawings, but also cells "
+                     "stained or lit unlike the others) and pictures repeated many times. They are left out of the "
+                     "cleaned data; the evidence is beside each, for a person to check.</p>")
+        parts.append("<div class='cards'>" + "".join(cards) + "</div>")
         if len(ordered) > 60:
             parts.append(f"<p class='muted'>... and {len(ordered) - 60} more in manifest.csv (status outlier).</p>")
     else:

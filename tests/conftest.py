@@ -1,0 +1,84 @@
+"""Shared fixtures: small datasets built by the tests from real PBC originals.
+
+Real images are read from ../shared/data (never copied into the repository);
+contaminants and near duplicates are made with bloodcell.synthetic.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+ORIGINALS = SHARED / "pbc-originals"
+PBC224 = SHARED / "pbc224"
+
+
+def require(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"{path} not found: the shared PBC data must sit beside the repository")
+    return path
+
+
+@pytest.fixture(scope="session")
+def original_files() -> list[Path]:
+    return sorted(require(ORIGINALS).glob("*/*.jpg"))
+
+
+@pytest.fixture(scope="session")
+def dirty_folder(tmp_path_factory, original_files) -> dict:
+    """A class-folder dataset of the 200 real originals (mixed sizes) with known injected problems."""
+    from bloodcell import synthetic
+
+    root = tmp_path_factory.mktemp("dirty") / "cells"
+    rng = np.random.default_rng(7)
+    for file in original_files:
+        (root / file.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(file, root / file.parent.name / file.name)
+    classes = sorted(p.name for p in root.iterdir())
+    truth: dict[str, str] = {}
+    # An exact copy inside the same class, and one across classes (a label conflict).
+    a, b = original_files[3], original_files[40]
+    shutil.copyfile(a, root / a.parent.name / f"copy_{a.name}")
+    truth[f"{a.parent.name}/copy_{a.name}"] = "duplicate"
+    other = next(c for c in classes if c != b.parent.name)
+    shutil.copyfile(b, root / other / f"conflict_{b.name}")
+    truth[f"{other}/conflict_{b.name}"] = "label_conflict"
+    truth[f"{b.parent.name}/{b.name}"] = "label_conflict"
+    # A near copy: re-encoded as JPEG at lower quality.
+    c = original_files[80]
+    near = synthetic.jpeg_reencode(np.asarray(Image.open(c).convert("RGB")), quality=60)
+    Image.fromarray(near).save(root / c.parent.name / f"near_{c.stem}.png")
+    truth[f"{c.parent.name}/near_{c.stem}.png"] = "near_duplicate"
+    # One non-cell picture repeated 12 times, labels spread over classes.
+    photo = synthetic.contaminant("photo", 224, rng)
+    for k in range(12):
+        name = f"{classes[k % len(classes)]}/repeat_{k}.jpg"
+        Image.fromarray(photo).save(root / name, quality=95)
+        truth[name] = "outlier"
+    # Single odd images.
+    for kind in ("noise", "blank", "drawing", "photo"):
+        name = f"{classes[0]}/odd_{kind}.png"
+        Image.fromarray(synthetic.contaminant(kind, 200, rng)).save(root / name)
+        truth[name] = "outlier"
+    # Files that cannot be used.
+    (root / classes[1] / "empty.jpg").write_bytes(b"")
+    (root / classes[1] / "notes.jpg").write_text("not an image")
+    data = (root / a.parent.name / a.name).read_bytes()
+    (root / classes[2] / "truncated.jpg").write_bytes(data[: len(data) // 3])
+    for name in ("empty.jpg", "notes.jpg", "truncated.jpg"):
+        truth[f"{classes[1] if name != 'truncated.jpg' else classes[2]}/{name}"] = "unreadable"
+    return {"root": root, "truth": truth, "classes": classes}
+
+
+def tree_digest(root: Path) -> dict[str, tuple[int, float, bytes]]:
+    """Every file's size, mtime and content, to prove a folder was not changed."""
+    return {
+        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime, p.read_bytes())
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
