@@ -1,0 +1,266 @@
+"""Curation against known answers, imagededup for comparison, and a 1M-hash scale run.
+
+Builds, from ../shared/data/pbc224, a contaminated training file in the course's
+format (.npz with images N x 224 x 224 x 3 uint8 and labels) holding every real
+image plus known injected items:
+
+- one non-cell photo repeated 1,600 times with labels over all 8 classes, and a
+  drawing repeated 200 times (as in the course's training file);
+- 40 single odd images (photos, blanks, noise, drawings);
+- 300 exact copies of real cells, 50 copies carrying another label (conflicts);
+- 300 near copies: JPEG re-encoding (q=70), a small brightness change with a
+  2 px shift, and a resize to 75% and back (100 each).
+
+Runs ``bloodcell curate`` on it and prints precision/recall figures, runs
+imagededup's PHash/DHash on the same images, and times a near-duplicate search
+over 1,000,000 hashes.  Writes everything to benchmarks/results/curation.json.
+
+    .venv/bin/pip install imagededup   # once, for the comparison
+    .venv/bin/python benchmarks/curation.py [--pbc ../shared/data/pbc224]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from bloodcell import hashing, synthetic
+from bloodcell.curate import CurateConfig, curate
+from bloodcell.data import CLASS_NAMES, open_source
+
+HERE = Path(__file__).resolve().parent
+# Near duplicates already in PBC, each checked by eye: the same cell captured twice,
+# shifted by a few pixels.  They count as true pairs.
+KNOWN_PBC_NEAR_PAIRS = [
+    ("eosinophil/EO_246684.jpg", "eosinophil/EO_409717.jpg"),
+    ("ig/IG_101958.jpg", "ig/IG_957559.jpg"),
+    ("ig/IG_466905.jpg", "ig/IG_855229.jpg"),
+    ("monocyte/MO_231316.jpg", "monocyte/MO_415531.jpg"),
+]
+
+
+def build_dataset(pbc: Path, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    source = open_source(pbc)
+    images = [np.asarray(Image.open(item.path).convert("RGB")) for item in source.items]
+    labels = [item.label for item in source.items]
+    position = {Path(item.path).relative_to(pbc).as_posix(): i for i, item in enumerate(source.items)}
+    known_pairs = [(position[a], position[b]) for a, b in KNOWN_PBC_NEAR_PAIRS if a in position and b in position]
+    # Ground truth: kind of each row, and the real row each copy came from.
+    kind = ["real"] * len(images)
+    origin = list(range(len(images)))
+    n_real = len(images)
+
+    def add(image, label, what, src=-1):
+        images.append(image)
+        labels.append(int(label))
+        kind.append(what)
+        origin.append(src)
+
+    photo = synthetic.contaminant("photo", 224, rng)
+    drawing = synthetic.contaminant("drawing", 224, rng)
+    for i in range(1600):
+        add(photo, i % 8, "contaminant_repeated")
+    for i in range(200):
+        add(drawing, rng.integers(8), "contaminant_repeated")
+    for what in synthetic.CONTAMINANT_KINDS:
+        for _ in range(10):
+            add(synthetic.contaminant(what, 224, rng), rng.integers(8), "contaminant_single")
+    picks = rng.choice(n_real, size=650, replace=False)
+    for src in picks[:300]:
+        add(images[src].copy(), labels[src], "exact_copy", src)
+    for src in picks[300:350]:
+        add(images[src].copy(), (labels[src] + 1 + rng.integers(7)) % 8, "conflict_copy", src)
+    transforms = list(synthetic.NEAR_DUPLICATE_TRANSFORMS.items())
+    for k, src in enumerate(picks[350:650]):
+        name, fn = transforms[k % len(transforms)]
+        add(fn(images[src]), labels[src], f"near_copy:{name}", src)
+    order = rng.permutation(len(images))  # mix the injected rows in
+    inverse = np.argsort(order)
+    images = np.stack([images[i] for i in order])
+    labels = np.array([labels[i] for i in order])
+    kind = [kind[i] for i in order]
+    origin = [int(inverse[o]) if o >= 0 else -1 for o in (origin[i] for i in order)]
+    md5 = [hashing.pixel_md5(im) for im in images]
+    # A known real near pair: mark the second as a copy of the first.
+    for a, b in known_pairs:
+        origin[inverse[b]] = int(inverse[a])
+        kind[inverse[b]] = "real_near_copy"
+    return images, labels, kind, origin, md5
+
+
+def score(rows, kind, origin, md5):
+    status = [r["status"] for r in rows]
+    group = [r["group"] for r in rows]
+    n = len(rows)
+    is_contaminant = np.array([k.startswith("contaminant") for k in kind])
+    flagged = np.array([s == "outlier" for s in status])
+    # True duplicate pairs: identical pixels, or a copy and its source.
+    truth_pairs = set()
+    by_md5: dict[str, list[int]] = {}
+    for i, m in enumerate(md5):
+        if not is_contaminant[i]:
+            by_md5.setdefault(m, []).append(i)
+    for members in by_md5.values():
+        truth_pairs.update(combinations(sorted(members), 2))
+    for i, (k, o) in enumerate(zip(kind, origin)):
+        if o >= 0 and o != i:
+            truth_pairs.add(tuple(sorted((i, o))))
+    predicted_pairs = set()
+    by_group: dict[str, list[int]] = {}
+    for i, g in enumerate(group):
+        if g != "" and not is_contaminant[i]:
+            by_group.setdefault(g, []).append(i)
+    for members in by_group.values():
+        predicted_pairs.update(combinations(sorted(members), 2))
+    exact_truth = {p for p in truth_pairs if md5[p[0]] == md5[p[1]]}
+    near_truth = truth_pairs - exact_truth
+    real = np.array([k.startswith("real") for k in kind])
+    conflicts = [i for i, k in enumerate(kind) if k == "conflict_copy"]
+    false_pairs = sorted(predicted_pairs - truth_pairs)
+    return {
+        "items": n,
+        "duplicate_pair_precision": len(predicted_pairs & truth_pairs) / max(len(predicted_pairs), 1),
+        "duplicate_pair_recall": len(predicted_pairs & truth_pairs) / max(len(truth_pairs), 1),
+        "exact_pair_recall": len(predicted_pairs & exact_truth) / max(len(exact_truth), 1),
+        "near_duplicate_recall": len(predicted_pairs & near_truth) / max(len(near_truth), 1),
+        "near_recall_by_transform": {
+            name: float(np.mean([tuple(sorted((i, origin[i]))) in predicted_pairs
+                                 for i, k in enumerate(kind) if k == f"near_copy:{name}"]))
+            for name in synthetic.NEAR_DUPLICATE_TRANSFORMS
+        },
+        "false_duplicate_pairs": len(false_pairs),
+        "false_duplicate_examples": [[rows[i]["index"], rows[j]["index"]] for i, j in false_pairs[:10]],
+        "contaminant_recall": float(flagged[is_contaminant].mean()),
+        "contaminant_precision": float((flagged & is_contaminant).sum() / max(flagged.sum(), 1)),
+        "contaminants_injected": int(is_contaminant.sum()),
+        "label_conflicts_found": sum(status[i] == "label_conflict" and status[origin[i]] == "label_conflict" for i in conflicts),
+        "label_conflicts_injected": len(conflicts),
+        "real_cells": int(real.sum()),
+        "real_cells_flagged_outlier": int((flagged & real).sum()),
+        "real_cells_flagged_outlier_fraction": float((flagged & real).sum() / real.sum()),
+    }
+
+
+def imagededup_run(images, kind, origin, md5, pbc: Path) -> dict:
+    try:
+        from imagededup.methods import DHash, PHash
+    except ImportError:
+        return {"skipped": "imagededup is not installed (.venv/bin/pip install imagededup)"}
+    result = {}
+    # Hashing speed on the same JPEG folder, both tools decoding the files.
+    for name, method in (("dhash", DHash), ("phash", PHash)):
+        start = time.perf_counter()
+        encodings = method(verbose=False).encode_images(image_dir=str(pbc), recursive=True)
+        elapsed = time.perf_counter() - start
+        result[f"{name}_folder_images_per_s"] = len(encodings) / elapsed
+    # Duplicate finding on the contaminated array set (default threshold 10).
+    method = PHash(verbose=False)
+    start = time.perf_counter()
+    encodings = {str(i): method.encode_image(image_array=im) for i, im in enumerate(images)}
+    result["phash_array_encode_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    found = method.find_duplicates(encoding_map=encodings, max_distance_threshold=10)
+    result["phash_find_duplicates_s"] = time.perf_counter() - start
+    pairs = {tuple(sorted((int(a), int(b)))) for a, dups in found.items() for b in dups}
+    is_contaminant = np.array([k.startswith("contaminant") for k in kind])
+    pairs = {p for p in pairs if not is_contaminant[p[0]] and not is_contaminant[p[1]]}
+    truth = {tuple(sorted((i, o))) for i, o in enumerate(origin) if o >= 0 and o != i}
+    by_md5: dict[str, list[int]] = {}
+    for i, m in enumerate(md5):
+        if not is_contaminant[i]:
+            by_md5.setdefault(m, []).append(i)
+    for members in by_md5.values():
+        truth.update(combinations(sorted(members), 2))
+    near_truth = {p for p in truth if md5[p[0]] != md5[p[1]]}
+    result["phash_duplicate_pair_precision"] = len(pairs & truth) / max(len(pairs), 1)
+    result["phash_near_duplicate_recall"] = len(pairs & near_truth) / max(len(near_truth), 1)
+    result["note"] = "imagededup finds pairs only: no label conflicts, contaminants or splits"
+    return result
+
+
+def bloodcell_folder_rate(pbc: Path) -> float:
+    from bloodcell.curate import scan
+
+    source = open_source(pbc)
+    start = time.perf_counter()
+    scan(source, CurateConfig())
+    return len(source.items) / (time.perf_counter() - start)
+
+
+def scale_run(seed_codes: np.ndarray, n: int = 1_000_000, radius: int = 10, planted: int = 10_000, seed: int = 0) -> dict:
+    """1M codes shaped like real ones, with planted near pairs whose recall is checked.
+
+    Each code is a real dHash code with 15-30% of its bits flipped, so codes keep
+    the real bit statistics but distinct images stay apart as they do in PBC;
+    ``planted`` extra codes are copies of others with 0-10 bits flipped.
+    """
+    rng = np.random.default_rng(seed)
+    base = seed_codes[rng.integers(len(seed_codes), size=n - planted)]
+    bits = np.unpackbits(base, axis=1)
+    bits ^= rng.random(bits.shape) < rng.uniform(0.15, 0.3, size=(len(bits), 1))
+    sources = rng.choice(len(bits), size=planted, replace=False)
+    copies = bits[sources].copy()
+    for row, flips in zip(copies, rng.integers(0, radius + 1, size=planted)):
+        row[rng.choice(row.size, flips, replace=False)] ^= 1
+    codes = np.packbits(np.concatenate([bits, copies]), axis=1)
+    start = time.perf_counter()
+    pairs = hashing.near_pairs(codes, radius)
+    elapsed = time.perf_counter() - start
+    found = {tuple(p) for p in pairs.tolist()}
+    recall = np.mean([(int(s), n - planted + k) in found for k, s in enumerate(sources)])
+    return {"hashes": n, "radius": radius, "seconds": elapsed, "pairs_found": int(len(pairs)),
+            "planted_pairs": planted, "planted_recall": float(recall)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pbc", type=Path, default=HERE.parent.parent / "shared" / "data" / "pbc224")
+    parser.add_argument("--skip-scale", action="store_true")
+    parser.add_argument("--only-scale", action="store_true", help="just the 1M-hash search")
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "curation.json")
+    args = parser.parse_args()
+
+    results: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}}
+    if args.only_scale:
+        source = open_source(args.pbc)
+        sample = [np.asarray(Image.open(item.path).convert("RGB")) for item in source.items[::3]]
+        results["scale"] = scale_run(hashing.dhash_batch(sample))
+        print(json.dumps(results, indent=2))
+        return
+    t0 = time.perf_counter()
+    images, labels, kind, origin, md5 = build_dataset(args.pbc)
+    results["build_s"] = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as tmp:
+        npz = Path(tmp) / "train.npz"
+        np.savez(npz, images=images, labels=labels, class_names=np.array(CLASS_NAMES))
+        start = time.perf_counter()
+        curation = curate(npz, Path(tmp) / "curated", CurateConfig())
+        results["bloodcell_curate_wall_s"] = time.perf_counter() - start
+        results["bloodcell_timings_s"] = curation.timings
+        results["bloodcell"] = score(curation.rows, kind, origin, md5)
+    results["bloodcell_folder_images_per_s"] = bloodcell_folder_rate(args.pbc)
+    results["imagededup"] = imagededup_run(images, kind, origin, md5, args.pbc)
+    if "dhash_folder_images_per_s" in results["imagededup"]:
+        results["speedup_vs_imagededup_dhash_folder"] = (
+            results["bloodcell_folder_images_per_s"] / results["imagededup"]["dhash_folder_images_per_s"]
+        )
+    if not args.skip_scale:
+        seed_codes = hashing.dhash_batch(list(images[:: max(len(images) // 5000, 1)]))
+        results["scale"] = scale_run(seed_codes)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2, default=float))
+    print(json.dumps(results, indent=2, default=float))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Training augmentation with torchvision transforms v2 on uint8 tensors.
+
+Each transform is switchable and has its strength in :class:`AugmentConfig`.
+Besides the usual geometry and colour jitter, it models the acquisition
+shifts labs see: stain colour shift, defocus blur, pixelation, JPEG artefacts.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, Field
+from torchvision.transforms import v2
+
+
+class AugmentConfig(BaseModel):
+    enabled: bool = True
+    flips: bool = True
+    rot90: bool = True
+    rotation_degrees: float = Field(0.0, ge=0, le=180, description="free rotation range; 0 disables")
+    zoom_scale: tuple[float, float] | None = Field((0.75, 1.0), description="random resized crop area range")
+    brightness: float = Field(0.15, ge=0)
+    contrast: float = Field(0.15, ge=0)
+    saturation: float = Field(0.15, ge=0)
+    hue: float = Field(0.02, ge=0, le=0.5)
+    stain_shift: float = Field(0.08, ge=0, description="max per-channel gain change (stain colour)")
+    blur_p: float = Field(0.15, ge=0, le=1, description="defocus: Gaussian blur probability")
+    blur_sigma: tuple[float, float] = (0.3, 2.0)
+    pixelate_p: float = Field(0.1, ge=0, le=1)
+    jpeg_p: float = Field(0.1, ge=0, le=1)
+    jpeg_quality: tuple[int, int] = (30, 95)
+
+
+class StainShift(torch.nn.Module):
+    """Multiply each channel by its own random gain: a different stain batch or lamp."""
+
+    def __init__(self, strength: float):
+        super().__init__()
+        self.strength = strength
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        gain = 1 + (torch.rand(3, 1, 1) * 2 - 1) * self.strength
+        return (image.float() * gain).clamp_(0, 255).to(image.dtype)
+
+
+class Rot90(torch.nn.Module):
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return torch.rot90(image, int(torch.randint(4, ())), dims=(-2, -1))
+
+
+class Pixelate(torch.nn.Module):
+    """Down-sample by 2-4x and back with nearest neighbours: a low-resolution camera."""
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        size = image.shape[-1]
+        factor = int(torch.randint(2, 5, ()))
+        small = torch.nn.functional.interpolate(image[None].float(), size=max(size // factor, 1), mode="area")
+        return torch.nn.functional.interpolate(small, size=size, mode="nearest")[0].round().to(image.dtype)
+
+
+def build_transform(config: AugmentConfig, image_size: int) -> v2.Compose | None:
+    """The per-image training transform (uint8 CHW in, uint8 CHW out), or None."""
+    if not config.enabled:
+        return None
+    steps: list = []
+    if config.zoom_scale:
+        steps.append(v2.RandomResizedCrop(image_size, scale=config.zoom_scale, ratio=(0.9, 1.1), antialias=True))
+    if config.flips:
+        steps += [v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()]
+    if config.rot90:
+        steps.append(Rot90())
+    if config.rotation_degrees:
+        steps.append(v2.RandomRotation(config.rotation_degrees))
+    if config.brightness or config.contrast or config.saturation or config.hue:
+        steps.append(v2.ColorJitter(config.brightness, config.contrast, config.saturation, config.hue))
+    if config.stain_shift:
+        steps.append(StainShift(config.stain_shift))
+    if config.blur_p:
+        steps.append(v2.RandomApply([v2.GaussianBlur(7, sigma=config.blur_sigma)], p=config.blur_p))
+    if config.pixelate_p:
+        steps.append(v2.RandomApply([Pixelate()], p=config.pixelate_p))
+    if config.jpeg_p:
+        steps.append(v2.RandomApply([v2.JPEG(config.jpeg_quality)], p=config.jpeg_p))
+    return v2.Compose(steps)

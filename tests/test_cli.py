@@ -1,0 +1,45 @@
+import json
+
+from typer.testing import CliRunner
+
+from bloodcell.cli import app
+
+runner = CliRunner()
+
+
+def test_curate_command_end_to_end(dirty_folder, tmp_path):
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["curate", str(dirty_folder["root"]), "--out", str(out), "--set", "split.seed=5"])
+    assert result.exit_code == 0, result.output
+    assert "Report:" in result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["statuses"]["outlier"] >= 16
+    assert "seed: 5" in (out / "config.yaml").read_text()
+
+
+def test_missing_input_is_one_line_not_a_traceback(tmp_path):
+    result = runner.invoke(app, ["curate", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert "no such file or folder" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_bad_setting_is_explained(dirty_folder, tmp_path):
+    result = runner.invoke(app, ["curate", str(dirty_folder["root"]), "--out", str(tmp_path / "o"),
+                                 "--set", "split.train=0.95"])
+    assert result.exit_code == 2
+    assert "split fractions must add up to 1" in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_leakage_exit_code_says_whether_anything_leaked(original_files, tmp_path):
+    for name, files in (("a", original_files[:10]), ("b", original_files[8:14])):
+        folder = tmp_path / name / "basophil"
+        folder.mkdir(parents=True)
+        for f in files:
+            (folder / f.name).write_bytes(f.read_bytes())
+    result = runner.invoke(app, ["leakage", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "p.csv")])
+    assert result.exit_code == 1
+    assert "2 leaked pairs (2 exact, 0 near)" in result.output
+    clean = runner.invoke(app, ["leakage", str(tmp_path / "a" ), str(tmp_path / "a")])
+    assert clean.exit_code == 1  # a dataset leaks into itself

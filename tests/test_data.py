@@ -1,0 +1,140 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bloodcell.data import CLASS_NAMES, BloodcellError, ImageReadError, decode_file, iter_batches, open_source
+
+
+def save(path, image: Image.Image, **kwargs):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, **kwargs)
+    return path
+
+
+@pytest.fixture
+def rgb():
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, size=(40, 30, 3), dtype=np.uint8)
+
+
+def test_class_folders_keep_pbc_label_order(tmp_path, rgb):
+    for name in ("platelet", "basophil", "lymphocyte"):
+        save(tmp_path / name / "a.png", Image.fromarray(rgb))
+    source = open_source(tmp_path)
+    assert source.class_names == ["basophil", "lymphocyte", "platelet"]
+    assert [source.label_name(i.label) for i in source.items] == ["basophil", "lymphocyte", "platelet"]
+
+
+def test_other_class_names_are_taken_from_the_tree(tmp_path, rgb):
+    for name in ("blast", "smudge"):
+        save(tmp_path / name / "a.png", Image.fromarray(rgb))
+    assert open_source(tmp_path).class_names == ["blast", "smudge"]
+
+
+def test_unknown_class_folder_is_named(tmp_path, rgb):
+    save(tmp_path / "basophil" / "a.png", Image.fromarray(rgb))
+    save(tmp_path / "basofil" / "a.png", Image.fromarray(rgb))
+    with pytest.raises(BloodcellError, match="unknown class folder.*basofil"):
+        open_source(tmp_path, class_names=list(CLASS_NAMES))
+
+
+@pytest.mark.parametrize(
+    "mode,note",
+    [("L", "mode L"), ("P", "mode P"), ("RGBA", "mode RGBA"), ("CMYK", "mode CMYK"), ("I;16", "scaled")],
+)
+def test_modes_become_rgb_uint8_with_a_note(tmp_path, rgb, mode, note):
+    if mode == "I;16":
+        image = Image.fromarray(rgb[..., 0].astype(np.uint16) * 257)
+        path = save(tmp_path / "x.png", image)
+    else:
+        path = save(tmp_path / ("x.tif" if mode == "CMYK" else "x.png"), Image.fromarray(rgb).convert(mode))
+    decoded, conversion = decode_file(path)
+    assert decoded.dtype == np.uint8 and decoded.shape == (40, 30, 3)
+    assert note in conversion
+    if mode == "I;16":
+        assert np.array_equal(decoded[..., 0], rgb[..., 0])
+
+
+def test_exif_orientation_is_honoured(tmp_path, rgb):
+    image = Image.fromarray(rgb)
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    path = save(tmp_path / "rotated.jpg", image, exif=exif, quality=95)
+    decoded, _ = decode_file(path)
+    assert decoded.shape == (30, 40, 3)
+
+
+@pytest.mark.parametrize(
+    "content,reason",
+    [(b"", "empty file"), (b"hello, I am text", "not an image"), ("truncated", "truncated")],
+)
+def test_bad_files_raise_a_readable_reason(tmp_path, rgb, content, reason):
+    path = tmp_path / "bad.jpg"
+    if content == "truncated":
+        buffer = io.BytesIO()
+        Image.fromarray(np.repeat(np.repeat(rgb, 8, 0), 8, 1)).save(buffer, "JPEG")
+        content = buffer.getvalue()[:600]
+    path.write_bytes(content)
+    with pytest.raises(ImageReadError, match=reason):
+        decode_file(path)
+
+
+def test_pixel_limit_refuses_before_decoding(tmp_path, rgb):
+    path = save(tmp_path / "big.png", Image.fromarray(rgb))
+    with pytest.raises(ImageReadError, match="over the limit of 1000 pixels"):
+        decode_file(path, max_pixels=1000)
+
+
+def test_course_npz_with_column_labels_and_names(tmp_path, rgb):
+    images = np.stack([rgb] * 5)
+    np.savez(tmp_path / "d.npz", images=images, labels=np.array([[0], [1], [2], [7], [8]]),
+             class_names=np.array(["a", "b", "c", "d", "e", "f", "g", "h"]))
+    source = open_source(tmp_path / "d.npz")
+    assert source.kind == "npz" and source.class_names[0] == "a"
+    assert [i.label for i in source.items] == [0, 1, 2, 7]
+    assert source.problems[0][0] == 4 and "out of range" in source.problems[0][2]
+    batch = next(iter_batches(source))
+    assert np.array_equal(batch.images[0], rgb)
+
+
+def test_medmnist_npz_concatenates_its_splits(tmp_path, rgb):
+    np.savez(tmp_path / "blood.npz", train_images=np.stack([rgb] * 3), train_labels=np.zeros((3, 1), int),
+             val_images=np.stack([rgb] * 2), val_labels=np.ones((2, 1), int),
+             test_images=np.stack([rgb] * 1), test_labels=np.full((1, 1), 7))
+    source = open_source(tmp_path / "blood.npz")
+    assert source.kind == "medmnist" and source.class_names == list(CLASS_NAMES)
+    assert len(source.items) == 6 and source.items[5].path.endswith("test_images[0]")
+
+
+def test_grayscale_npz_is_converted(tmp_path, rgb):
+    np.savez(tmp_path / "g.npz", images=np.stack([rgb[..., 0]] * 2), labels=np.array([0, 1]))
+    batch = next(iter_batches(open_source(tmp_path / "g.npz")))
+    assert batch.images[0].shape == (40, 30, 3) and batch.conversions["grayscale converted to RGB"] == 2
+
+
+@pytest.mark.parametrize(
+    "arrays,message",
+    [
+        ({"images": np.zeros((2, 4, 4, 5), np.uint8), "labels": np.zeros(2, int)}, "channels"),
+        ({"images": np.zeros((2, 4), np.uint8), "labels": np.zeros(2, int)}, "shape"),
+        ({"images": np.zeros((2, 4, 4, 3), np.uint8), "labels": np.zeros(3, int)}, "2 images .* but 3 labels"),
+        ({"images": np.zeros((2, 4, 4, 3), np.uint8), "labels": np.array([0.5, 1])}, "integers"),
+        ({"pictures": np.zeros((2, 4, 4, 3), np.uint8)}, "expected arrays 'images' and 'labels'"),
+    ],
+)
+def test_wrong_npz_layouts_are_explained(tmp_path, arrays, message):
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(BloodcellError, match=message):
+        open_source(tmp_path / "bad.npz")
+
+
+def test_iter_batches_lists_failures_and_keeps_going(tmp_path, rgb):
+    save(tmp_path / "basophil" / "good.png", Image.fromarray(rgb))
+    (tmp_path / "basophil" / "bad.png").write_bytes(b"")
+    source = open_source(tmp_path)
+    batches = list(iter_batches(source, batch_size=1))
+    assert sum(len(b.images) for b in batches) == 1
+    failed = [f for b in batches for f in b.failed]
+    assert len(failed) == 1 and failed[0][0].path.endswith("bad.png") and "empty" in failed[0][1]
