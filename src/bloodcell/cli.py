@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
@@ -192,6 +193,62 @@ def leakage(
             Console().print(f"  {pair['kind']}: {pair['first']}  ==  {pair['second']}", highlight=False)
         if pairs:
             raise typer.Exit(1)
+
+
+@app.command()
+def train(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML training config (see configs/)."),
+    set_: list[str] = typer.Option([], "--set", help="Override any setting, e.g. --set phases.1.lr=3e-4."),
+    data: Optional[Path] = typer.Option(None, help="Curated data folder (output of `bloodcell curate`)."),
+    model: Optional[str] = typer.Option(None, help="'cnn' for the custom CNN, or a timm model name."),
+    weights: Optional[Path] = typer.Option(None, help="Local ImageNet weights (.safetensors or .pth)."),
+    image_size: Optional[int] = typer.Option(None, "--image-size"),
+    epochs: Optional[int] = typer.Option(None, help="Total epochs, spread over the phases in proportion."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/<time>-<model>-<size>)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run from its last checkpoint."),
+    seed: Optional[int] = typer.Option(None),
+):
+    """Train the custom CNN or fine-tune a pretrained backbone in two phases."""
+    from .train import TrainConfig, scale_epochs
+    from .train import train as run_training
+
+    with user_errors():
+        if resume is not None:
+            settings = None
+        else:
+            settings = load_settings(config, set_)
+            for key, value in (("data", data), ("model", model), ("weights", weights), ("image_size", image_size),
+                               ("batch_size", batch_size), ("out", out), ("seed", seed)):
+                if value is not None:
+                    settings[key] = value
+            if "data" not in settings:
+                raise BloodcellError("no data: pass --data DIR (the output of `bloodcell curate`) or set data in --config")
+            if settings.get("model") == "cnn" and "phases" not in settings:
+                settings["phases"] = [{"name": "train", "epochs": 30, "lr": 3e-3, "trainable": "all"}]
+        cfg = TrainConfig(**settings) if settings is not None else None
+        if cfg is not None and epochs is not None:
+            cfg = scale_epochs(cfg, epochs)
+        with progress_bar() as bar:
+            state = {}
+
+            def factory(description: str, total: int):
+                if "task" in state:
+                    bar.remove_task(state["task"])
+                state["task"] = bar.add_task(description, total=total, rate="")
+                state["start"] = time.perf_counter()
+
+                def step(count: int, loss: float):
+                    bar.advance(state["task"], count)
+                    done = bar.tasks[-1].completed
+                    rate = done / max(time.perf_counter() - state["start"], 1e-9)
+                    bar.update(state["task"], rate=f"loss {loss:.3f} {rate:,.0f} img/s")
+
+                return step
+
+            result = run_training(cfg, resume=resume, log=lambda line: bar.console.print(line, highlight=False),
+                                   progress_factory=factory)
+        Console().print(f"Run: {result.run_dir}")
 
 
 def run():  # pragma: no cover - console entry point

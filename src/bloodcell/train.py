@@ -85,6 +85,17 @@ class TrainConfig(BaseModel):
         return sum(p.epochs for p in self.phases)
 
 
+def scale_epochs(config: TrainConfig, total: int) -> TrainConfig:
+    """Spread ``total`` epochs over the phases in proportion to their configured lengths."""
+    if total < len(config.phases):
+        raise BloodcellError(f"--epochs {total}: need at least one epoch per phase ({len(config.phases)} phases)")
+    current = max(config.epochs, 1)
+    counts = [max(1, round(p.epochs * total / current)) for p in config.phases]
+    counts[-1] = max(1, total - sum(counts[:-1]))
+    phases = [p.model_copy(update={"epochs": n}) for p, n in zip(config.phases, counts)]
+    return config.model_copy(update={"phases": phases})
+
+
 # ---------------------------------------------------------------- data
 
 
@@ -410,9 +421,16 @@ def _plot_curves(rows: list[dict], run_dir: Path) -> None:
         plt.close(fig)
 
 
-def train(config: TrainConfig, resume: Path | None = None, log: Callable[[str], None] = print,
-          progress_factory=None, stop_after_epochs: int | None = None) -> Path:
-    """Train as configured; returns the run directory.  ``resume`` continues a run from its ``last``."""
+@dataclass
+class TrainResult:
+    run_dir: Path
+    model: nn.Module  # the trained network (last epoch), on this process
+    rows: list[dict]
+
+
+def train(config: TrainConfig | None, resume: Path | None = None, log: Callable[[str], None] = print,
+          progress_factory=None, stop_after_epochs: int | None = None) -> TrainResult:
+    """Train as configured.  ``resume`` continues a run directory from its ``last`` checkpoint."""
     dist_info, device = init_distributed()
     if resume is not None:
         resume = Path(resume)
@@ -578,7 +596,7 @@ def train(config: TrainConfig, resume: Path | None = None, log: Callable[[str], 
                 _write_metrics(rows, run_dir)
             epochs_run += 1
             if stop_after_epochs is not None and epochs_run >= stop_after_epochs:
-                return run_dir  # used by tests to simulate an interruption
+                return TrainResult(run_dir, model, rows)  # an interruption, as tests simulate it
             if progress_state["stopped"]:
                 log(f"early stopping: {config.monitor} did not improve for {config.early_stopping_patience} epochs")
                 break
@@ -589,7 +607,7 @@ def train(config: TrainConfig, resume: Path | None = None, log: Callable[[str], 
         import torch.distributed as dist
 
         dist.barrier()
-    return run_dir
+    return TrainResult(run_dir, model, rows)
 
 
 def _write_metrics(rows: list[dict], run_dir: Path) -> None:

@@ -1,0 +1,232 @@
+"""Tiny real training runs: a few hundred PBC images at 32-48 px, 1-3 epochs."""
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bloodcell.data import CLASS_NAMES, BloodcellError
+from bloodcell.models import create_model, has_folded_batchnorm, recalibrate_folded_batchnorm
+from bloodcell.train import (
+    TensorImages,
+    TrainConfig,
+    apply_phase,
+    load_checkpoint,
+    load_split,
+    parameter_groups,
+    train,
+    train_one_epoch,
+)
+
+from .conftest import PBC224, SHARED, require
+
+WEIGHTS = SHARED.parent / "weights" / "tf_mobilenetv3_small_100.from_tflite_int8ptq.safetensors"
+QUIET = dict(log=lambda line: None)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    """train.npz / val.npz of real PBC cells at 48 px: 40 + 10 per class."""
+    require(PBC224)
+    root = tmp_path_factory.mktemp("tiny")
+    rng = np.random.default_rng(0)
+    parts = {"train": ([], []), "val": ([], [])}
+    for label, name in enumerate(CLASS_NAMES):
+        files = sorted((PBC224 / name).glob("*.jpg"))
+        for k, index in enumerate(rng.choice(len(files), 50, replace=False)):
+            image = np.asarray(Image.open(files[index]).convert("RGB").resize((48, 48), Image.Resampling.BICUBIC))
+            split = "train" if k < 40 else "val"
+            parts[split][0].append(image)
+            parts[split][1].append(label)
+    for split, (images, labels) in parts.items():
+        np.savez(root / f"{split}.npz", images=np.stack(images), labels=np.array(labels))
+    return root
+
+
+def cnn_config(data, out, **overrides):
+    settings = dict(data=data, out=out, model="cnn", image_size=32, batch_size=32, seed=1,
+                    phases=[{"name": "train", "epochs": 3, "lr": 3e-3, "trainable": "all"}],
+                    cnn={"channels": [16, 32, 64], "convs_per_block": 1})
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def test_cnn_learns_and_writes_a_complete_run_dir(tiny_data, tmp_path):
+    result = train(cnn_config(tiny_data, tmp_path / "run"), **QUIET)
+    rows = list(csv.DictReader(open(result.run_dir / "metrics.csv")))
+    assert len(rows) == 3
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+    for name in ("config.yaml", "model.json", "metrics.csv", "accuracy.png", "loss.png",
+                 "best.safetensors", "last.safetensors"):
+        assert (result.run_dir / name).is_file(), name
+    for column in ("train_loss", "val_loss", "train_accuracy", "val_accuracy", "val_macro_f1", "lr", "images_per_s"):
+        assert column in rows[0]
+    tensors, meta = load_checkpoint(result.run_dir / "best.safetensors")
+    assert meta["class_names"] == list(CLASS_NAMES) and meta["image_size"] == 32
+    assert any(k.startswith("net.") for k in tensors)
+
+
+def test_resume_after_interruption_equals_uninterrupted(tiny_data, tmp_path):
+    full = train(cnn_config(tiny_data, tmp_path / "full"), **QUIET)
+    train(cnn_config(tiny_data, tmp_path / "cut"), stop_after_epochs=2, **QUIET)
+    resumed = train(None, resume=tmp_path / "cut", **QUIET)
+    a, _ = load_checkpoint(full.run_dir / "last.safetensors")
+    b, _ = load_checkpoint(resumed.run_dir / "last.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert [r["val_loss"] for r in full.rows] == [r["val_loss"] for r in resumed.rows]
+
+
+def test_checkpoint_write_is_atomic(tiny_data, tmp_path, monkeypatch):
+    from bloodcell import train as train_module
+
+    run = train(cnn_config(tiny_data, tmp_path / "run", phases=[{"name": "t", "epochs": 1, "lr": 1e-3}]), **QUIET)
+    before = (run.run_dir / "last.safetensors").read_bytes()
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # the process dies while writing
+
+    monkeypatch.setattr("safetensors.torch.save_file", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train_module.save_checkpoint(run.run_dir / "last.safetensors", {"x": torch.zeros(1)}, {})
+    assert (run.run_dir / "last.safetensors").read_bytes() == before
+
+
+@pytest.fixture(scope="module")
+def mobilenet():
+    require(WEIGHTS)
+    model, contract = create_model("tf_mobilenetv3_small_100", 8, WEIGHTS)
+    return model, contract
+
+
+def test_normalisation_is_read_from_timm(mobilenet):
+    _, contract = mobilenet
+    assert contract["mean"] == (0.5, 0.5, 0.5) and contract["std"] == (0.5, 0.5, 0.5)
+
+
+def test_folded_batchnorm_recalibration_keeps_the_eval_function(tiny_data):
+    require(WEIGHTS)
+    model, _ = create_model("tf_mobilenetv3_small_100", 8, WEIGHTS)
+    assert has_folded_batchnorm(model)
+    images = torch.from_numpy(np.load(tiny_data / "train.npz")["images"]).permute(0, 3, 1, 2).contiguous()
+    model.eval()
+    with torch.no_grad():
+        before = model(images[:32])
+    recalibrate_folded_batchnorm(model, images[:256])
+    assert not has_folded_batchnorm(model)
+    with torch.no_grad():
+        after = model(images[:32])
+    assert torch.allclose(before, after, atol=1e-3, rtol=1e-3)
+    # In train mode the batch statistics now match the running ones.
+    model.train()
+    with torch.no_grad():
+        train_mode = model(images[:256])[:32]
+    assert torch.allclose(train_mode, after, atol=0.25 * after.abs().max().item())
+
+
+def test_phases_freeze_what_they_should(mobilenet, tiny_data):
+    model, _ = create_model("tf_mobilenetv3_small_100", 8, WEIGHTS)
+    split = load_split(__import__("bloodcell.data", fromlist=["open_source"]).open_source(tiny_data / "train.npz"),
+                       list(CLASS_NAMES), 32)
+    loader = torch.utils.data.DataLoader(TensorImages(split), batch_size=32, shuffle=True)
+    groups = parameter_groups(model)
+    head = set(groups[-1])
+    assert any("classifier" in name for name in head)
+
+    def snapshot():
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    for trainable, expected_groups in (("head", groups[-1:]), ("top:2", groups[-3:])):
+        chosen = set(apply_phase(model, trainable))
+        assert chosen == {n for g in expected_groups for n in g}
+        for name, param in model.named_parameters():
+            assert param.requires_grad == (name in chosen), name
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        before = snapshot()
+        from bloodcell.train import Dist
+
+        train_one_epoch(model, loader, torch.nn.CrossEntropyLoss(), optimizer, torch.device("cpu"), Dist())
+        after = snapshot()
+        for key in before:
+            owner = key.rsplit(".", 1)[0]
+            trains = any(n.rsplit(".", 1)[0] == owner for n in chosen)
+            if trains and key.endswith("weight"):
+                assert not torch.equal(before[key], after[key]), key
+            if not trains:  # frozen weights and frozen BatchNorm statistics stay as they were
+                assert torch.equal(before[key], after[key]), key
+
+
+def test_two_phase_fine_tuning_runs_end_to_end(tiny_data, tmp_path):
+    require(WEIGHTS)
+    config = TrainConfig(data=tiny_data, out=tmp_path / "ft", weights=WEIGHTS, image_size=32, batch_size=32,
+                         phases=[{"name": "head", "epochs": 1, "lr": 3e-3, "trainable": "head"},
+                                 {"name": "finetune", "epochs": 1, "lr": 1e-3, "trainable": "top:2"}])
+    lines = []
+    result = train(config, log=lines.append)
+    assert any("recalibrated" in line for line in lines)
+    rows = result.rows
+    assert [r["phase"] for r in rows] == ["head", "finetune"]
+    assert rows[1]["trainable_params"] > rows[0]["trainable_params"]
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"model": "resnet_does_not_exist"}, "unknown model"),
+        ({"data": "/no/such/folder"}, "data path not found"),
+    ],
+)
+def test_bad_configs_fail_before_training(tiny_data, tmp_path, overrides, message):
+    config = cnn_config(tiny_data, tmp_path / "bad", **overrides)
+    with pytest.raises(BloodcellError, match=message):
+        train(config, **QUIET)
+    assert not (tmp_path / "bad" / "metrics.csv").exists()
+
+
+def test_weights_of_another_architecture_are_refused(tmp_path):
+    require(WEIGHTS)
+    with pytest.raises(BloodcellError, match="does not fit mobilenetv3_large_100"):
+        create_model("mobilenetv3_large_100", 8, WEIGHTS)
+
+
+def test_wrong_class_count_in_class_weights(tiny_data, tmp_path):
+    import json
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    (data / "class_weights.json").write_text(json.dumps({"weights": [1.0] * 5}))
+    with pytest.raises(BloodcellError, match="5 class weights for 8 classes"):
+        train(cnn_config(data, tmp_path / "run"), **QUIET)
+
+
+DDP_SCRIPT = """
+import sys, hashlib, torch
+from bloodcell.train import TrainConfig, train
+out = sys.argv[2]
+config = TrainConfig(data=sys.argv[1], out=out + "/run", model="cnn", image_size=32, batch_size=16, seed=3,
+                     phases=[{"name": "t", "epochs": 1, "lr": 3e-3}], cnn={"channels": [8, 16], "convs_per_block": 1})
+result = train(config, log=lambda line: None)
+digest = hashlib.sha256(b"".join(v.numpy().tobytes() for v in result.model.state_dict().values())).hexdigest()
+rank = torch.distributed.get_rank()
+open(f"{out}/rank{rank}.txt", "w").write(digest)
+"""
+
+
+def test_ddp_two_processes_end_with_identical_weights(tiny_data, tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    str(script), str(tiny_data), str(tmp_path)], check=True, env=env, timeout=300,
+                   capture_output=True)
+    digests = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
+    assert digests[0] == digests[1]
+    assert (tmp_path / "run" / "metrics.csv").is_file()
