@@ -184,7 +184,8 @@ def test_two_phase_fine_tuning_runs_end_to_end(tiny_data, tmp_path):
     ],
 )
 def test_bad_configs_fail_before_training(tiny_data, tmp_path, overrides, message):
-    config = cnn_config(tiny_data, tmp_path / "bad", **overrides)
+    data = overrides.pop("data", tiny_data)
+    config = cnn_config(data, tmp_path / "bad", **overrides)
     with pytest.raises(BloodcellError, match=message):
         train(config, **QUIET)
     assert not (tmp_path / "bad" / "metrics.csv").exists()

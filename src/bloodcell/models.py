@@ -136,14 +136,17 @@ def batchnorms(model: nn.Module) -> list[nn.BatchNorm2d]:
 
 
 def has_folded_batchnorm(model: nn.Module) -> bool:
-    """True when every BatchNorm is the identity (TFLite-style weights: folded into the convs)."""
+    """True when every BatchNorm only adds its bias (TFLite-style weights: scale folded into the convs).
+
+    Such layers have weight 1, running mean 0 and running variance 1 - eps, so
+    they normalise nothing; the bias holds the folded convolution bias.
+    """
     layers = batchnorms(model)
     if not layers:
         return False
     for bn in layers:
         if not (
             torch.all(bn.weight == 1)
-            and torch.all(bn.bias == 0)
             and torch.all(bn.running_mean == 0)
             and torch.allclose(bn.running_var, torch.full_like(bn.running_var, 1 - bn.eps), atol=1e-6)
         ):

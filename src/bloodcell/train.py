@@ -143,7 +143,7 @@ def load_split(source: Source, class_names: list[str], image_size: int, workers:
         for item, result in zip(source.items, pool.map(load, source.items, chunksize=64)):
             if isinstance(result, Exception):
                 continue  # curation lists unreadable files; training skips them
-            images.append(torch.from_numpy(result).permute(2, 0, 1))
+            images.append(torch.from_numpy(np.array(result)).permute(2, 0, 1))
             labels.append(remap[item.label])
             paths.append(item.path)
     if not images:
@@ -194,6 +194,20 @@ def init_distributed() -> tuple[Dist, torch.device]:
             torch.cuda.set_device(device)
         return info, device
     return Dist(), torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def sync_buffers(model: nn.Module, dist_info: Dist) -> None:
+    """Give every rank rank 0's buffers (BatchNorm statistics).
+
+    DDP keeps parameters identical through gradient averaging and broadcasts
+    buffers before each forward, but the last step's running statistics are
+    each rank's own; this makes them agree before evaluation and saving.
+    """
+    if dist_info.world > 1:
+        import torch.distributed as dist
+
+        for buffer in model.buffers():
+            dist.broadcast(buffer, 0)
 
 
 def all_reduce_sum(values: torch.Tensor, dist_info: Dist) -> torch.Tensor:
@@ -551,6 +565,9 @@ def train(config: TrainConfig | None, resume: Path | None = None, log: Callable[
                 bar = progress_factory(f"epoch {epoch_index}/{config.epochs} ({phase.name})", len(loader.sampler) // max(dist_info.world, 1))
                 on_step = bar
             train_stats = train_one_epoch(net, loader, criterion, optimizer, device, dist_info, config.grad_clip, ema, on_step)
+            sync_buffers(model, dist_info)
+            if ema is not None:
+                sync_buffers(ema, dist_info)
             eval_model = ema.module if ema is not None else model
             val_stats = evaluate(eval_model, val_loader, eval_criterion, device, num_classes, dist_info)
             monitored = val_stats[config.monitor[4:]]
