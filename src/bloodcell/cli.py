@@ -246,7 +246,7 @@ def train(
 
                 return step
 
-            result = run_training(cfg, resume=resume, log=lambda line: bar.console.print(line, highlight=False),
+            result = run_training(cfg, resume=resume, log=lambda line: bar.console.print(line, highlight=False, markup=False),
                                    progress_factory=factory)
         Console().print(f"Run: {result.run_dir}")
 

@@ -77,7 +77,7 @@ class TrainConfig(BaseModel):
     ema_decay: float | None = Field(None, gt=0, lt=1)
     augment: AugmentConfig = AugmentConfig()
     cnn: CNNConfig = CNNConfig()
-    workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    workers: int = Field(0, ge=0, description="DataLoader worker processes; 0 augments in-process, faster on 2 cores (benchmarks/train_throughput.py)")
     recalibrate_images: int = Field(512, ge=1, description="training images used to recalibrate folded BatchNorm")
 
     @property
