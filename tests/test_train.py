@@ -30,11 +30,10 @@ WEIGHTS = SHARED.parent / "weights" / "tf_mobilenetv3_small_100.from_tflite_int8
 QUIET = dict(log=lambda line: None)
 
 
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
+def make_tiny_data(root: Path) -> Path:
     """train.npz / val.npz of real PBC cells at 48 px: 40 + 10 per class."""
     require(PBC224)
-    root = tmp_path_factory.mktemp("tiny")
+    root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     parts = {"train": ([], []), "val": ([], [])}
     for label, name in enumerate(CLASS_NAMES):
@@ -47,6 +46,11 @@ def tiny_data(tmp_path_factory) -> Path:
     for split, (images, labels) in parts.items():
         np.savez(root / f"{split}.npz", images=np.stack(images), labels=np.array(labels))
     return root
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    return make_tiny_data(tmp_path_factory.mktemp("tiny"))
 
 
 def cnn_config(data, out, **overrides):

@@ -251,5 +251,37 @@ def train(
         Console().print(f"Run: {result.run_dir}")
 
 
+@app.command()
+def evaluate(
+    model: Path = typer.Option(..., "--model", "-m", help="A run directory or a checkpoint in one."),
+    data: Path = typer.Option(..., "--data", "-d", help="Data to score (a curated folder uses its test split)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for metrics.json, predictions.csv and figures."),
+    corruptions: bool = typer.Option(False, "--corruptions", help="Also score 12 corruption families x 5 severities."),
+    tta: bool = typer.Option(False, "--tta", help="Average over the 8 flips/rotations."),
+    seed: int = typer.Option(0, help="Seed of the corruptions."),
+):
+    """Score a trained model: accuracy, macro-F1, per-class recall, calibration, robustness."""
+    from .evaluate import evaluate_model
+
+    with user_errors():
+        with console.status("evaluating"):
+            result = evaluate_model(model, data, out, corruptions=corruptions, tta=tta, seed=seed)
+        table = Table(title=f"{model} on {data} ({result['count']} images)")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for key in ("accuracy", "balanced_accuracy", "macro_f1", "top2_accuracy", "ece"):
+            table.add_row(key, f"{result[key]:.4f}")
+        if "corruptions" in result:
+            table.add_row("corrupted mean accuracy", f"{result['corruptions']['mean']:.4f}")
+            for family, value in result["corruptions"]["family_mean"].items():
+                table.add_row(f"  {family}", f"{value:.4f}")
+        Console().print(table)
+        Console().print(f"Written to {out}")
+
+
 def run():  # pragma: no cover - console entry point
     sys.exit(app())
+
+
+if __name__ == "__main__":  # `python -m bloodcell.cli`, e.g. under torchrun
+    app()

@@ -446,6 +446,8 @@ def train(config: TrainConfig | None, resume: Path | None = None, log: Callable[
           progress_factory=None, stop_after_epochs: int | None = None) -> TrainResult:
     """Train as configured.  ``resume`` continues a run directory from its ``last`` checkpoint."""
     dist_info, device = init_distributed()
+    if not dist_info.main:
+        log = lambda line: None  # noqa: E731 - one voice per run: rank 0 speaks
     if resume is not None:
         resume = Path(resume)
         saved = resume / "config.yaml"
@@ -620,11 +622,29 @@ def train(config: TrainConfig | None, resume: Path | None = None, log: Callable[
         del trainable
         if progress_state["stopped"]:
             break
+    if dist_info.main and (run_dir / "best.safetensors").is_file():
+        calibrate_run(run_dir, val_split, log)
     if dist_info.world > 1:
         import torch.distributed as dist
 
         dist.barrier()
     return TrainResult(run_dir, model, rows)
+
+
+def calibrate_run(run_dir: Path, val_split: Split, log: Callable[[str], None] = print) -> float:
+    """Fit a softmax temperature on the validation split for the best checkpoint; store it in model.json."""
+    from .evaluate import expected_calibration_error, fit_temperature, load_model, predict_logits
+
+    model, meta = load_model(run_dir)
+    logits = predict_logits(model, val_split.images)
+    temperature = fit_temperature(logits, val_split.labels)
+    labels = val_split.labels.numpy()
+    before = expected_calibration_error(torch.softmax(logits, 1).numpy(), labels)
+    after = expected_calibration_error(torch.softmax(logits / temperature, 1).numpy(), labels)
+    meta.update(temperature=temperature, val_ece_before=before, val_ece_after=after)
+    (run_dir / "model.json").write_text(json.dumps(meta, indent=2))
+    log(f"temperature {temperature:.3f} fitted on validation: ECE {before:.2%} -> {after:.2%}")
+    return temperature
 
 
 def _write_metrics(rows: list[dict], run_dir: Path) -> None:

@@ -1,0 +1,94 @@
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, recall_score
+
+from bloodcell.corruptions import CORRUPTIONS, corrupt
+from bloodcell.evaluate import compute_metrics, expected_calibration_error, fit_temperature
+
+from .conftest import require, ORIGINALS
+
+
+def test_metrics_match_scikit_learn():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, 500)
+    logits = rng.normal(size=(500, 4)) + 2.0 * np.eye(4)[labels]
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    pred = probs.argmax(1)
+    m = compute_metrics(labels, probs, ["a", "b", "c", "d"])
+    assert m["accuracy"] == pytest.approx(accuracy_score(labels, pred))
+    assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(labels, pred))
+    assert m["macro_f1"] == pytest.approx(f1_score(labels, pred, average="macro"))
+    recalls = recall_score(labels, pred, average=None)
+    assert [m["per_class"][c]["recall"] for c in "abcd"] == pytest.approx(recalls)
+
+
+def test_confusion_and_per_class_on_a_hand_made_case():
+    labels = np.array([0, 0, 0, 1, 1, 2])
+    pred = np.array([0, 0, 1, 1, 1, 0])
+    probs = np.eye(3)[pred] * 0.7 + 0.1
+    m = compute_metrics(labels, probs, ["x", "y", "z"])
+    assert m["confusion_matrix"]["matrix"] == [[2, 1, 0], [0, 2, 0], [1, 0, 0]]
+    assert m["per_class"]["x"]["recall"] == pytest.approx(2 / 3)
+    assert m["per_class"]["y"]["precision"] == pytest.approx(2 / 3)
+    assert m["per_class"]["z"]["recall"] == 0 and m["per_class"]["z"]["support"] == 1
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    # top-2: the true class is second for the two mistakes? Here all other classes tie at 0.1.
+    assert m["top2_accuracy"] >= m["accuracy"]
+
+
+def test_temperature_lowers_the_ece_of_an_overconfident_model():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 8, 4000)
+    logits = rng.normal(size=(4000, 8)) + 1.5 * np.eye(8)[labels]
+    logits = torch.tensor(logits * 4.0, dtype=torch.float32)  # far too sure of itself
+    targets = torch.tensor(labels)
+    before = expected_calibration_error(torch.softmax(logits, 1).numpy(), labels)
+    t = fit_temperature(logits, targets)
+    after = expected_calibration_error(torch.softmax(logits / t, 1).numpy(), labels)
+    assert t > 2
+    assert after < before / 3
+
+
+@pytest.mark.parametrize("family", sorted(CORRUPTIONS))
+def test_corruptions_are_deterministic_and_change_the_image(family):
+    from PIL import Image
+
+    image = np.asarray(Image.open(sorted(require(ORIGINALS).glob("*/*.jpg"))[0]).convert("RGB"))
+    a = corrupt(image, family, 3, seed=5)
+    b = corrupt(image, family, 3, seed=5)
+    assert a.shape == image.shape and a.dtype == np.uint8
+    assert np.array_equal(a, b)
+    assert np.abs(a.astype(int) - image).mean() > 0.5
+    # Higher severity moves the image further.
+    mild = np.abs(corrupt(image, family, 1, seed=5).astype(int) - image).mean()
+    strong = np.abs(corrupt(image, family, 5, seed=5).astype(int) - image).mean()
+    assert strong > mild
+
+
+def test_evaluate_a_trained_run_end_to_end(tmp_path):
+    import json
+
+    from bloodcell.evaluate import evaluate_model
+    from bloodcell.train import TrainConfig, train
+
+    from .test_train import make_tiny_data
+
+    data = make_tiny_data(tmp_path / "data")
+    config = TrainConfig(data=data, out=tmp_path / "run", model="cnn", image_size=32, batch_size=32,
+                         phases=[{"name": "t", "epochs": 2, "lr": 3e-3}], cnn={"channels": [16, 32], "convs_per_block": 1})
+    train(config, log=lambda line: None)
+    meta = json.loads((tmp_path / "run" / "model.json").read_text())
+    assert meta["temperature"] > 0 and meta["val_ece_after"] <= meta["val_ece_before"] + 1e-6
+    out = tmp_path / "eval"
+    result = evaluate_model(tmp_path / "run", data / "val.npz", out, corruptions=True,
+                            families=["defocus_blur", "reframe"])
+    written = json.loads((out / "metrics.json").read_text())
+    assert list(written)[:5] == ["accuracy", "balanced_accuracy", "macro_f1", "top2_accuracy", "ece"]
+    assert set(written["corruptions"]["accuracy"]) == {"defocus_blur", "reframe"}
+    assert set(written["corruptions"]["accuracy"]["reframe"]) == {"1", "2", "3", "4", "5"}
+    for name in ("predictions.csv", "confusion_matrix.png", "reliability.png", "corruptions.png"):
+        assert (out / name).is_file(), name
+    header = (out / "predictions.csv").read_text().splitlines()[0].split(",")
+    assert header[:4] == ["path", "label", "pred", "confidence"] and len(header) == 4 + 8
+    assert result["count"] == 80
