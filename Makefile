@@ -19,10 +19,15 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 venv: $(VENV)/.installed
 
-demo: venv
-	$(BIN)/bloodcell curate "$(DATA)" --out "$(OUT)/curated"
+PROFILE ?= quick
 
+demo: venv
+	$(BIN)/bloodcell pipeline --data "$(DATA)" --out "$(OUT)" --profile $(PROFILE)
+
+# Browser tests drive Debian's chromium; install it when absent (root, as on CI).
 test: venv
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
+		|| echo "chromium could not be installed: browser tests will be skipped"
 	$(BIN)/python -m pytest -q
 
 clean:

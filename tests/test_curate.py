@@ -189,3 +189,17 @@ def test_leakage_check_finds_copies_across_datasets(tmp_path, original_files):
     pairs = C.check_leakage(tmp_path / "train", tmp_path / "test")
     found = {(p["first"].rsplit("/", 1)[1], p["second"].rsplit("/", 1)[1], p["kind"]) for p in pairs}
     assert found == {(original_files[5].name, "leak_exact.jpg", "exact"), (original_files[6].name, "leak_near.png", "near")}
+
+
+def test_report_renders_in_a_browser(curated):
+    from .browser import broken_images, open_page
+
+    playwright, browser, page, errors = open_page((curated["out"] / "report.html").as_uri())
+    try:
+        assert page.title() == "bloodcell curation report"
+        assert page.evaluate("document.images.length") >= 12
+        assert broken_images(page) == []
+        assert errors == []
+    finally:
+        browser.close()
+        playwright.stop()

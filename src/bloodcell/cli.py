@@ -253,17 +253,42 @@ def train(
 
 @app.command()
 def evaluate(
-    model: Path = typer.Option(..., "--model", "-m", help="A run directory or a checkpoint in one."),
-    data: Path = typer.Option(..., "--data", "-d", help="Data to score (a curated folder uses its test split)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Folder for metrics.json, predictions.csv and figures."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="A run directory or a checkpoint in one."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Data to score (a curated folder uses its test split)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default MODEL/evaluation)."),
+    compare: Optional[list[Path]] = typer.Option(None, "--compare", help="Two evaluated runs: show both confusion matrices and the per-class change."),
     corruptions: bool = typer.Option(False, "--corruptions", help="Also score 12 corruption families x 5 severities."),
     tta: bool = typer.Option(False, "--tta", help="Average over the 8 flips/rotations."),
     seed: int = typer.Option(0, help="Seed of the corruptions."),
 ):
     """Score a trained model: accuracy, macro-F1, per-class recall, calibration, robustness."""
-    from .evaluate import evaluate_model
+    from .evaluate import compare_runs, evaluate_model
 
     with user_errors():
+        if compare:
+            if len(compare) != 2:
+                raise BloodcellError("--compare takes two run directories: --compare RUN_A --compare RUN_B")
+            results = []
+            for run in compare:
+                path = run / "evaluation" / "metrics.json"
+                if not path.is_file():
+                    raise BloodcellError(f"{run}: not evaluated yet; run `bloodcell evaluate --model {run} --data DATA` first")
+                results.append(json.loads(path.read_text()))
+            target = out or Path("comparison")
+            summary = compare_runs(results[0], results[1], results[1]["confusion_matrix"]["classes"], target)
+            table = Table(title=f"{compare[0].name} -> {compare[1].name}")
+            table.add_column("class")
+            table.add_column("recall change", justify="right")
+            for name, change in summary["recall_change"].items():
+                table.add_row(name, f"{change:+.4f}")
+            table.add_row("accuracy", f"{summary['accuracy_change']:+.4f}")
+            table.add_row("macro-F1", f"{summary['macro_f1_change']:+.4f}")
+            Console().print(table)
+            Console().print(f"Side by side: {target / 'comparison.png'}")
+            return
+        if model is None or data is None:
+            raise BloodcellError("evaluate needs --model and --data (or --compare RUN_A --compare RUN_B)")
+        out = out or model / "evaluation"
         with console.status("evaluating"):
             result = evaluate_model(model, data, out, corruptions=corruptions, tta=tta, seed=seed)
         table = Table(title=f"{model} on {data} ({result['count']} images)")
@@ -277,6 +302,61 @@ def evaluate(
                 table.add_row(f"  {family}", f"{value:.4f}")
         Console().print(table)
         Console().print(f"Written to {out}")
+
+
+@app.command()
+def report(
+    run_dir: Path = typer.Argument(..., help="A trained run directory."),
+    baseline: Optional[Path] = typer.Option(None, help="Another run shown beside it (e.g. the custom CNN)."),
+    data: Optional[Path] = typer.Option(None, help="Evaluate on this data first when the run has no evaluation."),
+):
+    """Write RUN_DIR/report.html: data, curves, confusion matrices, robustness, calibration, mistakes."""
+    from .evaluate import evaluate_model
+    from .report import write_run_report
+
+    with user_errors():
+        evaluations = []
+        for run in [run_dir] + ([baseline] if baseline else []):
+            path = run / "evaluation" / "metrics.json"
+            if path.is_file():
+                evaluations.append(json.loads(path.read_text()))
+            elif data is not None:
+                with console.status(f"evaluating {run}"):
+                    evaluations.append(evaluate_model(run, data, run / "evaluation", corruptions=True))
+            else:
+                raise BloodcellError(f"{run}: not evaluated yet; pass --data DATA or run `bloodcell evaluate` first")
+        path = write_run_report(run_dir, evaluations[0], baseline=(baseline, evaluations[1]) if baseline else None)
+        Console().print(f"Report: {path}")
+
+
+@app.command()
+def pipeline(
+    data: Path = typer.Option(Path("../shared/data/pbc224"), help="Raw images: class folders or .npz."),
+    out: Path = typer.Option(Path("runs/demo"), help="Folder for every step's output."),
+    profile: str = typer.Option("quick", help="quick (under 15 min on 2 cores) or full (real results)."),
+    weights: Optional[Path] = typer.Option(None, help="ImageNet weights for MobileNetV3 (default: ../shared/weights when present)."),
+):
+    """The whole job: curate, train the CNN, fine-tune MobileNetV3, evaluate both, write the report."""
+    from .pipeline import run_pipeline
+
+    default_weights = Path("../shared/weights/tf_mobilenetv3_small_100.from_tflite_int8ptq.safetensors")
+    with user_errors():
+        if weights is None and default_weights.is_file():
+            weights = default_weights
+        if profile not in ("quick", "full"):
+            raise BloodcellError(f"unknown profile {profile!r}: use quick or full")
+        with progress_bar() as bar:
+            state = {}
+
+            def factory(description: str, total: int):
+                if "task" in state:
+                    bar.remove_task(state["task"])
+                state["task"] = bar.add_task(description, total=total, rate="")
+                return lambda count, loss: bar.advance(state["task"], count)
+
+            path = run_pipeline(data, out, profile, weights, log=lambda line: bar.console.print(line, markup=False),
+                                progress_factory=factory)
+        Console().print(f"Report: {path}")
 
 
 def run():  # pragma: no cover - console entry point

@@ -118,6 +118,48 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float(log_t.exp().item())
 
 
+def abstain_table(probs: np.ndarray, labels: np.ndarray,
+                  thresholds: tuple[float, ...] = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99)) -> list[dict]:
+    """Accuracy on the cells kept when those below a confidence threshold go to a person."""
+    confidence = probs.max(1)
+    correct = probs.argmax(1) == labels
+    rows = []
+    for threshold in thresholds:
+        kept = confidence >= threshold
+        rows.append({"threshold": threshold, "coverage": float(kept.mean()),
+                     "accuracy": float(correct[kept].mean()) if kept.any() else float("nan")})
+    return rows
+
+
+def compare_runs(first: dict, second: dict, names: list[str], out: Path) -> dict:
+    """Per-class recall change between two evaluations, and both confusion matrices side by side."""
+    import matplotlib.pyplot as plt
+
+    change = {c: second["per_class"][c]["recall"] - first["per_class"][c]["recall"] for c in names}
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.4))
+    for ax, result, title in ((axes[0], first, first["model"]), (axes[1], second, second["model"])):
+        matrix = np.array(result["confusion_matrix"]["matrix"])
+        rows = matrix.sum(1, keepdims=True)
+        normalised = np.divide(matrix, rows, out=np.zeros_like(matrix, dtype=float), where=rows > 0)
+        ax.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
+        for i in range(len(names)):
+            for j in range(len(names)):
+                ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if normalised[i, j] > 0.5 else "black")
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(len(names)), names, fontsize=8)
+        ax.set_title(f"{Path(title).name}: accuracy {result['accuracy']:.3f}", fontsize=9)
+    fig.tight_layout()
+    out.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out / "comparison.png", dpi=110)
+    plt.close(fig)
+    summary = {"first": first["model"], "second": second["model"], "recall_change": change,
+               "accuracy_change": second["accuracy"] - first["accuracy"],
+               "macro_f1_change": second["macro_f1"] - first["macro_f1"]}
+    (out / "comparison.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
 # ---------------------------------------------------------------- data
 
 
@@ -213,7 +255,9 @@ def plot_corruption_heatmap(table: dict[str, dict[str, float]], path: Path) -> N
 
 
 def evaluate_model(model_path: str | Path, data: str | Path, out: str | Path, corruptions: bool = False,
-                   tta: bool = False, seed: int = 0, families: list[str] | None = None) -> dict:
+                   tta: bool = False, seed: int = 0, families: list[str] | None = None,
+                   corruption_limit: int | None = None) -> dict:
+    """Score ``model_path`` on ``data``; ``corruption_limit`` scores corruptions on a seeded subset."""
     from . import corruptions as corruption_module
     from .data import load_item, preprocess
 
@@ -234,12 +278,18 @@ def evaluate_model(model_path: str | Path, data: str | Path, out: str | Path, co
         for path, label, row in zip(paths, labels, probs):
             writer.writerow([path, names[label], names[int(row.argmax())], f"{row.max():.6f}",
                              *[f"{p:.6f}" for p in row]])
+    result["abstain"] = abstain_table(probs, labels)
+    result["out"] = str(out)
     plot_confusion(np.array(result["confusion_matrix"]["matrix"]), names, out / "confusion_matrix.png")
     plot_reliability(probs, labels, out / "reliability.png")
     if corruptions:
         table: dict[str, dict[str, float]] = {}
         items = {item.path: item for item in source.items}
-        originals = [load_item(source, items[p])[0] for p in paths]
+        subset = np.arange(len(paths))
+        if corruption_limit is not None and corruption_limit < len(paths):
+            subset = np.sort(np.random.default_rng(seed).choice(len(paths), corruption_limit, replace=False))
+        originals = [load_item(source, items[paths[i]])[0] for i in subset]
+        subset_labels = labels[subset]
         for family in families or list(corruption_module.CORRUPTIONS):
             table[family] = {}
             for severity in corruption_module.SEVERITIES:
@@ -248,11 +298,11 @@ def evaluate_model(model_path: str | Path, data: str | Path, out: str | Path, co
                     for k, image in enumerate(originals)])
                 batch = torch.from_numpy(corrupted).permute(0, 3, 1, 2).contiguous()
                 pred = predict_logits(model, batch, tta=tta).argmax(1).numpy()
-                table[family][str(severity)] = float((pred == labels).mean())
+                table[family][str(severity)] = float((pred == subset_labels).mean())
         means = {f: float(np.mean(list(v.values()))) for f, v in table.items()}
         result["corruptions"] = {"accuracy": table, "family_mean": means,
                                  "mean": float(np.mean([v for f in table.values() for v in f.values()])),
-                                 "seed": seed}
+                                 "seed": seed, "images": int(len(subset))}
         plot_corruption_heatmap(table, out / "corruptions.png")
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     return result

@@ -340,6 +340,7 @@ def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta: dict) ->
               metadata={"bloodcell": json.dumps(meta)})
     with open(tmp, "rb") as handle:
         os.fsync(handle.fileno())
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 
