@@ -359,6 +359,125 @@ def pipeline(
         Console().print(f"Report: {path}")
 
 
+@app.command()
+def predict(
+    paths: list[Path] = typer.Argument(..., help="Image files, folders (recursive) or .npz files."),
+    model: str = typer.Option("default", "--model", "-m", help="model.onnx, a run directory, or 'default'."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write predictions here (CSV, or JSON with --format json)."),
+    fmt: str = typer.Option("csv", "--format", help="csv or json"),
+    abstain_below: float = typer.Option(0.7, help="Mark cells below this confidence for a person to check."),
+    batch_size: int = typer.Option(64, "--batch-size"),
+):
+    """Classify images; print a differential count; exit non-zero only when nothing could be read."""
+    from .predict import differential_count, load_predictor, predict_paths, write_predictions
+
+    with user_errors():
+        if fmt not in ("csv", "json"):
+            raise BloodcellError(f"--format must be csv or json, got {fmt!r}")
+        predictor = load_predictor(model)
+        with progress_bar() as bar:
+            task = bar.add_task(f"predicting ({predictor.backend})", total=None, rate="")
+            start = time.perf_counter()
+
+            def advance(count: int):
+                bar.advance(task, count)
+                done = bar.tasks[0].completed
+                bar.update(task, rate=f"{done / max(time.perf_counter() - start, 1e-9):,.0f} img/s")
+
+            rows, bad = predict_paths(predictor, [str(p) for p in paths], batch_size=batch_size,
+                                      abstain_below=abstain_below, progress=advance)
+        for path, reason in bad:
+            console.print(f"[yellow]skipped[/] {path}: {reason}", highlight=False, markup=False)
+        if not rows:
+            raise BloodcellError("no image could be read" + (f" ({len(bad)} refused)" if bad else ""))
+        if out:
+            write_predictions(rows, predictor.class_names, out, fmt)
+        elif fmt == "json":
+            typer.echo(json.dumps(rows, indent=1))
+        else:
+            import csv as csv_module
+
+            writer = csv_module.DictWriter(sys.stdout, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        counts = differential_count(rows)
+        table = Table(title=f"Differential count ({counts['white_cells']} white cells)")
+        table.add_column("cell type")
+        table.add_column("%", justify="right")
+        for name, value in counts["white_cell_percent"].items():
+            table.add_row(name, f"{value:.1f}")
+        table.add_row("platelets (count)", str(counts["platelets"]))
+        table.add_row("erythroblasts (count)", str(counts["erythroblasts"]))
+        table.add_row("to check (low confidence)", str(counts["abstained"]))
+        console.print(table)
+        console.print(f"{len(rows)} predicted, {len(bad)} skipped" + (f"; written to {out}" if out else ""))
+
+
+@app.command()
+def export(
+    model: Path = typer.Option(..., "--model", "-m", help="A run directory or a checkpoint in one."),
+    out: Path = typer.Option(..., "--out", "-o", help="The .onnx file to write."),
+    check: Optional[Path] = typer.Option(None, help="Images (folder/.npz/curated data) to check ONNX against PyTorch."),
+    quantize: bool = typer.Option(False, help="Also write an int8 dynamically quantised model."),
+):
+    """Export to ONNX with the preprocessing contract in its metadata; check it against PyTorch."""
+    from .predict import collect_inputs, export_onnx
+    from .predict import _decode
+
+    with user_errors():
+        images = None
+        if check is not None:
+            target = check / "images" / "val" if (check / "images" / "val").is_dir() else check
+            items, _ = collect_inputs([target])
+            images = [_decode(entry) for _, entry in items[:: max(len(items) // 256, 1)][:256]]
+        report = export_onnx(model, out, images, quantize)
+        for key, value in report.items():
+            Console().print(f"{key}: {value}")
+
+
+@app.command()
+def serve(
+    model: str = typer.Option("default", "--model", "-m", help="model.onnx, a run directory, or 'default'."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind (loopback by default)."),
+    port: int = typer.Option(8000),
+):
+    """Serve the web page at / and the API at /v1 (OpenAPI docs at /docs)."""
+    from .serve import serve as run_server
+
+    with user_errors():
+        run_server(model, host, port)
+
+
+@app.command()
+def explain(
+    images: list[Path] = typer.Argument(..., help="Image files."),
+    model: Path = typer.Option(..., "--model", "-m", help="A run directory (Grad-CAM needs the PyTorch model)."),
+    out: Path = typer.Option(Path("explanations"), "--out", "-o"),
+):
+    """Write Grad-CAM overlays: where the model looked for its prediction."""
+    from PIL import Image
+
+    from .data import decode_file, preprocess
+    from .explain import grad_cam, overlay
+    from .predict import load_predictor
+
+    with user_errors():
+        predictor = load_predictor(model)
+        if predictor.backend != "torch":
+            raise BloodcellError(f"{model}: Grad-CAM needs a run directory (PyTorch), not an ONNX file")
+        out.mkdir(parents=True, exist_ok=True)
+        for path in images:
+            try:
+                image = preprocess(decode_file(path)[0], predictor.image_size)
+            except Exception as exc:  # noqa: BLE001 - reported per file, the rest go on
+                console.print(f"skipped {path}: {exc}", markup=False)
+                continue
+            cam, target = grad_cam(predictor.info["torch_model"], image)
+            target_path = out / f"{path.stem}_{predictor.class_names[target]}.png"
+            Image.fromarray(overlay(image, cam)).save(target_path)
+            Console().print(f"{path} -> {predictor.class_names[target]}: {target_path}")
+
+
 def run():  # pragma: no cover - console entry point
     sys.exit(app())
 

@@ -11,6 +11,7 @@ instead of stopping the run.
 
 from __future__ import annotations
 
+import io
 import os
 from collections import Counter
 from collections.abc import Iterator
@@ -232,7 +233,21 @@ def decode_file(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -
     try:
         if path.stat().st_size == 0:
             raise ImageReadError("empty file (0 bytes)")
-        with Image.open(path) as img:
+    except OSError as exc:
+        raise ImageReadError(f"cannot read ({exc.strerror})") from None
+    return decode_stream(path, max_pixels)
+
+
+def decode_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, str | None]:
+    """Decode an image held in memory (an upload), with the same checks as files."""
+    if not data:
+        raise ImageReadError("empty file (0 bytes)")
+    return decode_stream(io.BytesIO(data), max_pixels)
+
+
+def decode_stream(stream, max_pixels: int) -> tuple[np.ndarray, str | None]:
+    try:
+        with Image.open(stream) as img:
             width, height = img.size
             if width * height > max_pixels:
                 raise ImageReadError(

@@ -1,0 +1,228 @@
+"""Prediction and ONNX export.
+
+A :class:`Predictor` holds one model and its preprocessing contract (class
+names, input size, temperature; normalisation is inside the network) and runs
+it with ONNX Runtime when the model is an exported ``.onnx`` file, or PyTorch
+otherwise.  Files are decoded on threads and resized by the one
+:func:`bloodcell.data.preprocess`, exactly as in training.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .data import IMAGE_EXTENSIONS, BloodcellError, ImageReadError, decode_file, open_source, load_item, preprocess
+
+WHITE_CELLS = ("basophil", "eosinophil", "ig", "lymphocyte", "monocyte", "neutrophil")
+DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
+
+
+@dataclass
+class Predictor:
+    class_names: list[str]
+    image_size: int
+    temperature: float
+    backend: str  # "onnxruntime" or "torch"
+    run: Callable[[np.ndarray], np.ndarray]  # uint8 (N, 3, S, S) -> logits (N, C)
+    source: str
+    info: dict = field(default_factory=dict)
+
+    def probabilities(self, images: list[np.ndarray]) -> np.ndarray:
+        """Class probabilities for decoded RGB uint8 images of any size."""
+        if not images:
+            return np.zeros((0, len(self.class_names)), dtype=np.float32)
+        batch = np.stack([preprocess(image, self.image_size) for image in images]).transpose(0, 3, 1, 2)
+        logits = self.run(np.ascontiguousarray(batch)) / self.temperature
+        logits = logits - logits.max(1, keepdims=True)
+        exp = np.exp(logits)
+        return exp / exp.sum(1, keepdims=True)
+
+
+def onnx_session(path: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    # Do not spin idle threads: torch may share the process (see the project brief).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def load_predictor(model: str | Path) -> Predictor:
+    """``model``: an exported .onnx file, a run directory, a checkpoint in one, or 'default'."""
+    if str(model) == "default":
+        model = DEFAULT_MODEL_DIR / "model.onnx"
+        if not model.is_file():
+            raise BloodcellError("no default model ships with this installation yet; pass --model RUN_DIR or model.onnx")
+    path = Path(model)
+    if not path.exists():
+        raise BloodcellError(f"{path}: model not found")
+    if path.suffix == ".onnx":
+        try:
+            session = onnx_session(path)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
+            raise BloodcellError(f"{path}: not a loadable ONNX model ({exc})") from None
+        meta = session.get_modelmeta().custom_metadata_map
+        if "bloodcell" not in meta:
+            raise BloodcellError(f"{path}: no bloodcell metadata; export it with `bloodcell export`")
+        contract = json.loads(meta["bloodcell"])
+        input_name = session.get_inputs()[0].name
+        return Predictor(contract["class_names"], contract["image_size"], contract.get("temperature", 1.0),
+                         "onnxruntime", lambda batch: session.run(None, {input_name: batch})[0], str(path), contract)
+    import torch
+
+    from .evaluate import load_model
+
+    net, meta = load_model(path)
+    torch_model = net.eval()
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            tensor = torch.from_numpy(batch).contiguous(memory_format=torch.channels_last)
+            return torch_model(tensor).numpy()
+
+    predictor = Predictor(meta["class_names"], meta["image_size"], meta.get("temperature", 1.0), "torch", run, str(path), meta)
+    predictor.info["torch_model"] = torch_model
+    return predictor
+
+
+# ---------------------------------------------------------------- batch prediction
+
+
+def collect_inputs(paths: Iterable[str | Path]) -> tuple[list[tuple[str, object]], list[tuple[str, str]]]:
+    """Expand files, folders (recursive) and .npz files into items to predict; list what was refused."""
+    items: list[tuple[str, object]] = []
+    bad: list[tuple[str, str]] = []
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists():
+            bad.append((str(path), "no such file or folder"))
+        elif path.is_dir():
+            for file in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
+                if file.suffix.lower() in IMAGE_EXTENSIONS:
+                    items.append((str(file), file))
+        elif path.suffix.lower() == ".npz":
+            try:
+                source = open_source(path)
+            except BloodcellError as exc:
+                bad.append((str(path), str(exc)))
+                continue
+            items += [(item.path, (source, item)) for item in source.items]
+        else:
+            items.append((str(path), path))
+    return items, bad
+
+
+def _decode(entry) -> np.ndarray:
+    if isinstance(entry, tuple):
+        return load_item(*entry)[0]
+    return decode_file(entry)[0]
+
+
+def predict_paths(predictor: Predictor, paths: Iterable[str | Path], batch_size: int = 64, workers: int = 2,
+                  abstain_below: float = 0.0, progress: Callable[[int], None] | None = None) -> tuple[list[dict], list[tuple[str, str]]]:
+    """Predict every readable image under ``paths``; returns (rows, [(path, reason) refused])."""
+    items, bad = collect_inputs(paths)
+    rows: list[dict] = []
+
+    def load(entry):
+        try:
+            return _decode(entry)
+        except (ImageReadError, BloodcellError) as exc:
+            return exc
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            decoded = list(pool.map(load, [entry for _, entry in chunk]))
+            good = [(name, image) for (name, _), image in zip(chunk, decoded) if not isinstance(image, Exception)]
+            bad += [(name, str(image)) for (name, _), image in zip(chunk, decoded) if isinstance(image, Exception)]
+            probs = predictor.probabilities([image for _, image in good])
+            for (name, _), row in zip(good, probs):
+                confidence = float(row.max())
+                rows.append({"path": name, "pred": predictor.class_names[int(row.argmax())],
+                             "confidence": round(confidence, 6), "abstained": confidence < abstain_below,
+                             **{c: round(float(p), 6) for c, p in zip(predictor.class_names, row)}})
+            if progress:
+                progress(len(chunk))
+    return rows, bad
+
+
+def differential_count(rows: list[dict], include_abstained: bool = False) -> dict:
+    """A hematologist's differential: white cells as percentages of white cells; platelets and erythroblasts apart."""
+    counts = Counter(r["pred"] for r in rows if include_abstained or not r["abstained"])
+    white = sum(counts.get(c, 0) for c in WHITE_CELLS)
+    return {
+        "white_cells": white,
+        "white_cell_percent": {c: round(100 * counts.get(c, 0) / white, 1) if white else 0.0 for c in WHITE_CELLS},
+        "platelets": counts.get("platelet", 0),
+        "erythroblasts": counts.get("erythroblast", 0),
+        "erythroblasts_per_100_white_cells": round(100 * counts.get("erythroblast", 0) / white, 1) if white else None,
+        "abstained": sum(1 for r in rows if r["abstained"]),
+        "counts": dict(counts),
+    }
+
+
+def write_predictions(rows: list[dict], class_names: list[str], out: Path, fmt: str = "csv") -> None:
+    if fmt == "json":
+        out.write_text(json.dumps(rows, indent=1))
+        return
+    with open(out, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["path", "pred", "confidence", "abstained", *class_names])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+# ---------------------------------------------------------------- export
+
+
+def export_onnx(model: str | Path, out: str | Path, check_images: list[np.ndarray] | None = None,
+                quantize: bool = False) -> dict:
+    """Export a trained run to ONNX (dynamic batch, uint8 input, contract in the metadata).
+
+    Checks afterwards that ONNX Runtime and PyTorch agree on ``check_images``
+    and returns the largest probability difference.
+    """
+    import onnx
+    import torch
+
+    from .evaluate import load_model
+
+    net, meta = load_model(model)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    size = meta["image_size"]
+    example = torch.zeros(1, 3, size, size, dtype=torch.uint8)
+    torch.onnx.export(net, (example,), str(out), input_names=["images"], output_names=["logits"],
+                      dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False)
+    graph = onnx.load(str(out))
+    contract = {k: meta.get(k) for k in ("model", "class_names", "image_size", "mean", "std", "temperature", "resize", "input")}
+    contract["temperature"] = contract["temperature"] or 1.0
+    graph.metadata_props.append(onnx.StringStringEntryProto(key="bloodcell", value=json.dumps(contract)))
+    onnx.save(graph, str(out))
+    report = {"onnx": str(out), "bytes": out.stat().st_size}
+    if quantize:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantized = out.with_name(out.stem + ".int8.onnx")
+        quantize_dynamic(str(out), str(quantized), weight_type=QuantType.QInt8)
+        report["onnx_int8"] = str(quantized)
+        report["int8_bytes"] = quantized.stat().st_size
+    if check_images:
+        torch_predictor = load_predictor(model)
+        onnx_predictor = load_predictor(out)
+        reference = torch_predictor.probabilities(check_images)
+        report["max_prob_diff"] = float(np.abs(onnx_predictor.probabilities(check_images) - reference).max())
+        report["checked_images"] = len(check_images)
+        if quantize:
+            int8 = load_predictor(report["onnx_int8"]).probabilities(check_images)
+            report["int8_max_prob_diff"] = float(np.abs(int8 - reference).max())
+            report["int8_agreement"] = float((int8.argmax(1) == reference.argmax(1)).mean())
+    return report

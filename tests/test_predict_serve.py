@@ -1,0 +1,214 @@
+"""Prediction, ONNX export, the HTTP API and the web page, on a tiny trained model."""
+
+import io
+import json
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+from typer.testing import CliRunner
+
+from bloodcell.cli import app as cli
+from bloodcell.data import BloodcellError
+from bloodcell.predict import differential_count, export_onnx, load_predictor, predict_paths
+from bloodcell.serve import create_app
+from bloodcell.train import TrainConfig, train
+
+from .test_train import make_tiny_data
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    data = make_tiny_data(root / "data")
+    config = TrainConfig(data=data, out=root / "run", model="cnn", image_size=32, batch_size=32,
+                         phases=[{"name": "t", "epochs": 2, "lr": 3e-3}], cnn={"channels": [16, 32], "convs_per_block": 1})
+    train(config, log=lambda line: None)
+    return {"run": root / "run", "data": data, "root": root}
+
+
+@pytest.fixture(scope="module")
+def cells(original_files):
+    return [np.asarray(Image.open(f).convert("RGB")) for f in original_files[:12]]
+
+
+@pytest.fixture(scope="module")
+def onnx_model(run, cells):
+    report = export_onnx(run["run"], run["root"] / "model.onnx", cells, quantize=True)
+    return report
+
+
+def test_onnx_agrees_with_pytorch_and_carries_its_contract(onnx_model, run, cells):
+    assert onnx_model["max_prob_diff"] < 1e-4
+    assert onnx_model["checked_images"] == 12
+    predictor = load_predictor(onnx_model["onnx"])
+    assert predictor.backend == "onnxruntime"
+    assert predictor.image_size == 32 and len(predictor.class_names) == 8
+    meta = json.loads((run["run"] / "model.json").read_text())
+    assert predictor.temperature == pytest.approx(meta["temperature"])
+    # Dynamic batch axis: 1 and 7 images.
+    assert predictor.probabilities(cells[:1]).shape == (1, 8)
+    assert predictor.probabilities(cells[:7]).sum(1) == pytest.approx(np.ones(7), abs=1e-5)
+
+
+def test_int8_model_is_written_and_measured(onnx_model):
+    assert onnx_model["int8_bytes"] < onnx_model["bytes"]
+    assert 0 <= onnx_model["int8_agreement"] <= 1
+    assert load_predictor(onnx_model["onnx_int8"]).backend == "onnxruntime"
+
+
+def test_predict_folder_skips_bad_files_and_counts(onnx_model, original_files, tmp_path):
+    folder = tmp_path / "smear"
+    (folder / "sub").mkdir(parents=True)
+    for f in original_files[:5]:
+        (folder / "sub" / f.name).write_bytes(f.read_bytes())
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+    predictor = load_predictor(onnx_model["onnx"])
+    rows, bad = predict_paths(predictor, [folder], batch_size=2)
+    assert len(rows) == 5 and [b[0].endswith("broken.jpg") for b in bad] == [True]
+    for row in rows:
+        assert sum(row[c] for c in predictor.class_names) == pytest.approx(1, abs=1e-4)
+    counts = differential_count(rows, include_abstained=True)
+    white = counts["white_cells"]
+    if white:
+        assert sum(counts["white_cell_percent"].values()) == pytest.approx(100, abs=0.5)
+    assert white + counts["platelets"] + counts["erythroblasts"] == 5
+
+
+def test_predict_command(onnx_model, original_files, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "preds.csv"
+    result = runner.invoke(cli, ["predict", str(original_files[0]), str(tmp_path / "missing.jpg"),
+                                 "--model", onnx_model["onnx"], "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    header = out.read_text().splitlines()[0].split(",")
+    assert header[:4] == ["path", "pred", "confidence", "abstained"] and len(header) == 12
+    assert "missing.jpg" in result.output and "Differential count" in result.output
+    nothing = runner.invoke(cli, ["predict", str(tmp_path / "missing.jpg"), "--model", onnx_model["onnx"]])
+    assert nothing.exit_code == 2 and "no image could be read" in nothing.output
+
+
+def test_unknown_model_is_a_clear_error(tmp_path):
+    with pytest.raises(BloodcellError, match="model not found"):
+        load_predictor(tmp_path / "nope.onnx")
+
+
+def test_grad_cam_shape_range_and_target(run, cells):
+    from bloodcell.data import preprocess
+    from bloodcell.explain import grad_cam
+
+    predictor = load_predictor(run["run"])
+    image = preprocess(cells[0], 32)
+    cam, target = grad_cam(predictor.info["torch_model"], image)
+    assert cam.shape == (32, 32) and cam.min() >= 0 and cam.max() == pytest.approx(1)
+    other, other_target = grad_cam(predictor.info["torch_model"], image, target=(target + 1) % 8)
+    assert other_target != target
+
+
+# ---------------------------------------------------------------- the service
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def client(onnx_model):
+    return TestClient(create_app(onnx_model["onnx"], max_upload_bytes=2_000_000, max_pixels=500_000))
+
+
+def test_health_and_model(client):
+    assert client.get("/v1/health").json() == {"status": "ok"}
+    info = client.get("/v1/model").json()
+    assert info["input_size"] == 32 and len(info["classes"]) == 8 and info["backend"] == "onnxruntime"
+
+
+def test_predict_many_images(client, cells):
+    files = [("files", (f"cell{i}.png", png_bytes(image), "image/png")) for i, image in enumerate(cells[:3])]
+    response = client.post("/v1/predict", files=files)
+    assert response.status_code == 200
+    body = response.json()
+    assert [r["file"] for r in body["results"]] == ["cell0.png", "cell1.png", "cell2.png"]
+    for r in body["results"]:
+        assert r["class"] in r["probabilities"] and 0 < r["confidence"] <= 1
+    assert "white_cell_percent" in body["differential"]
+
+
+def test_content_is_checked_by_decoding_not_extension(client):
+    response = client.post("/v1/predict", files=[("files", ("cell.png", b"GIF89a but not really", "image/png"))])
+    assert response.status_code == 422
+    assert response.json()["file"] == "cell.png" and "not an image" in response.json()["error"]
+
+
+def test_oversized_upload_is_413(client):
+    big = np.random.default_rng(0).integers(0, 256, (1000, 1000, 3), dtype=np.uint8)
+    response = client.post("/v1/predict", files=[("files", ("big.png", png_bytes(big), "image/png"))])
+    assert response.status_code == 413 and "limit" in response.json()["error"]
+
+
+def test_too_many_pixels_is_422(client):
+    wide = np.zeros((100, 6000, 3), dtype=np.uint8)  # compresses small, decodes large
+    response = client.post("/v1/predict", files=[("files", ("wide.png", png_bytes(wide), "image/png"))])
+    assert response.status_code == 422 and "pixels" in response.json()["error"]
+
+
+def test_explain_needs_pytorch_and_works_with_it(client, run, cells):
+    assert client.post("/v1/explain", files={"file": ("a.png", png_bytes(cells[0]), "image/png")}).status_code == 422
+    torch_client = TestClient(create_app(run["run"]))
+    response = torch_client.post("/v1/explain", files={"file": ("a.png", png_bytes(cells[0]), "image/png")})
+    assert response.status_code == 200
+    import base64
+
+    overlay = Image.open(io.BytesIO(base64.b64decode(response.json()["overlay_png_base64"])))
+    assert overlay.size == (224, 224)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_web_page_end_to_end_in_a_browser(onnx_model, original_files, tmp_path):
+    import uvicorn
+
+    from .browser import open_page
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(onnx_model["onnx"]), host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    try:
+        playwright, browser, page, errors = open_page(f"http://127.0.0.1:{port}/")
+        try:
+            page.wait_for_function("document.getElementById('model').textContent.includes('classes')")
+            page.set_input_files("#files", [str(original_files[0]), str(original_files[1])])
+            page.wait_for_selector(".card .pred b", timeout=20000)
+            predicted = page.inner_text(".card .pred b")
+            classes = json.loads(page.evaluate("JSON.stringify(classes)"))
+            assert predicted in classes
+            assert page.locator(".card").count() == 2
+            assert "% of white cells" in page.inner_text("#differential")
+            with page.expect_download() as download_info:
+                page.click("#download")
+            csv_path = tmp_path / "download.csv"
+            download_info.value.save_as(csv_path)
+            lines = csv_path.read_text().splitlines()
+            assert lines[0].startswith("file,class,confidence,abstained") and len(lines) == 3
+            assert original_files[0].name in lines[1]
+            assert errors == []
+        finally:
+            browser.close()
+            playwright.stop()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
