@@ -433,6 +433,9 @@ def export(
         report = export_onnx(model, out, images, quantize)
         for key, value in report.items():
             Console().print(f"{key}: {value}")
+        if report.get("int8_agreement", 1.0) < 0.99:
+            console.print(f"[yellow]warning:[/] the int8 model agrees with the float one on only "
+                          f"{report['int8_agreement']:.1%} of the check images; do not use it")
 
 
 @app.command()

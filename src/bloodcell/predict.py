@@ -212,7 +212,9 @@ def export_onnx(model: str | Path, out: str | Path, check_images: list[np.ndarra
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         quantized = out.with_name(out.stem + ".int8.onnx")
-        quantize_dynamic(str(out), str(quantized), weight_type=QuantType.QInt8)
+        # Only the fully connected layers: dynamic int8 convolutions (ConvInteger) were
+        # measured here at 0% agreement with the float model and 9x slower on MobileNetV3.
+        quantize_dynamic(str(out), str(quantized), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
         report["onnx_int8"] = str(quantized)
         report["int8_bytes"] = quantized.stat().st_size
     if check_images:
