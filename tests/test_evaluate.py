@@ -92,3 +92,11 @@ def test_evaluate_a_trained_run_end_to_end(tmp_path):
     header = (out / "predictions.csv").read_text().splitlines()[0].split(",")
     assert header[:4] == ["path", "label", "pred", "confidence"] and len(header) == 4 + 8
     assert result["count"] == 80
+    # The same figures from the exported ONNX model, and test-time augmentation runs.
+    from bloodcell.predict import export_onnx
+
+    export_onnx(tmp_path / "run", tmp_path / "model.onnx")
+    onnx_result = evaluate_model(tmp_path / "model.onnx", data / "val.npz", tmp_path / "eval-onnx")
+    assert onnx_result["accuracy"] == pytest.approx(result["accuracy"], abs=1 / 80)
+    tta = evaluate_model(tmp_path / "run", data / "val.npz", tmp_path / "eval-tta", tta=True)
+    assert tta["tta"] is True and 0 <= tta["accuracy"] <= 1

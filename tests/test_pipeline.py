@@ -32,7 +32,13 @@ def test_quick_pipeline_end_to_end(tmp_path, original_files, monkeypatch):
     html = report.read_text()
     assert "Baseline" in html and "Robustness" in html and "Worst-classified" in html
 
-    from .browser import broken_images, open_page
+    from bloodcell.report import html_to_pdf
+
+    from .browser import broken_images, chromium_path, open_page
+
+    chromium_path()  # skips when Chromium is missing
+    pdf = html_to_pdf(report)
+    assert pdf is not None and pdf.read_bytes()[:4] == b"%PDF"
 
     playwright, browser, page, errors = open_page(report.as_uri())
     try:

@@ -56,8 +56,9 @@ def test_onnx_agrees_with_pytorch_and_carries_its_contract(onnx_model, run, cell
 
 
 def test_int8_model_is_written_and_measured(onnx_model):
-    assert onnx_model["int8_bytes"] < onnx_model["bytes"]
-    assert 0 <= onnx_model["int8_agreement"] <= 1
+    # Only the fully connected layers are quantised: predictions must barely move.
+    assert onnx_model["int8_agreement"] >= 0.9
+    assert onnx_model["int8_max_prob_diff"] < 0.2
     assert load_predictor(onnx_model["onnx_int8"]).backend == "onnxruntime"
 
 
@@ -212,3 +213,26 @@ def test_web_page_end_to_end_in_a_browser(onnx_model, original_files, tmp_path):
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_default_model_predicts_and_looks_at_the_cell(original_files):
+    """The shipped model: Grad-CAM is higher on the stained cell than on the background for most real images."""
+    from bloodcell.data import preprocess
+    from bloodcell.explain import focus_on_cell, grad_cam
+    from bloodcell.predict import DEFAULT_MODEL_DIR
+
+    if not (DEFAULT_MODEL_DIR / "model.onnx").is_file():
+        pytest.skip("no default model in this checkout")
+    onnx_predictor = load_predictor("default")
+    torch_predictor = load_predictor(DEFAULT_MODEL_DIR)
+    images = [np.asarray(Image.open(f).convert("RGB")) for f in original_files[::5]]
+    assert np.abs(onnx_predictor.probabilities(images) - torch_predictor.probabilities(images)).max() < 1e-4
+    model = torch_predictor.info["torch_model"]
+    hits = []
+    for image in images:
+        small = preprocess(image, torch_predictor.image_size)
+        cam, _ = grad_cam(model, small)
+        hits.append(focus_on_cell(cam, small))
+    rate = float(np.mean(hits))
+    print(f"Grad-CAM on the stained cell for {rate:.0%} of {len(hits)} real images")
+    assert rate > 0.5

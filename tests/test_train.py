@@ -235,3 +235,31 @@ def test_ddp_two_processes_end_with_identical_weights(tiny_data, tmp_path):
     digests = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
     assert digests[0] == digests[1]
     assert (tmp_path / "run" / "metrics.csv").is_file()
+
+
+def test_training_options_run_together(tiny_data, tmp_path):
+    """EMA, cosine schedule with warm-up, balanced sampler, gradient clipping, label smoothing."""
+    config = cnn_config(tiny_data, tmp_path / "opts", ema_decay=0.9, schedule="cosine", warmup_epochs=1,
+                        balanced_sampler=True, grad_clip=1.0, label_smoothing=0.1, monitor="val_loss",
+                        phases=[{"name": "t", "epochs": 3, "lr": 3e-3}])
+    result = train(config, **QUIET)
+    lrs = [r["lr"] for r in result.rows]
+    assert lrs[0] < 3e-3 and lrs[-1] < lrs[1]  # warm-up, then cosine decay
+    tensors, _ = load_checkpoint(result.run_dir / "last.safetensors")
+    assert any(k.startswith("ema.") for k in tensors)
+
+
+def test_early_stopping_stops(tiny_data, tmp_path):
+    # A learning rate too small to improve anything: patience 1 stops after 2 epochs.
+    config = cnn_config(tiny_data, tmp_path / "es", early_stopping_patience=1, monitor="val_accuracy",
+                        phases=[{"name": "t", "epochs": 6, "lr": 1e-9}])
+    lines = []
+    result = train(config, log=lines.append)
+    assert len(result.rows) < 6
+    assert any("early stopping" in line for line in lines)
+
+
+def test_no_weights_and_no_network_names_both_ways(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(BloodcellError, match="--weights PATH.*network"):
+        create_model("tf_mobilenetv3_small_100", 8, weights=None, pretrained=True)

@@ -312,7 +312,7 @@ def report(
 ):
     """Write RUN_DIR/report.html: data, curves, confusion matrices, robustness, calibration, mistakes."""
     from .evaluate import evaluate_model
-    from .report import write_run_report
+    from .report import html_to_pdf, write_run_report
 
     with user_errors():
         evaluations = []
@@ -327,6 +327,8 @@ def report(
                 raise BloodcellError(f"{run}: not evaluated yet; pass --data DATA or run `bloodcell evaluate` first")
         path = write_run_report(run_dir, evaluations[0], baseline=(baseline, evaluations[1]) if baseline else None)
         Console().print(f"Report: {path}")
+        pdf = html_to_pdf(path)
+        Console().print(f"PDF: {pdf}" if pdf else "PDF: skipped (no headless Chromium found)")
 
 
 @app.command()

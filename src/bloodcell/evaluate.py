@@ -60,6 +60,20 @@ def predict_logits(model: torch.nn.Module, images: torch.Tensor, batch_size: int
     return torch.cat(outputs)
 
 
+def backend_logits(predictor, images: torch.Tensor, batch_size: int = 128, tta: bool = False) -> torch.Tensor:
+    """Logits from any predictor backend (ONNX Runtime or PyTorch) for a uint8 (N, 3, S, S) batch."""
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        batch = images[start : start + batch_size]
+        views = [batch]
+        if tta:
+            views = [torch.rot90(batch, k, dims=(2, 3)) for k in range(4)]
+            views += [v.flip(3) for v in views]
+        logits = [torch.from_numpy(predictor.run(np.ascontiguousarray(v.numpy()))) for v in views]
+        outputs.append(torch.stack(logits).mean(0))
+    return torch.cat(outputs)
+
+
 # ---------------------------------------------------------------- metrics
 
 
@@ -261,11 +275,14 @@ def evaluate_model(model_path: str | Path, data: str | Path, out: str | Path, co
     from . import corruptions as corruption_module
     from .data import load_item, preprocess
 
+    from .predict import load_predictor
+
     out = Path(out)
-    model, meta = load_model(model_path)
+    predictor = load_predictor(model_path)  # a run, a checkpoint, an .onnx file or 'default'
+    meta = {"class_names": predictor.class_names, "image_size": predictor.image_size}
     images, labels, paths, source = load_eval_images(data, meta)
-    temperature = float(meta.get("temperature", 1.0))
-    logits = predict_logits(model, images, tta=tta)
+    temperature = float(predictor.temperature)
+    logits = backend_logits(predictor, images, tta=tta)
     probs = torch.softmax(logits / temperature, dim=1).numpy()
     names = meta["class_names"]
     result = compute_metrics(labels, probs, names)
@@ -297,7 +314,7 @@ def evaluate_model(model_path: str | Path, data: str | Path, out: str | Path, co
                     preprocess(corruption_module.corrupt(image, family, severity, seed + k), meta["image_size"])
                     for k, image in enumerate(originals)])
                 batch = torch.from_numpy(corrupted).permute(0, 3, 1, 2).contiguous()
-                pred = predict_logits(model, batch, tta=tta).argmax(1).numpy()
+                pred = backend_logits(predictor, batch, tta=tta).argmax(1).numpy()
                 table[family][str(severity)] = float((pred == subset_labels).mean())
         means = {f: float(np.mean(list(v.values()))) for f, v in table.items()}
         result["corruptions"] = {"accuracy": table, "family_mean": means,

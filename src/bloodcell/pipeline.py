@@ -70,6 +70,11 @@ def run_pipeline(data: Path, out: Path, profile: str = "quick", weights: Path | 
     log("[5/5] writing the report")
     report = write_run_report(runs["mobilenet"], evaluations["mobilenet"], baseline=(runs["cnn"], evaluations["cnn"]),
                               out=out / "report.html")
+    from .report import html_to_pdf
+
+    pdf = html_to_pdf(report)
+    if pdf:
+        log(f"PDF: {pdf}")
     timings["total"] = time.perf_counter() - start
     (out / "timings.yaml").write_text(yaml.safe_dump({k: round(v, 1) for k, v in timings.items()}))
     for key, result in evaluations.items():

@@ -357,3 +357,25 @@ def write_run_report(run_dir: Path, evaluation: dict, baseline: tuple[Path, dict
     parts.append("<h2>Configuration</h2><pre>" + esc(yaml.safe_dump(config, sort_keys=False)) + "</pre>")
     out.write_text(page(f"bloodcell run report: {run_dir.name}", "\n".join(parts)))
     return out
+
+
+def html_to_pdf(html_path: Path, timeout: float = 120) -> Path | None:
+    """Print a report to PDF with headless Chromium when it is installed; None otherwise."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        return None
+    pdf = html_path.with_suffix(".pdf")
+    with tempfile.TemporaryDirectory() as profile:
+        command = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                   f"--user-data-dir={profile}", "--no-pdf-header-footer", f"--print-to-pdf={pdf}",
+                   Path(html_path).resolve().as_uri()]
+        try:
+            subprocess.run(command, capture_output=True, timeout=timeout, check=True)
+        except (subprocess.SubprocessError, OSError):
+            return None
+    return pdf if pdf.is_file() and pdf.stat().st_size > 0 else None

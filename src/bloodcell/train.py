@@ -574,6 +574,7 @@ def train(config: TrainConfig | None, resume: Path | None = None, log: Callable[
             eval_model = ema.module if ema is not None else model
             val_stats = evaluate(eval_model, val_loader, eval_criterion, device, num_classes, dist_info)
             monitored = val_stats[config.monitor[4:]]
+            epoch_lr = optimizer.param_groups[0]["lr"]  # the rate this epoch trained at
             if config.schedule == "plateau":
                 scheduler.step(monitored)
             else:
@@ -588,7 +589,7 @@ def train(config: TrainConfig | None, resume: Path | None = None, log: Callable[
             row = {"epoch": epoch_index, "phase": phase.name, "train_loss": train_stats["loss"],
                    "train_accuracy": train_stats["accuracy"], "val_loss": val_stats["loss"],
                    "val_accuracy": val_stats["accuracy"], "val_macro_f1": val_stats["macro_f1"],
-                   "lr": optimizer.param_groups[0]["lr"], "images_per_s": train_stats["images_per_s"],
+                   "lr": epoch_lr, "images_per_s": train_stats["images_per_s"],
                    "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
             rows.append(row)
             progress_state["epoch"] = epoch_index
