@@ -79,7 +79,8 @@ def test_evaluate_a_trained_run_end_to_end(tmp_path):
                          phases=[{"name": "t", "epochs": 2, "lr": 3e-3}], cnn={"channels": [16, 32], "convs_per_block": 1})
     train(config, log=lambda line: None)
     meta = json.loads((tmp_path / "run" / "model.json").read_text())
-    assert meta["temperature"] > 0 and meta["val_ece_after"] <= meta["val_ece_before"] + 1e-6
+    # Temperature scaling minimises the validation NLL (the ECE on 80 images is too noisy to test).
+    assert meta["temperature"] > 0 and meta["val_nll_after"] <= meta["val_nll_before"] + 1e-6
     out = tmp_path / "eval"
     result = evaluate_model(tmp_path / "run", data / "val.npz", out, corruptions=True,
                             families=["defocus_blur", "reframe"])
@@ -100,3 +101,29 @@ def test_evaluate_a_trained_run_end_to_end(tmp_path):
     assert onnx_result["accuracy"] == pytest.approx(result["accuracy"], abs=1 / 80)
     tta = evaluate_model(tmp_path / "run", data / "val.npz", tmp_path / "eval-tta", tta=True)
     assert tta["tta"] is True and 0 <= tta["accuracy"] <= 1
+
+
+def test_a_dataset_with_a_subset_of_classes_is_scored_on_those(tmp_path, original_files):
+    """Another lab's white cells only: scored on the classes present, unknown classes refused."""
+    from bloodcell.data import BloodcellError
+    from bloodcell.evaluate import evaluate_model
+    from bloodcell.train import TrainConfig, train
+
+    from .test_train import make_tiny_data
+
+    data = make_tiny_data(tmp_path / "data")
+    train(TrainConfig(data=data, out=tmp_path / "run", model="cnn", image_size=32, batch_size=32,
+                      phases=[{"name": "t", "epochs": 1, "lr": 3e-3}], cnn={"channels": [8], "convs_per_block": 1}),
+          log=lambda line: None)
+    other_lab = tmp_path / "other_lab"
+    for f in original_files:
+        if f.parent.name in ("lymphocyte", "monocyte", "neutrophil"):
+            (other_lab / f.parent.name).mkdir(parents=True, exist_ok=True)
+            (other_lab / f.parent.name / f.name).write_bytes(f.read_bytes())
+    result = evaluate_model(tmp_path / "run", other_lab, tmp_path / "eval")
+    assert result["classes_present"] == ["lymphocyte", "monocyte", "neutrophil"]
+    assert result["per_class"]["basophil"]["support"] == 0
+    (other_lab / "blast").mkdir()
+    (other_lab / "blast" / "x.jpg").write_bytes(original_files[0].read_bytes())
+    with pytest.raises(BloodcellError, match="blast unknown to the model"):
+        evaluate_model(tmp_path / "run", other_lab, tmp_path / "eval2")

@@ -419,6 +419,7 @@ def _plot_curves(rows: list[dict], run_dir: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     epochs = [r["epoch"] for r in rows]
     for metric, name in (("accuracy", "accuracy.png"), ("loss", "loss.png")):
@@ -429,6 +430,7 @@ def _plot_curves(rows: list[dict], run_dir: Path) -> None:
         for x in changes:
             ax.axvline(x - 0.5, color="grey", linestyle=":")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_ylabel(metric)
         ax.legend()
         ax.grid(alpha=0.3)
@@ -643,7 +645,10 @@ def calibrate_run(run_dir: Path, val_split: Split, log: Callable[[str], None] = 
     labels = val_split.labels.numpy()
     before = expected_calibration_error(torch.softmax(logits, 1).numpy(), labels)
     after = expected_calibration_error(torch.softmax(logits / temperature, 1).numpy(), labels)
-    meta.update(temperature=temperature, val_ece_before=before, val_ece_after=after)
+    nll = nn.functional.cross_entropy
+    meta.update(temperature=temperature, val_ece_before=before, val_ece_after=after,
+                val_nll_before=float(nll(logits, val_split.labels)),
+                val_nll_after=float(nll(logits / temperature, val_split.labels)))
     (run_dir / "model.json").write_text(json.dumps(meta, indent=2))
     log(f"temperature {temperature:.3f} fitted on validation: ECE {before:.2%} -> {after:.2%}")
     return temperature
