@@ -43,3 +43,27 @@ def test_leakage_exit_code_says_whether_anything_leaked(original_files, tmp_path
     assert "2 leaked pairs (2 exact, 0 near)" in result.output
     clean = runner.invoke(app, ["leakage", str(tmp_path / "a" ), str(tmp_path / "a")])
     assert clean.exit_code == 1  # a dataset leaks into itself
+
+
+def test_train_evaluate_report_commands(tmp_path):
+    from .test_train import make_tiny_data
+
+    data = make_tiny_data(tmp_path / "data")
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--data", str(data), "--model", "cnn", "--image-size", "32", "--epochs", "2",
+                                 "--batch-size", "32", "--out", str(run), "--set", "cnn.channels=[8, 16]"])
+    assert result.exit_code == 0, result.output
+    assert "epoch 2/2 [train]" in result.output and (run / "best.safetensors").is_file()
+    result = runner.invoke(app, ["evaluate", "--model", str(run), "--data", str(data / "val.npz")])
+    assert result.exit_code == 0, result.output
+    assert "macro_f1" in result.output and (run / "evaluation" / "metrics.json").is_file()
+    result = runner.invoke(app, ["report", str(run)])
+    assert result.exit_code == 0, result.output
+    assert (run / "report.html").is_file()
+    again = runner.invoke(app, ["train", "--resume", str(tmp_path / "nowhere")])
+    assert again.exit_code == 2 and "not a run directory" in again.output
+
+
+def test_train_without_data_is_explained():
+    result = runner.invoke(app, ["train", "--model", "cnn"])
+    assert result.exit_code == 2 and "no data" in result.output

@@ -58,6 +58,27 @@ def progress_bar() -> Progress:
     )
 
 
+def epoch_progress(bar: Progress):
+    """A factory of per-epoch progress tasks for training: one bar per epoch, with loss and images/s."""
+    state: dict = {}
+
+    def factory(description: str, total: int):
+        if "task" in state:
+            bar.remove_task(state["task"])
+        state["task"] = bar.add_task(description, total=total, rate="")
+        state["start"] = time.perf_counter()
+
+        def step(count: int, loss: float):
+            bar.advance(state["task"], count)
+            done = bar.tasks[-1].completed
+            rate = done / max(time.perf_counter() - state["start"], 1e-9)
+            bar.update(state["task"], rate=f"loss {loss:.3f} {rate:,.0f} img/s")
+
+        return step
+
+    return factory
+
+
 def parse_overrides(pairs: list[str]) -> dict:
     """``key.sub=value`` pairs into a nested dict; values parsed as YAML scalars."""
     settings: dict = {}
@@ -230,24 +251,8 @@ def train(
         if cfg is not None and epochs is not None:
             cfg = scale_epochs(cfg, epochs)
         with progress_bar() as bar:
-            state = {}
-
-            def factory(description: str, total: int):
-                if "task" in state:
-                    bar.remove_task(state["task"])
-                state["task"] = bar.add_task(description, total=total, rate="")
-                state["start"] = time.perf_counter()
-
-                def step(count: int, loss: float):
-                    bar.advance(state["task"], count)
-                    done = bar.tasks[-1].completed
-                    rate = done / max(time.perf_counter() - state["start"], 1e-9)
-                    bar.update(state["task"], rate=f"loss {loss:.3f} {rate:,.0f} img/s")
-
-                return step
-
             result = run_training(cfg, resume=resume, log=lambda line: bar.console.print(line, highlight=False, markup=False),
-                                   progress_factory=factory)
+                                  progress_factory=epoch_progress(bar))
         Console().print(f"Run: {result.run_dir}")
 
 
@@ -348,16 +353,8 @@ def pipeline(
         if profile not in ("quick", "full"):
             raise BloodcellError(f"unknown profile {profile!r}: use quick or full")
         with progress_bar() as bar:
-            state = {}
-
-            def factory(description: str, total: int):
-                if "task" in state:
-                    bar.remove_task(state["task"])
-                state["task"] = bar.add_task(description, total=total, rate="")
-                return lambda count, loss: bar.advance(state["task"], count)
-
             path = run_pipeline(data, out, profile, weights, log=lambda line: bar.console.print(line, markup=False),
-                                progress_factory=factory)
+                                progress_factory=epoch_progress(bar))
         Console().print(f"Report: {path}")
 
 
