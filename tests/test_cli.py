@@ -51,9 +51,11 @@ def test_train_evaluate_report_commands(tmp_path):
     data = make_tiny_data(tmp_path / "data")
     run = tmp_path / "run"
     result = runner.invoke(app, ["train", "--data", str(data), "--model", "cnn", "--image-size", "32", "--epochs", "2",
-                                 "--batch-size", "32", "--out", str(run), "--set", "cnn.channels=[8, 16]"])
+                                 "--batch-size", "32", "--out", str(run), "--set", "cnn.channels=[8, 16]",
+                                 "--set", "phases.0.lr=0.002"])
     assert result.exit_code == 0, result.output
     assert "epoch 2/2 [train]" in result.output and (run / "best.safetensors").is_file()
+    assert "lr: 0.002" in (run / "config.yaml").read_text()
     result = runner.invoke(app, ["evaluate", "--model", str(run), "--data", str(data / "val.npz")])
     assert result.exit_code == 0, result.output
     assert "macro_f1" in result.output and (run / "evaluation" / "metrics.json").is_file()

@@ -94,6 +94,23 @@ def parse_overrides(pairs: list[str]) -> dict:
     return settings
 
 
+def merge_settings(into, new: dict):
+    """Merge nested overrides into settings; a digit key addresses a list item (phases.1.lr)."""
+    for key, value in new.items():
+        if isinstance(into, list):
+            if not key.isdigit() or int(key) >= len(into):
+                raise BloodcellError(f"--set: no item {key} in a list of {len(into)}")
+            key = int(key)
+            current = into[key]
+        else:
+            current = into.get(key)
+        if isinstance(value, dict) and isinstance(current, (dict, list)):
+            merge_settings(current, value)
+        else:
+            into[key] = value
+    return into
+
+
 def load_settings(config: Optional[Path], overrides: list[str]) -> dict:
     settings: dict = {}
     if config is not None:
@@ -105,16 +122,7 @@ def load_settings(config: Optional[Path], overrides: list[str]) -> dict:
             raise BloodcellError(f"{config}: not valid YAML ({exc})") from None
         if not isinstance(settings, dict):
             raise BloodcellError(f"{config}: expected a mapping of settings at the top level")
-
-    def merge(into: dict, new: dict) -> dict:
-        for key, value in new.items():
-            if isinstance(value, dict) and isinstance(into.get(key), dict):
-                merge(into[key], value)
-            else:
-                into[key] = value
-        return into
-
-    return merge(settings, parse_overrides(overrides))
+    return merge_settings(settings, parse_overrides(overrides))
 
 
 def version_callback(value: bool):
@@ -238,7 +246,7 @@ def train(
         if resume is not None:
             settings = None
         else:
-            settings = load_settings(config, set_)
+            settings = load_settings(config, [])
             for key, value in (("data", data), ("model", model), ("weights", weights), ("image_size", image_size),
                                ("batch_size", batch_size), ("out", out), ("seed", seed)):
                 if value is not None:
@@ -247,6 +255,8 @@ def train(
                 raise BloodcellError("no data: pass --data DIR (the output of `bloodcell curate`) or set data in --config")
             if settings.get("model") == "cnn" and "phases" not in settings:
                 settings["phases"] = [{"name": "train", "epochs": 30, "lr": 3e-3, "trainable": "all"}]
+            # --set applies last, over the defaults too, so that phases.1.lr always has a phase to change.
+            settings = merge_settings(TrainConfig(**settings).model_dump(mode="json"), parse_overrides(set_))
         cfg = TrainConfig(**settings) if settings is not None else None
         if cfg is not None and epochs is not None:
             cfg = scale_epochs(cfg, epochs)
