@@ -79,7 +79,6 @@ class CurateConfig(BaseModel):
     outlier_neighbours: int = Field(50, ge=1, description="k of the k-nearest-neighbour outlier score")
     split: SplitConfig = SplitConfig()
     write_images: bool = True
-    batch_size: int = Field(256, ge=1)
     workers: int = Field(2, ge=1)
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import BloodcellError, open_source
+from .data import BloodcellError, Source, open_source
 from .models import CNNConfig, create_model
 
 
@@ -42,22 +42,6 @@ def load_model(path: str | Path) -> tuple[torch.nn.Module, dict]:
         raise BloodcellError(f"{checkpoint}: does not fit {meta['model']} ({str(exc).splitlines()[1].strip()})") from None
     model.eval()
     return model, meta
-
-
-@torch.no_grad()
-def predict_logits(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 128, tta: bool = False) -> torch.Tensor:
-    """Logits for a uint8 (N, 3, S, S) batch; with ``tta``, averaged over the 8 flips/rotations."""
-    model.eval()
-    outputs = []
-    for start in range(0, len(images), batch_size):
-        batch = images[start : start + batch_size].contiguous(memory_format=torch.channels_last)
-        if tta:
-            views = [torch.rot90(batch, k, dims=(2, 3)) for k in range(4)]
-            views += [v.flip(3) for v in views]
-            outputs.append(torch.stack([model(v) for v in views]).mean(0))
-        else:
-            outputs.append(model(batch))
-    return torch.cat(outputs)
 
 
 def backend_logits(predictor, images: torch.Tensor, batch_size: int = 128, tta: bool = False) -> torch.Tensor:
@@ -177,7 +161,7 @@ def compare_runs(first: dict, second: dict, names: list[str], out: Path) -> dict
 # ---------------------------------------------------------------- data
 
 
-def load_eval_images(data: str | Path, meta: dict) -> tuple[torch.Tensor, np.ndarray, list[str], list[np.ndarray] | None]:
+def load_eval_images(data: str | Path, meta: dict) -> tuple[torch.Tensor, np.ndarray, list[str], Source]:
     """The evaluation images at the model's size, labels mapped to the model's classes."""
     from .train import load_split
 

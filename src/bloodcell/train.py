@@ -522,7 +522,7 @@ def train(config: TrainConfig | None, resume: Path | None = None, log: Callable[
     epoch_index = 0
     epochs_run = 0
     for phase_index, phase in enumerate(config.phases):
-        trainable = apply_phase(model, phase.trainable)
+        apply_phase(model, phase.trainable)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=phase.lr,
                                       weight_decay=config.weight_decay)
         if config.schedule == "plateau":
@@ -623,7 +623,6 @@ def train(config: TrainConfig | None, resume: Path | None = None, log: Callable[
             if progress_state["stopped"]:
                 log(f"early stopping: {config.monitor} did not improve for {config.early_stopping_patience} epochs")
                 break
-        del trainable
         if progress_state["stopped"]:
             break
     if dist_info.main and (run_dir / "best.safetensors").is_file():
@@ -637,10 +636,11 @@ def train(config: TrainConfig | None, resume: Path | None = None, log: Callable[
 
 def calibrate_run(run_dir: Path, val_split: Split, log: Callable[[str], None] = print) -> float:
     """Fit a softmax temperature on the validation split for the best checkpoint; store it in model.json."""
-    from .evaluate import expected_calibration_error, fit_temperature, load_model, predict_logits
+    from .evaluate import backend_logits, expected_calibration_error, fit_temperature
+    from .predict import load_predictor
 
-    model, meta = load_model(run_dir)
-    logits = predict_logits(model, val_split.images)
+    logits = backend_logits(load_predictor(run_dir), val_split.images)
+    meta = json.loads((run_dir / "model.json").read_text())
     temperature = fit_temperature(logits, val_split.labels)
     labels = val_split.labels.numpy()
     before = expected_calibration_error(torch.softmax(logits, 1).numpy(), labels)
