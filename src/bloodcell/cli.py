@@ -58,6 +58,23 @@ def progress_bar() -> Progress:
     )
 
 
+def item_progress(bar: Progress):
+    """A factory of progress tasks counting items, with their rate."""
+
+    def factory(description: str, total: int | None):
+        task = bar.add_task(description, total=total, rate="")
+        start = time.perf_counter()
+
+        def advance(count: int):
+            bar.advance(task, count)
+            done = bar.tasks[task].completed
+            bar.update(task, rate=f"{done / max(time.perf_counter() - start, 1e-9):,.0f} img/s")
+
+        return advance
+
+    return factory
+
+
 def epoch_progress(bar: Progress):
     """A factory of per-epoch progress tasks for training: one bar per epoch, with loss and images/s."""
     state: dict = {}
@@ -157,28 +174,11 @@ def curate(
             settings["write_images"] = False
         cfg = CurateConfig(**settings)
         with progress_bar() as bar:
-            task = None
-
-            def on_start(total: int):
-                nonlocal task
-                task = bar.add_task("reading and hashing", total=total, rate="")
-
-            def advance(count: int):
-                bar.advance(task, count)
-                elapsed = bar.tasks[task].elapsed or 0
-                if elapsed > 0:
-                    bar.update(task, rate=f"{bar.tasks[task].completed / elapsed:,.0f} img/s")
-
-            curation = run_curation(
-                input_path,
-                out,
-                cfg,
-                class_names=classes.split(",") if classes else None,
-                progress=advance,
-                on_start=on_start,
-            )
+            curation = run_curation(input_path, out, cfg, class_names=classes.split(",") if classes else None,
+                                    progress=item_progress(bar))
         summary = json.loads((out / "summary.json").read_text())
-        table = Table(title=f"Curation of {input_path}")
+        Console().print(f"Curation of {input_path}", highlight=False)
+        table = Table()
         table.add_column("status")
         table.add_column("items", justify="right")
         for status, count in summary["statuses"].items():
@@ -385,16 +385,9 @@ def predict(
             raise BloodcellError(f"--format must be csv or json, got {fmt!r}")
         predictor = load_predictor(model)
         with progress_bar() as bar:
-            task = bar.add_task(f"predicting ({predictor.backend})", total=None, rate="")
-            start = time.perf_counter()
-
-            def advance(count: int):
-                bar.advance(task, count)
-                done = bar.tasks[0].completed
-                bar.update(task, rate=f"{done / max(time.perf_counter() - start, 1e-9):,.0f} img/s")
-
             rows, bad = predict_paths(predictor, [str(p) for p in paths], batch_size=batch_size,
-                                      abstain_below=abstain_below, progress=advance)
+                                      abstain_below=abstain_below,
+                                      progress=item_progress(bar)(f"predicting ({predictor.backend})", None))
         for path, reason in bad:
             console.print(f"[yellow]skipped[/] {path}: {reason}", highlight=False, markup=False)
         if not rows:

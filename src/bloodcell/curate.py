@@ -484,7 +484,7 @@ def _safe_name(path: str, index: int, used: set[str]) -> str:
     return name
 
 
-def write_clean_data(curation: Curation, out: Path) -> None:
+def write_clean_data(curation: Curation, out: Path, advance: Callable[[int], None] | None = None) -> None:
     """Copy the kept items into ``out``: class folders per split, or one .npz per split."""
     source = curation.source
     kept = [row for row in curation.rows if row["status"] == "keep"]
@@ -497,11 +497,15 @@ def write_clean_data(curation: Curation, out: Path) -> None:
             name = _safe_name(row["path"], row["index"], used.setdefault((row["split"], row["label"]), set()))
             # Byte-for-byte copy: the cleaned data is the user's files, not re-encodings.
             shutil.copyfile(row["path"], folder / name)
+            if advance:
+                advance(1)
         return
     for split in SPLITS:
         chosen = [row for row in kept if row["split"] == split]
         # An .npz input holds one array, so every image has the same shape.
         images = [load_item(source, by_index[row["index"]])[0] for row in chosen]
+        if advance:
+            advance(len(chosen))
         np.savez(
             out / f"{split}.npz",
             images=np.stack(images) if images else np.zeros((0, 1, 1, 3), np.uint8),
@@ -516,10 +520,13 @@ def curate(
     out: str | Path,
     config: CurateConfig | None = None,
     class_names: list[str] | None = None,
-    progress: Callable[[int], None] | None = None,
-    on_start: Callable[[int], None] | None = None,
+    progress: Callable[[str, int], Callable[[int], None]] | None = None,
 ) -> Curation:
-    """Curate ``input_path`` into ``out``; the input is only read."""
+    """Curate ``input_path`` into ``out``; the input is only read.
+
+    ``progress(description, total)`` is called at the start of each long step and
+    returns the function to call with each batch of items done.
+    """
     config = config or CurateConfig()
     out = Path(out)
     source = open_source(input_path, class_names)
@@ -527,10 +534,8 @@ def curate(
         raise BloodcellError(f"{out}: the output must not be inside the input {source.root}")
     if not source.items:
         raise BloodcellError(f"{source.root}: no images found")
-    if on_start:
-        on_start(len(source.items))
     t0 = time.perf_counter()
-    result = scan(source, config, progress)
+    result = scan(source, config, progress("reading and hashing", len(source.items)) if progress else None)
     scan_s = time.perf_counter() - t0
     if not result.ok.any():
         first = next(iter(result.failures.values()), "no readable images")
@@ -541,7 +546,8 @@ def curate(
     write_manifest(curation, out / "manifest.csv")
     t0 = time.perf_counter()
     if config.write_images:
-        write_clean_data(curation, out)
+        kept = sum(row["status"] == "keep" for row in curation.rows)
+        write_clean_data(curation, out, progress("writing the cleaned copy", kept) if progress else None)
     curation.timings["write_s"] = time.perf_counter() - t0
 
     kept = [row for row in curation.rows if row["status"] == "keep"]
