@@ -336,17 +336,21 @@ def write_run_report(run_dir: Path, evaluation: dict, baseline: tuple[Path, dict
     predictions = list(csv.DictReader(open(eval_dir / "predictions.csv")))
     mistakes = sorted((r for r in predictions if r["label"] != r["pred"]), key=lambda r: -float(r["confidence"]))
     if mistakes:
-        from .data import open_source, load_item
+        from .data import decode_file, load_item, open_source
 
         parts.append("<h2>Worst-classified examples</h2><div class='thumbs'>")
+        sources: dict[str, dict] = {}  # an .npz is opened once, not once per image
         for row in mistakes[:worst]:
             try:
-                source = open_source(row["path"].split("::")[0]) if "::" in row["path"] else None
-                if source is not None:
-                    item = next(i for i in source.items if i.path == row["path"])
-                    image = load_item(source, item)[0]
+                if "::" in row["path"]:
+                    file = row["path"].split("::")[0]
+                    if file not in sources:
+                        source = open_source(file)
+                        sources[file] = {"source": source, "items": {i.path: i for i in source.items}}
+                    entry = sources[file]
+                    image = load_item(entry["source"], entry["items"][row["path"]])[0]
                 else:
-                    image = np.asarray(Image.open(row["path"]).convert("RGB"))
+                    image = decode_file(row["path"])[0]
                 thumb = f"<img src='{thumbnail_uri(image)}' alt='{esc(Path(row['path']).name)}'>"
             except Exception:  # noqa: BLE001 - a moved file must not break the report
                 thumb = "<div class='bad'>missing</div>"
