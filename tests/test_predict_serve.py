@@ -37,8 +37,9 @@ def cells(original_files):
 
 
 @pytest.fixture(scope="module")
-def onnx_model(run, cells):
-    report = export_onnx(run["run"], run["root"] / "model.onnx", cells, quantize=True)
+def onnx_model(run, cells, original_files):
+    labels = [f.parent.name for f in original_files[:12]]
+    report = export_onnx(run["run"], run["root"] / "model.onnx", cells, quantize=True, check_labels=labels)
     return report
 
 
@@ -59,6 +60,8 @@ def test_int8_model_is_written_and_measured(onnx_model):
     # Only the fully connected layers are quantised: predictions must barely move.
     assert onnx_model["int8_agreement"] >= 0.9
     assert onnx_model["int8_max_prob_diff"] < 0.2
+    # The accuracy change of int8 is measured on the labelled check images.
+    assert onnx_model["int8_accuracy_change"] == pytest.approx(onnx_model["accuracy_int8"] - onnx_model["accuracy_onnx"])
     assert load_predictor(onnx_model["onnx_int8"]).backend == "onnxruntime"
 
 

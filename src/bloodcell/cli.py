@@ -423,16 +423,23 @@ def export(
     quantize: bool = typer.Option(False, help="Also write an int8 dynamically quantised model."),
 ):
     """Export to ONNX with the preprocessing contract in its metadata; check it against PyTorch."""
-    from .predict import collect_inputs, export_onnx
-    from .predict import _decode
+    from .data import ImageReadError, load_item, open_source
+    from .predict import export_onnx
 
     with user_errors():
-        images = None
+        images, labels = None, None
         if check is not None:
+            # A curated folder: its validation split, labels and all; otherwise any dataset.
             target = check / "images" / "val" if (check / "images" / "val").is_dir() else check
-            items, _ = collect_inputs([target])
-            images = [_decode(entry) for _, entry in items[:: max(len(items) // 256, 1)][:256]]
-        report = export_onnx(model, out, images, quantize)
+            source = open_source(target)
+            images, labels = [], []
+            for item in source.items[:: max(len(source.items) // 256, 1)][:256]:
+                try:
+                    images.append(load_item(source, item)[0])
+                except ImageReadError:
+                    continue  # curation lists unreadable files; the check uses the rest
+                labels.append(source.label_name(item.label))
+        report = export_onnx(model, out, images, quantize, labels)
         for key, value in report.items():
             Console().print(f"{key}: {value}")
         if report.get("int8_agreement", 1.0) < 0.99:

@@ -184,11 +184,12 @@ def write_predictions(rows: list[dict], class_names: list[str], out: Path, fmt: 
 
 
 def export_onnx(model: str | Path, out: str | Path, check_images: list[np.ndarray] | None = None,
-                quantize: bool = False) -> dict:
+                quantize: bool = False, check_labels: list[str] | None = None) -> dict:
     """Export a trained run to ONNX (dynamic batch, uint8 input, contract in the metadata).
 
     Checks afterwards that ONNX Runtime and PyTorch agree on ``check_images``
-    and returns the largest probability difference.
+    and returns the largest probability difference; with ``check_labels`` (class
+    names) it also reports the accuracy of each model, so the cost of int8 is measured.
     """
     import onnx
     import torch
@@ -223,8 +224,18 @@ def export_onnx(model: str | Path, out: str | Path, check_images: list[np.ndarra
         reference = torch_predictor.probabilities(check_images)
         report["max_prob_diff"] = float(np.abs(onnx_predictor.probabilities(check_images) - reference).max())
         report["checked_images"] = len(check_images)
+        names = torch_predictor.class_names
+        unknown = sorted({c for c in check_labels or [] if c not in names})
+        if unknown:
+            raise BloodcellError(f"check data has class(es) {', '.join(unknown)} unknown to the model")
+        truth = np.array([names.index(c) for c in check_labels]) if check_labels else None
+        if truth is not None:
+            report["accuracy_onnx"] = float((reference.argmax(1) == truth).mean())
         if quantize:
             int8 = load_predictor(report["onnx_int8"]).probabilities(check_images)
             report["int8_max_prob_diff"] = float(np.abs(int8 - reference).max())
             report["int8_agreement"] = float((int8.argmax(1) == reference.argmax(1)).mean())
+            if truth is not None:
+                report["accuracy_int8"] = float((int8.argmax(1) == truth).mean())
+                report["int8_accuracy_change"] = report["accuracy_int8"] - report["accuracy_onnx"]
     return report
