@@ -98,23 +98,26 @@ def build_dataset(pbc: Path, seed: int = 0):
     return images, labels, kind, origin, md5
 
 
+def true_pairs(kind, origin, md5) -> set[tuple[int, int]]:
+    """Known duplicate pairs: identical pixels, or a copy and its source (contaminants aside)."""
+    is_contaminant = [k.startswith("contaminant") for k in kind]
+    pairs = {tuple(sorted((i, o))) for i, o in enumerate(origin) if o >= 0 and o != i}
+    by_md5: dict[str, list[int]] = {}
+    for i, m in enumerate(md5):
+        if not is_contaminant[i]:
+            by_md5.setdefault(m, []).append(i)
+    for members in by_md5.values():
+        pairs.update(combinations(sorted(members), 2))
+    return pairs
+
+
 def score(rows, kind, origin, md5):
     status = [r["status"] for r in rows]
     group = [r["group"] for r in rows]
     n = len(rows)
     is_contaminant = np.array([k.startswith("contaminant") for k in kind])
     flagged = np.array([s == "outlier" for s in status])
-    # True duplicate pairs: identical pixels, or a copy and its source.
-    truth_pairs = set()
-    by_md5: dict[str, list[int]] = {}
-    for i, m in enumerate(md5):
-        if not is_contaminant[i]:
-            by_md5.setdefault(m, []).append(i)
-    for members in by_md5.values():
-        truth_pairs.update(combinations(sorted(members), 2))
-    for i, (k, o) in enumerate(zip(kind, origin)):
-        if o >= 0 and o != i:
-            truth_pairs.add(tuple(sorted((i, o))))
+    truth_pairs = true_pairs(kind, origin, md5)
     predicted_pairs = set()
     by_group: dict[str, list[int]] = {}
     for i, g in enumerate(group):
@@ -174,13 +177,7 @@ def imagededup_run(images, kind, origin, md5, pbc: Path) -> dict:
     pairs = {tuple(sorted((int(a), int(b)))) for a, dups in found.items() for b in dups}
     is_contaminant = np.array([k.startswith("contaminant") for k in kind])
     pairs = {p for p in pairs if not is_contaminant[p[0]] and not is_contaminant[p[1]]}
-    truth = {tuple(sorted((i, o))) for i, o in enumerate(origin) if o >= 0 and o != i}
-    by_md5: dict[str, list[int]] = {}
-    for i, m in enumerate(md5):
-        if not is_contaminant[i]:
-            by_md5.setdefault(m, []).append(i)
-    for members in by_md5.values():
-        truth.update(combinations(sorted(members), 2))
+    truth = true_pairs(kind, origin, md5)
     near_truth = {p for p in truth if md5[p[0]] != md5[p[1]]}
     result["phash_duplicate_pair_precision"] = len(pairs & truth) / max(len(pairs), 1)
     result["phash_near_duplicate_recall"] = len(pairs & near_truth) / max(len(near_truth), 1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from contextlib import contextmanager
 
 import pytest
 
@@ -17,18 +18,22 @@ def chromium_path() -> str:
     return path
 
 
+@contextmanager
 def open_page(url: str):
-    """(playwright, browser, page, errors): errors collects page errors and console errors."""
+    """Yield (page, errors); errors collects page errors and console errors. Closes the browser after."""
     from playwright.sync_api import sync_playwright
 
-    playwright = sync_playwright().start()
-    browser = playwright.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS, headless=True)
-    page = browser.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(f"page error: {exc}"))
-    page.on("console", lambda msg: errors.append(f"console {msg.type}: {msg.text}") if msg.type == "error" else None)
-    page.goto(url)
-    return playwright, browser, page, errors
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(f"page error: {exc}"))
+            page.on("console", lambda msg: errors.append(f"console {msg.type}: {msg.text}") if msg.type == "error" else None)
+            page.goto(url)
+            yield page, errors
+        finally:
+            browser.close()
 
 
 def broken_images(page) -> list[str]:

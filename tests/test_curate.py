@@ -194,12 +194,8 @@ def test_leakage_check_finds_copies_across_datasets(tmp_path, original_files):
 def test_report_renders_in_a_browser(curated):
     from .browser import broken_images, open_page
 
-    playwright, browser, page, errors = open_page((curated["out"] / "report.html").as_uri())
-    try:
+    with open_page((curated["out"] / "report.html").as_uri()) as (page, errors):
         assert page.title() == "bloodcell curation report"
         assert page.evaluate("document.images.length") >= 12
         assert broken_images(page) == []
         assert errors == []
-    finally:
-        browser.close()
-        playwright.stop()

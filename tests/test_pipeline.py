@@ -40,11 +40,7 @@ def test_quick_pipeline_end_to_end(tmp_path, original_files, monkeypatch):
     pdf = html_to_pdf(report)
     assert pdf is not None and pdf.read_bytes()[:4] == b"%PDF"
 
-    playwright, browser, page, errors = open_page(report.as_uri())
-    try:
+    with open_page(report.as_uri()) as (page, errors):
         assert page.evaluate("document.images.length") >= 8
         assert broken_images(page) == []
         assert errors == []
-    finally:
-        browser.close()
-        playwright.stop()

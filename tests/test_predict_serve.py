@@ -192,8 +192,7 @@ def test_web_page_end_to_end_in_a_browser(onnx_model, original_files, tmp_path):
     while not server.started and time.time() < deadline:
         time.sleep(0.05)
     try:
-        playwright, browser, page, errors = open_page(f"http://127.0.0.1:{port}/")
-        try:
+        with open_page(f"http://127.0.0.1:{port}/") as (page, errors):
             page.wait_for_function("document.getElementById('model').textContent.includes('classes')")
             page.set_input_files("#files", [str(original_files[0]), str(original_files[1])])
             page.wait_for_selector(".card .pred b", timeout=20000)
@@ -210,9 +209,6 @@ def test_web_page_end_to_end_in_a_browser(onnx_model, original_files, tmp_path):
             assert lines[0].startswith("file,class,confidence,abstained") and len(lines) == 3
             assert original_files[0].name in lines[1]
             assert errors == []
-        finally:
-            browser.close()
-            playwright.stop()
     finally:
         server.should_exit = True
         thread.join(timeout=10)
