@@ -44,3 +44,43 @@ def test_quick_pipeline_end_to_end(tmp_path, original_files, monkeypatch):
         assert page.evaluate("document.images.length") >= 8
         assert broken_images(page) == []
         assert errors == []
+
+
+def test_recipe_curates_trains_calibrates_and_exports(tmp_path, original_files):
+    """The packaged default-model recipe, shrunk: one call ends with a checked, calibrated ONNX model."""
+    require(WEIGHTS)
+    config = pipeline.RecipeConfig(**pipeline.packaged_config("default_model.yaml"))
+    config.train.update(image_size=32, weights=str(WEIGHTS), phases=[
+        {"name": "head", "epochs": 1, "lr": 3e-3, "trainable": "head"},
+        {"name": "finetune", "epochs": 1, "lr": 1e-3, "trainable": "all"}])
+    config.export.check_images = 8
+    data = original_files[0].parents[1]
+    lines = []
+    summary = pipeline.run_recipe(config, data, tmp_path / "out", log=lines.append)
+    out = tmp_path / "out"
+    assert [line[:5] for line in lines if line.startswith("[")] == ["[1/3]", "[2/3]", "[3/3]"]
+    assert (out / "curated" / "manifest.csv").is_file()
+    meta = json.loads((out / "train" / "model.json").read_text())
+    assert meta["temperature"] > 0  # calibrated at the end of training
+    from bloodcell.predict import load_predictor
+
+    predictor = load_predictor(out / "model.onnx")
+    assert predictor.class_names == meta["class_names"]
+    assert summary["export"]["checked_images"] == 8 and summary["export"]["max_prob_diff"] < 1e-3
+    saved = pipeline.yaml.safe_load((out / "summary.yaml").read_text())
+    assert saved["timings"]["total_s"] >= saved["timings"]["curate_s"] > 0
+    assert pipeline.yaml.safe_load((out / "recipe.yaml").read_text())["train"]["image_size"] == 32
+
+
+def test_recipe_rejects_bad_configs_before_any_work(tmp_path):
+    bad = tmp_path / "recipe.yaml"
+    bad.write_text("train: {model: cnn, image_size: 4}\n")
+    with pytest.raises(pipeline.BloodcellError, match="bad train settings"):
+        pipeline.run_recipe(pipeline.load_recipe(bad), tmp_path / "nowhere", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    bad.write_text("train: {data: somewhere}\n")
+    with pytest.raises(pipeline.BloodcellError, match="train.data is set by the recipe"):
+        pipeline.run_recipe(pipeline.load_recipe(bad), tmp_path / "nowhere", tmp_path / "out")
+    bad.write_text("curate: {near_dhash: 99}\ntrain: {}\n")
+    with pytest.raises(pipeline.BloodcellError, match="not a valid recipe config"):
+        pipeline.load_recipe(bad)

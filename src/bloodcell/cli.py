@@ -369,6 +369,23 @@ def pipeline(
 
 
 @app.command()
+def recipe(
+    config: Path = typer.Option(..., "--config", "-c", help="Recipe YAML: curate, train and export sections (configs/default_model.yaml)."),
+    data: Path = typer.Option(Path("../shared/data/pbc224"), help="Raw images: class folders or .npz."),
+    out: Path = typer.Option(Path("runs/recipe"), help="Folder for the curated data, the run and model.onnx."),
+):
+    """A deployable model from raw images in one command: curate, train, calibrate, export to ONNX."""
+    from .pipeline import load_recipe, run_recipe
+
+    with user_errors():
+        settings = load_recipe(config)
+        with progress_bar() as bar:
+            summary = run_recipe(settings, data, out, log=lambda line: bar.console.print(line, markup=False),
+                                 progress_factory=epoch_progress(bar))
+        Console().print(f"Model: {out / 'model.onnx'} (run {summary['run']}, {summary['timings']['total_s'] / 60:.1f} min)")
+
+
+@app.command()
 def predict(
     paths: list[Path] = typer.Argument(..., help="Image files, folders (recursive) or .npz files."),
     model: str = typer.Option("default", "--model", "-m", help="model.onnx, a run directory, or 'default'."),
@@ -423,22 +440,10 @@ def export(
     quantize: bool = typer.Option(False, help="Also write an int8 dynamically quantised model."),
 ):
     """Export to ONNX with the preprocessing contract in its metadata; check it against PyTorch."""
-    from .data import ImageReadError, load_item, open_source
-    from .predict import export_onnx
+    from .predict import check_set, export_onnx
 
     with user_errors():
-        images, labels = None, None
-        if check is not None:
-            # A curated folder: its validation split, labels and all; otherwise any dataset.
-            target = check / "images" / "val" if (check / "images" / "val").is_dir() else check
-            source = open_source(target)
-            images, labels = [], []
-            for item in source.items[:: max(len(source.items) // 256, 1)][:256]:
-                try:
-                    images.append(load_item(source, item)[0])
-                except ImageReadError:
-                    continue  # curation lists unreadable files; the check uses the rest
-                labels.append(source.label_name(item.label))
+        images, labels = check_set(check) if check is not None else (None, None)
         report = export_onnx(model, out, images, quantize, labels)
         for key, value in report.items():
             Console().print(f"{key}: {value}")

@@ -13,8 +13,10 @@ from importlib import resources
 from pathlib import Path
 
 import yaml
+from pydantic import BaseModel, Field, ValidationError
 
 from .curate import CurateConfig, curate
+from .data import BloodcellError
 from .evaluate import compare_runs, evaluate_model
 from .report import write_run_report
 from .train import TrainConfig, train
@@ -81,3 +83,76 @@ def run_pipeline(data: Path, out: Path, profile: str = "quick", weights: Path | 
         log(f"{key}: test accuracy {result['accuracy']:.4f}, macro-F1 {result['macro_f1']:.4f}, "
             f"corrupted mean {result['corruptions']['mean']:.4f}")
     return report
+
+
+# ---------------------------------------------------------------- the default-model recipe
+
+
+class ExportSettings(BaseModel):
+    quantize: bool = False
+    check_images: int = Field(256, ge=1, description="validation images on which ONNX Runtime is checked against PyTorch")
+
+
+class RecipeConfig(BaseModel):
+    """One file for the whole recipe of a deployable model: curate -> train -> calibrate -> export.
+
+    ``train`` holds a training config without ``data`` and ``out``: the recipe
+    trains on what it curated, into its own folder.
+    """
+
+    curate: CurateConfig = CurateConfig()
+    train: dict
+    export: ExportSettings = ExportSettings()
+
+    def train_config(self, data: Path, out: Path) -> TrainConfig:
+        stray = sorted({"data", "out"} & set(self.train))
+        if stray:
+            raise BloodcellError(f"recipe: train.{stray[0]} is set by the recipe itself; remove it from the config")
+        try:
+            return TrainConfig(**{**self.train, "data": data, "out": out})
+        except ValidationError as exc:
+            raise BloodcellError(f"recipe: bad train settings: {exc}") from None
+
+
+def load_recipe(path: Path) -> RecipeConfig:
+    if not Path(path).is_file():
+        raise BloodcellError(f"{path}: recipe config not found")
+    try:
+        return RecipeConfig(**(yaml.safe_load(Path(path).read_text()) or {}))
+    except (yaml.YAMLError, ValidationError) as exc:
+        raise BloodcellError(f"{path}: not a valid recipe config ({exc})") from None
+
+
+def run_recipe(config: RecipeConfig, data: Path, out: Path, log: Callable[[str], None] = print,
+               progress_factory=None) -> dict:
+    """Curate ``data``, train and fine-tune, fit the temperature, export ONNX; returns a summary.
+
+    Everything lands in ``out``: curated/, train/ (the run directory, calibrated),
+    model.onnx, recipe.yaml (the resolved config) and summary.yaml (timings, export check).
+    """
+    from .predict import check_set, export_onnx
+
+    out = Path(out)
+    train_config = config.train_config(out / "curated", out / "train")  # fail on a bad config before any work
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    timings = {}
+    start = time.perf_counter()
+    log(f"[1/3] curating {data}")
+    curate(data, out / "curated", config.curate)
+    timings["curate_s"] = time.perf_counter() - start
+    log(f"[2/3] training {train_config.model} at {train_config.image_size} px "
+        f"({' + '.join(f'{p.epochs} {p.name}' for p in train_config.phases)} epochs), then calibrating")
+    t0 = time.perf_counter()
+    run_dir = train(train_config, log=log, progress_factory=progress_factory).run_dir
+    timings["train_and_calibrate_s"] = time.perf_counter() - t0
+    log("[3/3] exporting to ONNX and checking it against PyTorch")
+    t0 = time.perf_counter()
+    images, labels = check_set(out / "curated", config.export.check_images)
+    export = export_onnx(run_dir, out / "model.onnx", images, config.export.quantize, labels)
+    timings["export_s"] = time.perf_counter() - t0
+    timings["total_s"] = time.perf_counter() - start
+    summary = {"run": str(run_dir), "timings": {k: round(v, 1) for k, v in timings.items()}, "export": export}
+    (out / "summary.yaml").write_text(yaml.safe_dump(summary, sort_keys=False))
+    log(f"done in {timings['total_s'] / 60:.1f} min: {out / 'model.onnx'}")
+    return summary

@@ -183,6 +183,24 @@ def write_predictions(rows: list[dict], class_names: list[str], out: Path, fmt: 
 # ---------------------------------------------------------------- export
 
 
+def check_set(path: str | Path, limit: int = 256) -> tuple[list[np.ndarray], list[str]]:
+    """Up to ``limit`` labelled images, evenly spaced, to check an export against PyTorch.
+
+    A curated folder gives its validation split; any other dataset is used as it is.
+    """
+    path = Path(path)
+    target = path / "images" / "val" if (path / "images" / "val").is_dir() else path
+    source = open_source(target)
+    images, labels = [], []
+    for item in source.items[:: max(len(source.items) // max(limit, 1), 1)][:limit]:
+        try:
+            images.append(load_item(source, item)[0])
+        except ImageReadError:
+            continue  # curation lists unreadable files; the check uses the rest
+        labels.append(source.label_name(item.label))
+    return images, labels
+
+
 def export_onnx(model: str | Path, out: str | Path, check_images: list[np.ndarray] | None = None,
                 quantize: bool = False, check_labels: list[str] | None = None) -> dict:
     """Export a trained run to ONNX (dynamic batch, uint8 input, contract in the metadata).
