@@ -67,6 +67,8 @@ def test_recipe_curates_trains_calibrates_and_exports(tmp_path, original_files):
     predictor = load_predictor(out / "model.onnx")
     assert predictor.class_names == meta["class_names"]
     assert summary["export"]["checked_images"] == 8 and summary["export"]["max_prob_diff"] < 1e-3
+    # tf_mobilenetv3's five strided 'SAME' convolutions: padding frozen and merged into them.
+    assert summary["export"]["same_padding_frozen"] == 5 and summary["export"]["pads_merged"] == 5
     saved = pipeline.yaml.safe_load((out / "summary.yaml").read_text())
     assert saved["timings"]["total_s"] >= saved["timings"]["curate_s"] > 0
     assert pipeline.yaml.safe_load((out / "recipe.yaml").read_text())["train"]["image_size"] == 32

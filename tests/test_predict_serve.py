@@ -65,6 +65,38 @@ def test_int8_model_is_written_and_measured(onnx_model):
     assert load_predictor(onnx_model["onnx_int8"]).backend == "onnxruntime"
 
 
+def test_same_padding_is_frozen_and_merged_without_changing_outputs(tmp_path):
+    """timm's run-time TF 'SAME' padding becomes Conv pads in the ONNX graph; logits do not move."""
+    import onnx
+    import timm
+    import torch
+
+    from bloodcell.models import Classifier, freeze_same_padding
+    from bloodcell.predict import ParallelRunner, fuse_zero_padding, onnx_session
+
+    torch.manual_seed(0)
+    net = Classifier(timm.create_model("tf_mobilenetv3_small_100", num_classes=8), (0.5,) * 3, (0.25,) * 3).eval()
+    images = torch.randint(0, 256, (40, 3, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        before = net(images)
+        assert freeze_same_padding(net, 64) == 5
+        after = net(images)
+    assert torch.allclose(before, after, atol=1e-5)
+    traced = tmp_path / "traced.onnx"
+    torch.onnx.export(net, (images[:1],), str(traced), input_names=["images"], output_names=["logits"],
+                      dynamic_axes={"images": {0: "batch"}}, opset_version=17, dynamo=False)
+    assert fuse_zero_padding(traced, tmp_path / "fused.onnx") == 5
+    graph = onnx.load(str(tmp_path / "fused.onnx")).graph
+    assert not [node for node in graph.node if node.op_type == "Pad"]
+    assert any(list(a.ints) == [0, 0, 1, 1] for node in graph.node if node.op_type == "Conv" for a in node.attribute
+               if a.name == "pads")  # asymmetric: nothing before, one pixel after, as TensorFlow pads
+    # 40 images run as chunks on parallel threads come back whole and in order.
+    runner = ParallelRunner(onnx_session(tmp_path / "fused.onnx"), chunk=16)
+    logits = runner(images.numpy())
+    assert logits.shape == (40, 8)
+    assert np.abs(logits - before.numpy()).max() < 1e-3
+
+
 def test_predict_folder_skips_bad_files_and_counts(onnx_model, original_files, tmp_path):
     folder = tmp_path / "smear"
     (folder / "sub").mkdir(parents=True)
