@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/inference.py [--run src/bloodcell/default_model --requests 2000 --clients 8]
 
 Batch throughput is on preprocessed uint8 batches at the model's input size
-(decoding excluded, identical input for the three backends).  The service is
+(decoding excluded, identical input for every backend).  Static int8 is calibrated on
+half of 512 validation images of ``--check`` and its accuracy change scored on the other half.  The service is
 started with uvicorn in a second process on 127.0.0.1; a bounded load of
 single-image requests from 8 client threads measures latency and throughput;
 every response must be 200.  Writes benchmarks/results/inference.json.
@@ -82,6 +83,8 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--run", type=Path, default=Path("src/bloodcell/default_model"))
     parser.add_argument("--pbc", type=Path, default=HERE.parent.parent / "shared" / "data" / "pbc224")
+    parser.add_argument("--check", type=Path, default=Path("runs/demo/curated"),
+                        help="curated data whose validation split calibrates and scores static int8")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--clients", type=int, default=8)
@@ -92,7 +95,7 @@ def main():
 
     from bloodcell.data import preprocess
     from bloodcell.evaluate import load_model
-    from bloodcell.predict import ParallelRunner, export_onnx, load_predictor, onnx_session
+    from bloodcell.predict import ParallelRunner, check_set, export_onnx, load_predictor, onnx_session
 
     files = sorted(args.pbc.glob("*/*.jpg"))[:: max(len(list(args.pbc.glob("*/*.jpg"))) // args.batch, 1)][: args.batch]
     images = [np.asarray(Image.open(f).convert("RGB")) for f in files]
@@ -102,7 +105,12 @@ def main():
         export = export_onnx(args.run, onnx_path, images[:64], quantize=True)
         results["export"] = {k: v for k, v in export.items() if not k.startswith("onnx")}
         predictors = {"pytorch_eager": load_predictor(args.run), "onnxruntime": load_predictor(onnx_path),
-                      "onnxruntime_int8": load_predictor(export["onnx_int8"])}
+                      "onnxruntime_int8_dynamic_fc": load_predictor(export["onnx_int8"])}
+        if args.check.is_dir():
+            check_images, check_labels = check_set(args.check, 512)
+            static = export_onnx(args.run, Path(tmp) / "static.onnx", check_images, "static", check_labels)
+            results["export_static_int8"] = {k: v for k, v in static.items() if not k.startswith("onnx")}
+            predictors["onnxruntime_int8_static"] = load_predictor(static["onnx_int8"])
         size = predictors["onnxruntime"].image_size
         batch = np.ascontiguousarray(np.stack([preprocess(im, size) for im in images]).transpose(0, 3, 1, 2))
         results["image_size"] = size

@@ -8,7 +8,7 @@ from bloodcell.augment import AugmentConfig, build_transform
 from .conftest import ORIGINALS, require
 
 NOTHING = dict(flips=False, rot90=False, rotation_degrees=0, zoom_scale=None, brightness=0, contrast=0,
-               saturation=0, hue=0, stain_shift=0, blur_p=0, pixelate_p=0, jpeg_p=0, erase_p=0)
+               saturation=0, hue=0, stain_shift=0, blur_p=0, pixelate_p=0, jpeg_p=0, erase_p=0, augmix_p=0)
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def cell():
 @pytest.mark.parametrize("switch", [
     {"zoom_scale": (0.2, 0.3)}, {"rotation_degrees": 45}, {"brightness": 0.5}, {"contrast": 0.5},
     {"saturation": 0.9}, {"hue": 0.2}, {"stain_shift": 0.3}, {"blur_p": 1.0}, {"pixelate_p": 1.0},
-    {"jpeg_p": 1.0, "jpeg_quality": (5, 10)}, {"erase_p": 1.0},
+    {"jpeg_p": 1.0, "jpeg_quality": (5, 10)}, {"erase_p": 1.0}, {"augmix_p": 1.0},
 ])
 def test_each_augmentation_changes_the_image_and_keeps_its_format(cell, switch):
     transform = build_transform(AugmentConfig(**{**NOTHING, **switch}), 64)

@@ -97,6 +97,24 @@ def test_same_padding_is_frozen_and_merged_without_changing_outputs(tmp_path):
     assert np.abs(logits - before.numpy()).max() < 1e-3
 
 
+def test_static_int8_is_calibrated_and_scored_on_different_images(run, original_files, tmp_path):
+    files = original_files[:24]
+    images = [np.asarray(Image.open(f).convert("RGB")) for f in files]
+    labels = [f.parent.name for f in files]
+    report = export_onnx(run["run"], tmp_path / "model.onnx", images, quantize="static", check_labels=labels)
+    assert report["int8_mode"] == "static" and report["int8_checked_images"] == 12  # the half not calibrated on
+    import onnx
+
+    ops = {node.op_type for node in onnx.load(report["onnx_int8"]).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert 0 <= report["int8_agreement"] <= 1 and "int8_accuracy_change" in report
+    assert load_predictor(report["onnx_int8"]).probabilities(images[:3]).shape == (3, 8)
+    with pytest.raises(BloodcellError, match="calibration images"):
+        export_onnx(run["run"], tmp_path / "again.onnx", images[:4], quantize="static")
+    with pytest.raises(BloodcellError, match="use 'dynamic' or 'static'"):
+        export_onnx(run["run"], tmp_path / "again.onnx", images[:4], quantize="fp4")
+
+
 def test_predict_folder_skips_bad_files_and_counts(onnx_model, original_files, tmp_path):
     folder = tmp_path / "smear"
     (folder / "sub").mkdir(parents=True)

@@ -29,6 +29,8 @@ class AugmentConfig(BaseModel):
     jpeg_p: float = Field(0.1, ge=0, le=1)
     jpeg_quality: tuple[int, int] = (30, 95)
     erase_p: float = Field(0.0, ge=0, le=1, description="probability of a bright erased patch (occlusions, bubbles)")
+    augmix_p: float = Field(0.0, ge=0, le=1, description="probability of AugMix (Hendrycks et al. 2020): a blend of random op chains")
+    augmix_severity: int = Field(3, ge=1, le=10)
 
 
 class StainShift(torch.nn.Module):
@@ -81,6 +83,8 @@ def build_transform(config: AugmentConfig, image_size: int) -> v2.Compose | None
         steps.append(v2.RandomApply([Pixelate()], p=config.pixelate_p))
     if config.jpeg_p:
         steps.append(v2.RandomApply([v2.JPEG(config.jpeg_quality)], p=config.jpeg_p))
+    if config.augmix_p:
+        steps.append(v2.RandomApply([v2.AugMix(severity=config.augmix_severity)], p=config.augmix_p))
     if config.erase_p:
         steps.append(v2.RandomErasing(p=config.erase_p, scale=(0.02, 0.15), value=[220, 220, 220]))
     return v2.Compose(steps) if steps else None  # every switch off: no transform at all

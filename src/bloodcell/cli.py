@@ -437,7 +437,7 @@ def export(
     model: Path = typer.Option(..., "--model", "-m", help="A run directory or a checkpoint in one."),
     out: Path = typer.Option(..., "--out", "-o", help="The .onnx file to write."),
     check: Optional[Path] = typer.Option(None, help="Images (folder/.npz/curated data) to check ONNX against PyTorch."),
-    quantize: bool = typer.Option(False, help="Also write an int8 dynamically quantised model."),
+    quantize: Optional[str] = typer.Option(None, help="Also write an int8 model: 'dynamic' (fully connected layers) or 'static' (everything, calibrated on --check images)."),
 ):
     """Export to ONNX with the preprocessing contract in its metadata; check it against PyTorch."""
     from .predict import check_set, export_onnx

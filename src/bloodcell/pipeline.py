@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError
@@ -89,7 +90,7 @@ def run_pipeline(data: Path, out: Path, profile: str = "quick", weights: Path | 
 
 
 class ExportSettings(BaseModel):
-    quantize: bool = False
+    quantize: Literal["dynamic", "static"] | None = Field(None, description="also write an int8 model (see `bloodcell export`)")
     check_images: int = Field(256, ge=1, description="validation images on which ONNX Runtime is checked against PyTorch")
 
 

@@ -445,6 +445,64 @@ class TrainResult:
     rows: list[dict]
 
 
+def make_scheduler(config: TrainConfig, phase: PhaseConfig, optimizer: torch.optim.Optimizer):
+    """Plateau (stepped with the monitored metric) or per-phase cosine with linear warm-up (stepped each epoch)."""
+    if config.schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min" if config.monitor == "val_loss" else "max",
+            factor=config.plateau_factor, patience=config.plateau_patience)
+    warm = config.warmup_epochs
+
+    def cosine(e, total=phase.epochs, warm=warm):
+        if e < warm:
+            return (e + 1) / (warm + 1)
+        return 0.5 * (1 + math.cos(math.pi * (e - warm) / max(total - warm, 1)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
+
+
+def epoch_loader(config: TrainConfig, split: Split, transform, epoch_index: int, dist_info) -> torch.utils.data.DataLoader:
+    """The training loader of one epoch; its order depends only on (seed, epoch), so resuming is exact."""
+    dataset = TensorImages(split, transform)
+    generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch_index)
+    if dist_info.world > 1:
+        sampler = torch.utils.data.distributed.DistributedSampler(dataset, dist_info.world, dist_info.rank,
+                                                                  shuffle=True, seed=config.seed)
+        sampler.set_epoch(epoch_index)
+    elif config.balanced_sampler:
+        sample_weights = (1.0 / torch.bincount(split.labels).double())[split.labels]
+        sampler = torch.utils.data.WeightedRandomSampler(sample_weights, len(dataset), generator=generator)
+    else:
+        sampler = torch.utils.data.RandomSampler(dataset, generator=generator)
+    return torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, sampler=sampler,
+                                       num_workers=config.workers, drop_last=len(dataset) > config.batch_size,
+                                       persistent_workers=False)
+
+
+def write_run_files(run_dir: Path, config: TrainConfig, class_names: list[str], contract: dict) -> None:
+    """config.yaml (the resolved settings) and model.json (the preprocessing contract) of a run."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(json.loads(config.model_dump_json()), sort_keys=False))
+    (run_dir / "model.json").write_text(json.dumps({
+        "model": config.model, "class_names": class_names, "image_size": config.image_size,
+        "mean": contract["mean"], "std": contract["std"], "input": "uint8 RGB, N x 3 x H x W",
+        "resize": "PIL bicubic of the whole image to image_size x image_size (bloodcell.data.preprocess)",
+        "cnn": config.cnn.model_dump() if config.model == "cnn" else None,
+    }, indent=2))
+
+
+def save_resume_point(run_dir: Path, model: nn.Module, ema, optimizer, scheduler, meta: dict) -> None:
+    """``last.safetensors``: weights, EMA, optimizer and scheduler state, progress, to resume exactly."""
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    if ema is not None:
+        tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+    optim_tensors, optim_meta = _flatten_optimizer(optimizer)
+    # A LambdaLR's lambdas are code, rebuilt from the config on resume; only its counters are saved.
+    schedule_state = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+    save_checkpoint(run_dir / "last.safetensors", {**tensors, **optim_tensors},
+                    {**meta, "optimizer": optim_meta, "scheduler": schedule_state})
+
+
 def train(config: TrainConfig | None, resume: Path | None = None, log: Callable[[str], None] = print,
           progress_factory=None, stop_after_epochs: int | None = None) -> TrainResult:
     """Train as configured.  ``resume`` continues a run directory from its ``last`` checkpoint."""
@@ -483,14 +541,7 @@ def train(config: TrainConfig | None, resume: Path | None = None, log: Callable[
         log(f"folded BatchNorm detected: recalibrated {count} layers on {len(pick)} training images")
 
     if dist_info.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(json.loads(config.model_dump_json()), sort_keys=False))
-        (run_dir / "model.json").write_text(json.dumps({
-            "model": config.model, "class_names": class_names, "image_size": config.image_size,
-            "mean": contract["mean"], "std": contract["std"], "input": "uint8 RGB, N x 3 x H x W",
-            "resize": "PIL bicubic of the whole image to image_size x image_size (bloodcell.data.preprocess)",
-            "cnn": config.cnn.model_dump() if config.model == "cnn" else None,
-        }, indent=2))
+        write_run_files(run_dir, config, class_names, contract)
 
     weights = _class_weights(config, train_split.labels, num_classes)
     criterion = nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None,
@@ -525,19 +576,7 @@ def train(config: TrainConfig | None, resume: Path | None = None, log: Callable[
         apply_phase(model, phase.trainable)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=phase.lr,
                                       weight_decay=config.weight_decay)
-        if config.schedule == "plateau":
-            scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-                optimizer, mode="min" if config.monitor == "val_loss" else "max",
-                factor=config.plateau_factor, patience=config.plateau_patience)
-        else:
-            warm = config.warmup_epochs
-
-            def cosine(e, total=phase.epochs, warm=warm):
-                if e < warm:
-                    return (e + 1) / (warm + 1)
-                return 0.5 * (1 + math.cos(math.pi * (e - warm) / max(total - warm, 1)))
-
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
+        scheduler = make_scheduler(config, phase, optimizer)
         phase_start = epoch_index
         if state_meta is not None and progress_state["epoch"] > phase_start and state_meta["phase"] == phase_index:
             _restore_optimizer(optimizer, state_tensors, state_meta["optimizer"])
@@ -550,20 +589,7 @@ def train(config: TrainConfig | None, resume: Path | None = None, log: Callable[
                 break
             # Each epoch's randomness depends only on (seed, epoch): resuming is exact.
             _seed_everything(config.seed * 100_003 + epoch_index)
-            dataset = TensorImages(train_split, transform)
-            generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch_index)
-            if dist_info.world > 1:
-                sampler = torch.utils.data.distributed.DistributedSampler(dataset, dist_info.world, dist_info.rank,
-                                                                          shuffle=True, seed=config.seed)
-                sampler.set_epoch(epoch_index)
-            elif config.balanced_sampler:
-                sample_weights = (1.0 / torch.bincount(train_split.labels).double())[train_split.labels]
-                sampler = torch.utils.data.WeightedRandomSampler(sample_weights, len(dataset), generator=generator)
-            else:
-                sampler = torch.utils.data.RandomSampler(dataset, generator=generator)
-            loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, sampler=sampler,
-                                                 num_workers=config.workers, drop_last=len(dataset) > config.batch_size,
-                                                 persistent_workers=False)
+            loader = epoch_loader(config, train_split, transform, epoch_index, dist_info)
             on_step = None
             bar = None
             if progress_factory is not None and dist_info.main:
@@ -602,20 +628,14 @@ def train(config: TrainConfig | None, resume: Path | None = None, log: Callable[
                 f"macro-F1 {row['val_macro_f1']:.4f} | lr {row['lr']:.2e} | {row['images_per_s']:.0f} img/s"
                 + (" | best" if improved else ""))
             if dist_info.main:
-                weights_state = {f"model.{k}": v for k, v in model.state_dict().items()}
-                if ema is not None:
-                    weights_state.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
                 meta_common = {"model": config.model, "class_names": class_names, "image_size": config.image_size,
                                "mean": contract["mean"], "std": contract["std"], "epoch": epoch_index}
                 if improved:
                     best_weights = ema.module.state_dict() if ema is not None else model.state_dict()
                     save_checkpoint(run_dir / "best.safetensors", dict(best_weights), {**meta_common, "val": {
                         k: v for k, v in val_stats.items() if k != "confusion"}})
-                optim_tensors, optim_meta = _flatten_optimizer(optimizer)
-                save_checkpoint(run_dir / "last.safetensors", {**weights_state, **optim_tensors}, {
-                    **meta_common, "phase": phase_index, "progress": progress_state, "rows": rows,
-                    "optimizer": optim_meta, "scheduler": scheduler.state_dict() if config.schedule == "plateau" else
-                    {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}})
+                save_resume_point(run_dir, model, ema, optimizer, scheduler, {
+                    **meta_common, "phase": phase_index, "progress": progress_state, "rows": rows})
                 _write_metrics(rows, run_dir)
             epochs_run += 1
             if stop_after_epochs is not None and epochs_run >= stop_after_epochs:
