@@ -69,3 +69,15 @@ def test_train_evaluate_report_commands(tmp_path):
 def test_train_without_data_is_explained():
     result = runner.invoke(app, ["train", "--model", "cnn"])
     assert result.exit_code == 2 and "no data" in result.output
+
+
+def test_recipe_overrides_are_validated_before_any_work(tmp_path):
+    from bloodcell.pipeline import packaged_config
+
+    config = tmp_path / "recipe.yaml"
+    config.write_text(__import__("yaml").safe_dump(packaged_config("default_model.yaml")))
+    result = runner.invoke(app, ["recipe", "--config", str(config), "--data", str(tmp_path / "none"),
+                                 "--out", str(tmp_path / "out"), "--set", "train.image_size=4"])
+    assert result.exit_code != 0
+    assert "bad train settings" in result.output and "image_size" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()

@@ -373,12 +373,19 @@ def recipe(
     config: Path = typer.Option(..., "--config", "-c", help="Recipe YAML: curate, train and export sections (configs/default_model.yaml)."),
     data: Path = typer.Option(Path("../shared/data/pbc224"), help="Raw images: class folders or .npz."),
     out: Path = typer.Option(Path("runs/recipe"), help="Folder for the curated data, the run and model.onnx."),
+    set_: list[str] = typer.Option([], "--set", help="Override any setting, e.g. --set train.image_size=96."),
 ):
     """A deployable model from raw images in one command: curate, train, calibrate, export to ONNX."""
-    from .pipeline import load_recipe, run_recipe
+    from .pipeline import RecipeConfig, load_recipe, run_recipe
 
     with user_errors():
         settings = load_recipe(config)
+        if set_:
+            merged = merge_settings(settings.model_dump(mode="json"), parse_overrides(set_))
+            try:
+                settings = RecipeConfig(**merged)
+            except ValidationError as exc:
+                raise BloodcellError(f"--set: {exc}") from None
         with progress_bar() as bar:
             summary = run_recipe(settings, data, out, log=lambda line: bar.console.print(line, markup=False),
                                  progress_factory=epoch_progress(bar))

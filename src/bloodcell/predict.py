@@ -54,7 +54,7 @@ def onnx_session(path: Path, threads: int = 1):
     options = ort.SessionOptions()
     # One thread per call: a small CNN's layers are too small to split well, so
     # parallel calls on chunks of the batch go faster than one call on two threads
-    # (benchmarks/inference.py: 3,598 vs 2,446 images/s on 2 cores).
+    # (benchmarks/inference.py: 3,351 vs 2,277 images/s on 2 cores).
     options.intra_op_num_threads = threads
     # Do not spin idle threads: torch may share the process (see the project brief).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -235,7 +235,7 @@ def fuse_zero_padding(src: Path, dst: Path) -> int:
     ONNX ``Conv`` takes separate begin/end pads, so TensorFlow-style asymmetric
     'SAME' padding needs no ``Pad`` node, which ONNX Runtime runs as a separate
     copy of the whole feature map: on MobileNetV3-Small 128 px the five of them took
-    29% of the run time, and merging them doubled throughput (benchmarks/inference.py).
+    29% of the run time (ONNX Runtime's profiler).
     Only standard ONNX is written (ONNX Runtime's basic, portable optimisations).
     """
     import onnx
