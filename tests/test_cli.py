@@ -72,10 +72,12 @@ def test_train_without_data_is_explained():
 
 
 def test_recipe_overrides_are_validated_before_any_work(tmp_path):
+    import yaml
+
     from bloodcell.pipeline import packaged_config
 
     config = tmp_path / "recipe.yaml"
-    config.write_text(__import__("yaml").safe_dump(packaged_config("default_model.yaml")))
+    config.write_text(yaml.safe_dump(packaged_config("default_model.yaml")))
     result = runner.invoke(app, ["recipe", "--config", str(config), "--data", str(tmp_path / "none"),
                                  "--out", str(tmp_path / "out"), "--set", "train.image_size=4"])
     assert result.exit_code != 0
