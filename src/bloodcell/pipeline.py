@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError
 
 from .curate import CurateConfig, curate
 from .data import BloodcellError
@@ -90,13 +90,9 @@ def run_pipeline(data: Path, out: Path, profile: str = "quick", weights: Path | 
 
 
 class ExportSettings(BaseModel):
-    quantize: Literal["dynamic", "static"] | None = Field(None, description="also write an int8 model (see `bloodcell export`)")
+    quantize: Literal["dynamic", "static"] | bool | None = Field(
+        None, description="also write an int8 model: dynamic (true) or static (see `bloodcell export`)")
     check_images: int = Field(256, ge=1, description="validation images on which ONNX Runtime is checked against PyTorch")
-
-    @field_validator("quantize", mode="before")
-    @classmethod
-    def _yes_no(cls, value):
-        return {False: None, True: "dynamic"}.get(value, value) if isinstance(value, bool) else value
 
 
 class RecipeConfig(BaseModel):
