@@ -229,8 +229,11 @@ def check_set(path: str | Path, limit: int = 256) -> tuple[list[np.ndarray], lis
     return images, labels
 
 
-def fuse_zero_padding(src: Path, dst: Path) -> int:
-    """Fold constants, then merge each zero ``Pad`` into the ``Conv`` it feeds; returns how many merged.
+def fuse_zero_padding(src: Path, work: Path):
+    """Fold constants, then merge each zero ``Pad`` into the ``Conv`` it feeds.
+
+    Returns the checked model (an ``onnx.ModelProto``, not yet saved) and how many
+    Pad nodes were merged; ``work`` is a scratch file for ONNX Runtime's folding.
 
     ONNX ``Conv`` takes separate begin/end pads, so TensorFlow-style asymmetric
     'SAME' padding needs no ``Pad`` node, which ONNX Runtime runs as a separate
@@ -244,10 +247,10 @@ def fuse_zero_padding(src: Path, dst: Path) -> int:
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # constant folding
-    options.optimized_model_filepath = str(dst)
+    options.optimized_model_filepath = str(work)
     options.log_severity_level = 3
     ort.InferenceSession(str(src), options, providers=["CPUExecutionProvider"])
-    model = onnx.load(str(dst))
+    model = onnx.load(str(work))
     graph = model.graph
     constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
     users: dict[str, list] = {}
@@ -281,8 +284,7 @@ def fuse_zero_padding(src: Path, dst: Path) -> int:
     for init in [i for i in graph.initializer if i.name not in used]:
         graph.initializer.remove(init)
     onnx.checker.check_model(model)
-    onnx.save(model, str(dst))
-    return len(merged)
+    return model, len(merged)
 
 
 def _quantize_static(model: Path, out: Path, calibration: list[np.ndarray], size: int) -> None:
@@ -316,7 +318,6 @@ def export_onnx(model: str | Path, out: str | Path, check_images: list[np.ndarra
     import torch
 
     from .evaluate import load_model
-
     from .models import freeze_same_padding
 
     net, meta = load_model(model)
@@ -330,8 +331,7 @@ def export_onnx(model: str | Path, out: str | Path, check_images: list[np.ndarra
         traced = Path(tmp) / "traced.onnx"
         torch.onnx.export(net, (example,), str(traced), input_names=["images"], output_names=["logits"],
                           dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False)
-        merged = fuse_zero_padding(traced, out)  # ... and merges into the convolutions
-    graph = onnx.load(str(out))
+        graph, merged = fuse_zero_padding(traced, Path(tmp) / "folded.onnx")  # ... and merges into the convolutions
     contract = {k: meta.get(k) for k in ("model", "class_names", "image_size", "mean", "std", "temperature", "resize", "input")}
     contract["temperature"] = contract["temperature"] or 1.0
     graph.metadata_props.append(onnx.StringStringEntryProto(key="bloodcell", value=json.dumps(contract)))
