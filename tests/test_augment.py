@@ -8,7 +8,8 @@ from bloodcell.augment import AugmentConfig, build_transform
 from .conftest import ORIGINALS, require
 
 NOTHING = dict(flips=False, rot90=False, rotation_degrees=0, zoom_scale=None, brightness=0, contrast=0,
-               saturation=0, hue=0, stain_shift=0, blur_p=0, pixelate_p=0, jpeg_p=0, erase_p=0, augmix_p=0)
+               saturation=0, hue=0, stain_shift=0, blur_p=0, pixelate_p=0, jpeg_p=0, erase_p=0, augmix_p=0,
+               occlude_p=0)
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +22,7 @@ def cell():
 @pytest.mark.parametrize("switch", [
     {"zoom_scale": (0.2, 0.3)}, {"rotation_degrees": 45}, {"brightness": 0.5}, {"contrast": 0.5},
     {"saturation": 0.9}, {"hue": 0.2}, {"stain_shift": 0.3}, {"blur_p": 1.0}, {"pixelate_p": 1.0},
-    {"jpeg_p": 1.0, "jpeg_quality": (5, 10)}, {"erase_p": 1.0}, {"augmix_p": 1.0},
+    {"jpeg_p": 1.0, "jpeg_quality": (5, 10)}, {"erase_p": 1.0}, {"augmix_p": 1.0}, {"occlude_p": 1.0},
 ])
 def test_each_augmentation_changes_the_image_and_keeps_its_format(cell, switch):
     transform = build_transform(AugmentConfig(**{**NOTHING, **switch}), 64)
@@ -43,3 +44,22 @@ def test_augmentation_is_seeded(cell):
     a = transform(cell)
     torch.manual_seed(5)
     assert torch.equal(transform(cell), a)
+
+
+def test_occluders_are_translucent_and_local(cell):
+    """An occluder covers part of the image and lets the cell show through; the rest is untouched."""
+    from bloodcell.augment import Occlusions
+
+    big = torch.nn.functional.interpolate(cell[None].float(), size=128, mode="bilinear")[0].round().to(torch.uint8)
+    torch.manual_seed(1)
+    outs = [Occlusions(max_count=1)(big) for _ in range(20)]
+    changed_fraction = [float((out != big).any(0).float().mean()) for out in outs]
+    assert all(0 < f < 0.6 for f in changed_fraction)
+    # translucent: where changed, the output still follows the image (correlation well above zero)
+    corr = []
+    for out in outs:
+        mask = (out != big).any(0)
+        a, b = out[:, mask].float().flatten(), big[:, mask].float().flatten()
+        if a.numel() > 300:
+            corr.append(float(torch.corrcoef(torch.stack([a, b]))[0, 1]))
+    assert corr and np.median(corr) > 0.3

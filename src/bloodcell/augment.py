@@ -29,6 +29,8 @@ class AugmentConfig(BaseModel):
     jpeg_p: float = Field(0.1, ge=0, le=1)
     jpeg_quality: tuple[int, int] = (30, 95)
     erase_p: float = Field(0.0, ge=0, le=1, description="probability of a bright erased patch (occlusions, bubbles)")
+    occlude_p: float = Field(0.0, ge=0, le=1, description="probability of translucent occluders: bubbles, dust, smudges")
+    occlude_count: int = Field(4, ge=1, le=10, description="at most this many occluders per image")
     augmix_p: float = Field(0.0, ge=0, le=1, description="probability of AugMix (Hendrycks et al. 2020): a blend of random op chains")
     augmix_severity: int = Field(3, ge=1, le=10)
 
@@ -60,6 +62,47 @@ class Pixelate(torch.nn.Module):
         return torch.nn.functional.interpolate(small, size=size, mode="nearest")[0].round().to(image.dtype)
 
 
+class Occlusions(torch.nn.Module):
+    """Translucent soft-edged ellipses over the image: air bubbles, dust, smudges, debris.
+
+    Unlike an opaque erased box, an occluder lets the cell show through: each one has a random
+    size (5-25% of the side), aspect, angle and edge softness, a light (70%) or dark fill with a
+    slight tint, an opacity of 20-70%, and in 60% of cases a darker or lighter rim of random
+    width, as the refractive edge of a bubble or a dust particle has.
+    """
+
+    def __init__(self, max_count: int = 4):
+        super().__init__()
+        self.max_count = max_count
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        _, height, width = image.shape
+        out = image.float()
+        ys = torch.arange(height, dtype=torch.float32).view(height, 1)
+        xs = torch.arange(width, dtype=torch.float32).view(1, width)
+        for _ in range(int(torch.randint(1, self.max_count + 1, ()))):
+            u = torch.rand(10)  # every random number of this occluder, drawn at once
+            cx, cy = u[0] * width, u[1] * height
+            radius = (0.05 + 0.2 * u[2]) * width
+            aspect, angle = 0.7 + 0.6 * u[3], u[4] * torch.pi
+            dx, dy = xs - cx, ys - cy
+            along = (dx * angle.cos() + dy * angle.sin()) / radius
+            across = (-dx * angle.sin() + dy * angle.cos()) / (radius * aspect)
+            distance = torch.sqrt(along**2 + across**2)
+            softness = 0.02 + 0.1 * u[5]
+            cover = ((1 - distance) / softness).clamp(0, 1)
+            level = 200 + 55 * u[6] if u[7] < 0.7 else 90 * u[6]
+            fill = (level + 12 * torch.randn(3, 1, 1)).clamp(0, 255)
+            alpha = 0.2 + 0.5 * u[8]
+            out = out * (1 - alpha * cover) + fill * (alpha * cover)
+            if u[9] < 0.6:
+                rim_width = 0.04 + 0.12 * float(torch.rand(()))
+                rim = (1 - (distance - 1).abs() / rim_width).clamp(0, 1)
+                gain = 0.4 + 0.9 * float(torch.rand(()))  # <1 darkens the rim, >1 brightens it
+                out = out * (1 + (gain - 1) * rim)
+        return out.clamp_(0, 255).round_().to(image.dtype)
+
+
 def build_transform(config: AugmentConfig, image_size: int) -> v2.Compose | None:
     """The per-image training transform (uint8 CHW in, uint8 CHW out), or None."""
     if not config.enabled:
@@ -85,6 +128,8 @@ def build_transform(config: AugmentConfig, image_size: int) -> v2.Compose | None
         steps.append(v2.RandomApply([v2.JPEG(config.jpeg_quality)], p=config.jpeg_p))
     if config.augmix_p:
         steps.append(v2.RandomApply([v2.AugMix(severity=config.augmix_severity)], p=config.augmix_p))
+    if config.occlude_p:
+        steps.append(v2.RandomApply([Occlusions(config.occlude_count)], p=config.occlude_p))
     if config.erase_p:
         steps.append(v2.RandomErasing(p=config.erase_p, scale=(0.02, 0.15), value=[220, 220, 220]))
     return v2.Compose(steps) if steps else None  # every switch off: no transform at all
