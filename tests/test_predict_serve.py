@@ -26,7 +26,8 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     data = make_tiny_data(root / "data")
     config = TrainConfig(data=data, out=root / "run", model="cnn", image_size=32, batch_size=32,
-                         phases=[{"name": "t", "epochs": 2, "lr": 3e-3}], cnn={"channels": [16, 32], "convs_per_block": 1})
+                         phases=[{"name": "t", "epochs": 2, "lr": 3e-3}], cnn={"channels": [16, 32], "convs_per_block": 1},
+                         framing={"window": 0.7})  # so that every path below goes through the framing step
     train(config, log=lambda line: None)
     return {"run": root / "run", "data": data, "root": root}
 
@@ -41,6 +42,19 @@ def onnx_model(run, cells, original_files):
     labels = [f.parent.name for f in original_files[:12]]
     report = export_onnx(run["run"], run["root"] / "model.onnx", cells, quantize=True, check_labels=labels)
     return report
+
+
+def test_framing_travels_with_the_model(onnx_model, run, cells):
+    """The framing a model was trained with is in its contract, and every predictor applies it."""
+    from bloodcell.data import preprocess
+
+    framing = json.loads((run["run"] / "model.json").read_text())["framing"]
+    assert framing["window"] == 0.7
+    for predictor in (load_predictor(onnx_model["onnx"]), load_predictor(run["run"])):
+        assert predictor.framing == framing
+        prepared = predictor.prepare(cells[0])
+        assert np.array_equal(prepared, preprocess(cells[0], 32, framing))
+        assert not np.array_equal(prepared, preprocess(cells[0], 32))
 
 
 def test_onnx_agrees_with_pytorch_and_carries_its_contract(onnx_model, run, cells):

@@ -481,7 +481,7 @@ def explain(
     """Write Grad-CAM overlays: where the model looked for its prediction."""
     from PIL import Image
 
-    from .data import decode_file, preprocess
+    from .data import decode_file
     from .explain import grad_cam, overlay
     from .predict import load_predictor
 
@@ -492,7 +492,7 @@ def explain(
         out.mkdir(parents=True, exist_ok=True)
         for path in images:
             try:
-                image = preprocess(decode_file(path)[0], predictor.image_size)
+                image = predictor.prepare(decode_file(path)[0])
             except Exception as exc:  # noqa: BLE001 - reported per file, the rest go on
                 console.print(f"skipped {path}: {exc}", markup=False)
                 continue

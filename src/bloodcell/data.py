@@ -324,8 +324,16 @@ def iter_batches(
 RESIZE_METHOD = "pil_bicubic"
 
 
-def preprocess(image: np.ndarray, size: int) -> np.ndarray:
-    """Resize a decoded RGB uint8 image to size x size for a model (Pillow bicubic, antialiased)."""
+def preprocess(image: np.ndarray, size: int, framing: dict | None = None) -> np.ndarray:
+    """A decoded RGB uint8 image as a model sees it: size x size (Pillow bicubic, antialiased).
+
+    ``framing`` (a model contract's ``framing`` entry, see :mod:`bloodcell.framing`) first
+    crops a standard window around the stained cell; None resizes the whole image.
+    """
+    if framing is not None:
+        from .framing import frame_cell
+
+        image = np.ascontiguousarray(frame_cell(image, framing))
     if image.shape[0] == size and image.shape[1] == size:
         return image
     return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC))

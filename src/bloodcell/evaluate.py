@@ -175,7 +175,7 @@ def load_eval_images(data: str | Path, meta: dict) -> tuple[torch.Tensor, np.nda
     if unknown:
         raise BloodcellError(f"{data}: class(es) {', '.join(unknown)} unknown to the model "
                              f"(it knows {', '.join(meta['class_names'])})")
-    split = load_split(source, meta["class_names"], meta["image_size"])
+    split = load_split(source, meta["class_names"], meta["image_size"], framing=meta.get("framing"))
     return split.images, split.labels.numpy(), split.paths, source
 
 
@@ -257,13 +257,13 @@ def evaluate_model(model_path: str | Path, data: str | Path, out: str | Path, co
                    corruption_limit: int | None = None) -> dict:
     """Score ``model_path`` on ``data``; ``corruption_limit`` scores corruptions on a seeded subset."""
     from . import corruptions as corruption_module
-    from .data import load_item, preprocess
+    from .data import load_item
 
     from .predict import load_predictor
 
     out = Path(out)
     predictor = load_predictor(model_path)  # a run, a checkpoint, an .onnx file or 'default'
-    meta = {"class_names": predictor.class_names, "image_size": predictor.image_size}
+    meta = {"class_names": predictor.class_names, "image_size": predictor.image_size, "framing": predictor.framing}
     images, labels, paths, source = load_eval_images(data, meta)
     temperature = float(predictor.temperature)
     logits = backend_logits(predictor, images, tta=tta)
@@ -295,7 +295,7 @@ def evaluate_model(model_path: str | Path, data: str | Path, out: str | Path, co
             table[family] = {}
             for severity in corruption_module.SEVERITIES:
                 corrupted = np.stack([
-                    preprocess(corruption_module.corrupt(image, family, severity, seed + k), meta["image_size"])
+                    predictor.prepare(corruption_module.corrupt(image, family, severity, seed + k))
                     for k, image in enumerate(originals)])
                 batch = torch.from_numpy(corrupted).permute(0, 3, 1, 2).contiguous()
                 pred = backend_logits(predictor, batch, tta=tta).argmax(1).numpy()

@@ -8,7 +8,6 @@ import io
 import numpy as np
 import torch
 
-from .data import preprocess
 
 
 def grad_cam(model: torch.nn.Module, image: np.ndarray, target: int | None = None) -> tuple[np.ndarray, int]:
@@ -47,7 +46,7 @@ def grad_cam_overlay(predictor, image: np.ndarray) -> str:
     from PIL import Image
 
     model = predictor.info["torch_model"]
-    small = preprocess(image, predictor.image_size)
+    small = predictor.prepare(image)
     cam, _ = grad_cam(model, small)
     buffer = io.BytesIO()
     Image.fromarray(overlay(small, cam)).resize((224, 224), Image.Resampling.BICUBIC).save(buffer, "PNG")

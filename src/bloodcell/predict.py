@@ -37,11 +37,20 @@ class Predictor:
     source: str
     info: dict = field(default_factory=dict)
 
+    @property
+    def framing(self) -> dict | None:
+        """The cell-framing step of the model's preprocessing (None: the whole image is resized)."""
+        return self.info.get("framing")
+
+    def prepare(self, image: np.ndarray) -> np.ndarray:
+        """A decoded RGB uint8 image as this model sees it (framed, resized), H x W x 3."""
+        return preprocess(image, self.image_size, self.framing)
+
     def probabilities(self, images: list[np.ndarray]) -> np.ndarray:
         """Class probabilities for decoded RGB uint8 images of any size."""
         if not images:
             return np.zeros((0, len(self.class_names)), dtype=np.float32)
-        batch = np.stack([preprocess(image, self.image_size) for image in images]).transpose(0, 3, 1, 2)
+        batch = np.stack([self.prepare(image) for image in images]).transpose(0, 3, 1, 2)
         logits = self.run(np.ascontiguousarray(batch)) / self.temperature
         logits = logits - logits.max(1, keepdims=True)
         exp = np.exp(logits)
@@ -287,11 +296,11 @@ def fuse_zero_padding(src: Path, work: Path):
     return model, len(merged)
 
 
-def _quantize_static(model: Path, out: Path, calibration: list[np.ndarray], size: int) -> None:
+def _quantize_static(model: Path, out: Path, calibration: list[np.ndarray], size: int, framing: dict | None = None) -> None:
     """int8 weights and activations (QDQ, per-channel), activation ranges from ``calibration``."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
-    batch = np.ascontiguousarray(np.stack([preprocess(image, size) for image in calibration]).transpose(0, 3, 1, 2))
+    batch = np.ascontiguousarray(np.stack([preprocess(image, size, framing) for image in calibration]).transpose(0, 3, 1, 2))
 
     class Batches(CalibrationDataReader):
         def __init__(self):
@@ -332,7 +341,7 @@ def export_onnx(model: str | Path, out: str | Path, check_images: list[np.ndarra
         torch.onnx.export(net, (example,), str(traced), input_names=["images"], output_names=["logits"],
                           dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False)
         graph, merged = fuse_zero_padding(traced, Path(tmp) / "folded.onnx")  # ... and merges into the convolutions
-    contract = {k: meta.get(k) for k in ("model", "class_names", "image_size", "mean", "std", "temperature", "resize", "input")}
+    contract = {k: meta.get(k) for k in ("model", "class_names", "image_size", "mean", "std", "temperature", "resize", "input", "framing")}
     contract["temperature"] = contract["temperature"] or 1.0
     graph.metadata_props.append(onnx.StringStringEntryProto(key="bloodcell", value=json.dumps(contract)))
     onnx.save(graph, str(out))
@@ -354,7 +363,7 @@ def export_onnx(model: str | Path, out: str | Path, check_images: list[np.ndarra
                 raise BloodcellError("static int8 needs calibration images: pass --check with 16 or more images")
             # Calibrate activation ranges on half of the check images; score on the other half.
             measured = measured[1::2]
-            _quantize_static(out, quantized, check_images[::2], size)
+            _quantize_static(out, quantized, check_images[::2], size, meta.get("framing"))
         report["int8_mode"] = mode
         report["onnx_int8"] = str(quantized)
         report["int8_bytes"] = quantized.stat().st_size

@@ -28,6 +28,7 @@ from torch import nn
 
 from .augment import AugmentConfig, build_transform
 from .data import BloodcellError, Source, load_item, open_source, preprocess
+from .framing import FramingConfig
 from .models import CNNConfig, create_model, has_folded_batchnorm, recalibrate_folded_batchnorm
 
 
@@ -76,6 +77,7 @@ class TrainConfig(BaseModel):
     grad_clip: float | None = None
     ema_decay: float | None = Field(None, gt=0, lt=1)
     augment: AugmentConfig = AugmentConfig()
+    framing: FramingConfig | None = Field(None, description="crop a window around the stained cell before the resize (bloodcell.framing)")
     cnn: CNNConfig = CNNConfig()
     workers: int = Field(0, ge=0, description="DataLoader worker processes; 0 augments in-process, faster on 2 cores (benchmarks/train_throughput.py)")
     recalibrate_images: int = Field(512, ge=1, description="training images used to recalibrate folded BatchNorm")
@@ -127,13 +129,14 @@ def _split_sources(data: Path) -> tuple[dict[str, Source], list[str]]:
     return sources, names
 
 
-def load_split(source: Source, class_names: list[str], image_size: int, workers: int = 2) -> Split:
-    """Decode every image once and keep it as uint8 at the model's input size."""
+def load_split(source: Source, class_names: list[str], image_size: int, workers: int = 2,
+               framing: dict | None = None) -> Split:
+    """Decode every image once and keep it as uint8 at the model's input size (framed, if the model frames)."""
     from concurrent.futures import ThreadPoolExecutor
 
     def load(item):
         try:
-            return preprocess(load_item(source, item)[0], image_size)
+            return preprocess(load_item(source, item)[0], image_size, framing)
         except Exception as exc:  # noqa: BLE001 - reported with the file name below
             return exc
 
@@ -486,7 +489,8 @@ def write_run_files(run_dir: Path, config: TrainConfig, class_names: list[str], 
     (run_dir / "model.json").write_text(json.dumps({
         "model": config.model, "class_names": class_names, "image_size": config.image_size,
         "mean": contract["mean"], "std": contract["std"], "input": "uint8 RGB, N x 3 x H x W",
-        "resize": "PIL bicubic of the whole image to image_size x image_size (bloodcell.data.preprocess)",
+        "resize": "PIL bicubic of the whole image (or of the framing crop) to image_size x image_size (bloodcell.data.preprocess)",
+        "framing": config.framing.model_dump() if config.framing else None,
         "cnn": config.cnn.model_dump() if config.model == "cnn" else None,
     }, indent=2))
 
@@ -526,8 +530,9 @@ def train(config: TrainConfig | None, resume: Path | None = None, log: Callable[
     model = model.to(device).to(memory_format=torch.channels_last)
 
     _seed_everything(config.seed)
-    train_split = load_split(sources["train"], class_names, config.image_size)
-    val_split = load_split(sources["val"], class_names, config.image_size)
+    framing = config.framing.model_dump() if config.framing else None
+    train_split = load_split(sources["train"], class_names, config.image_size, framing=framing)
+    val_split = load_split(sources["val"], class_names, config.image_size, framing=framing)
     log(f"data: {len(train_split.labels)} train, {len(val_split.labels)} val images at {config.image_size} px, "
         f"{num_classes} classes; device {device}, {dist_info.world} process(es)")
 
