@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/inference.py [--run src/bloodcell/default_model --requests 2000 --clients 8]
 
 Batch throughput is on preprocessed uint8 batches at the model's input size
-(decoding excluded, identical input for every backend).  Static int8 is calibrated on
+(decoding excluded, identical input for every backend); the preprocessing itself (resize,
+and cell framing when the model frames) is timed separately on one thread.  Static int8 is calibrated on
 half of 512 validation images of ``--check`` and its accuracy change scored on the other half.  The service is
 started with uvicorn in a second process on 127.0.0.1; a bounded load of
 single-image requests from 8 client threads measures latency and throughput;
@@ -112,8 +113,18 @@ def main():
             results["export_static_int8"] = {k: v for k, v in static.items() if not k.startswith("onnx")}
             predictors["onnxruntime_int8_static"] = load_predictor(static["onnx_int8"])
         size = predictors["onnxruntime"].image_size
-        batch = np.ascontiguousarray(np.stack([preprocess(im, size) for im in images]).transpose(0, 3, 1, 2))
+        framing = predictors["onnxruntime"].framing
+        batch = np.ascontiguousarray(np.stack([preprocess(im, size, framing) for im in images]).transpose(0, 3, 1, 2))
         results["image_size"] = size
+        results["framing"] = framing
+        # Preprocessing of decoded 224 px images, one thread: the resize alone, and with the
+        # cell-framing step (localisation and crop) that a model trained with framing adds.
+        from bloodcell.framing import FramingConfig
+
+        results["preprocess_images_per_s_one_thread"] = {
+            "resize": batch_rate(lambda b: [preprocess(im, size) for im in b], images, 3),
+            "framing_and_resize": batch_rate(lambda b: [preprocess(im, size, framing or FramingConfig().model_dump())
+                                                        for im in b], images, 3)}
         runners = {name: p.run for name, p in predictors.items()}
         # What each export/runtime choice contributes: the same graph run as one call on
         # two threads, and the plain traced graph (run-time 'SAME' padding, Pad nodes).
