@@ -197,6 +197,7 @@ def test_health_and_model(client):
     assert client.get("/v1/health").json() == {"status": "ok"}
     info = client.get("/v1/model").json()
     assert info["input_size"] == 32 and len(info["classes"]) == 8 and info["backend"] == "onnxruntime"
+    assert info["framing"]["window"] == 0.7  # what the service does to an image before the model
 
 
 def test_predict_many_images(client, cells):

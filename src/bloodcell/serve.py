@@ -57,7 +57,7 @@ def create_app(model: str | Path, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_
     @app.get("/v1/model")
     def model_info():
         return {"model": predictor.info.get("model"), "classes": predictor.class_names,
-                "input_size": predictor.image_size, "temperature": predictor.temperature,
+                "input_size": predictor.image_size, "framing": predictor.framing, "temperature": predictor.temperature,
                 "backend": predictor.backend, "abstain_below": abstain_below, "metrics": card,
                 "explain": predictor.backend == "torch"}
 
