@@ -127,3 +127,12 @@ def test_a_dataset_with_a_subset_of_classes_is_scored_on_those(tmp_path, origina
     (other_lab / "blast" / "x.jpg").write_bytes(original_files[0].read_bytes())
     with pytest.raises(BloodcellError, match="blast unknown to the model"):
         evaluate_model(tmp_path / "run", other_lab, tmp_path / "eval2")
+
+
+def test_temperature_stays_finite_on_a_model_that_learnt_nothing():
+    """Near-uniform logits (a barely trained model) once sent L-BFGS to NaN; the fit must stay in bounds."""
+    torch.manual_seed(0)
+    labels = torch.randint(0, 8, (80,))
+    for logits in (torch.randn(80, 8) * 0.01, torch.zeros(80, 8), torch.randn(80, 8) * 50):
+        t = fit_temperature(logits, labels)
+        assert np.isfinite(t) and 0.05 <= t <= 20.0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -100,11 +101,20 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray, class_names: list[str
     }
 
 
-def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """The temperature T minimising the NLL of softmax(logits / T) (Guo et al. 2017)."""
-    log_t = torch.zeros(1, requires_grad=True)
-    optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200)
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, bounds: tuple[float, float] = (0.05, 20.0)) -> float:
+    """The temperature T minimising the NLL of softmax(logits / T) (Guo et al. 2017), within ``bounds``.
+
+    A grid over log T first, then L-BFGS from the best grid point: L-BFGS alone, started at
+    T = 1, diverged to NaN on a barely trained model whose logits carry almost no signal.
+    """
+    logits, labels = logits.detach().float(), labels.detach()
     criterion = torch.nn.CrossEntropyLoss()
+    grid = torch.linspace(math.log(bounds[0]), math.log(bounds[1]), 241)
+    with torch.no_grad():
+        losses = torch.stack([criterion(logits / t.exp(), labels) for t in grid])
+    best = int(torch.nan_to_num(losses, nan=float("inf")).argmin())
+    log_t = grid[best].clone().reshape(1).requires_grad_(True)
+    optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=100)
 
     def closure():
         optimizer.zero_grad()
@@ -113,7 +123,11 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
         return loss
 
     optimizer.step(closure)
-    return float(log_t.exp().item())
+    refined = float(log_t.detach().clamp(math.log(bounds[0]), math.log(bounds[1])).exp())
+    with torch.no_grad():
+        refined_loss = float(criterion(logits / refined, labels)) if math.isfinite(refined) else float("inf")
+    chosen = refined if refined_loss <= float(losses[best]) else float(grid[best].exp())
+    return min(max(chosen, bounds[0]), bounds[1])  # exact bounds despite float32 rounding
 
 
 def abstain_table(probs: np.ndarray, labels: np.ndarray,
