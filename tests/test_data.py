@@ -33,6 +33,17 @@ def test_other_class_names_are_taken_from_the_tree(tmp_path, rgb):
     assert open_source(tmp_path).class_names == ["blast", "smudge"]
 
 
+def test_every_listed_image_format_is_read_and_other_files_are_not(tmp_path, rgb):
+    # WebP too: `benchmarks/sweep.py pack` writes it, and some scanners export it.
+    for suffix in (".png", ".jpg", ".tif", ".bmp", ".webp"):
+        save(tmp_path / "basophil" / f"a{suffix}", Image.fromarray(rgb), **({"lossless": True} if suffix == ".webp" else {}))
+    (tmp_path / "basophil" / "notes.txt").write_text("not an image")
+    source = open_source(tmp_path)
+    assert sorted(item.path.rsplit(".", 1)[1] for item in source.items) == ["bmp", "jpg", "png", "tif", "webp"]
+    decoded, _ = decode_file(tmp_path / "basophil" / "a.webp")
+    assert np.array_equal(decoded, rgb)
+
+
 def test_unknown_class_folder_is_named(tmp_path, rgb):
     save(tmp_path / "basophil" / "a.png", Image.fromarray(rgb))
     save(tmp_path / "basofil" / "a.png", Image.fromarray(rgb))

@@ -33,7 +33,7 @@ CLASS_NAMES: tuple[str, ...] = (
     "neutrophil",
     "platelet",
 )
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp"}
 # Refuse images over this many pixels before decoding them (decompression bombs);
 # analyser crops are about 0.13 Mpx, whole-slide tiles rarely above 50 Mpx.
 DEFAULT_MAX_PIXELS = 50_000_000
