@@ -7,7 +7,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from bloodcell.data import preprocess
-from bloodcell.framing import FramingConfig, crop_box, frame_cell, locate_cell
+from bloodcell.framing import FramingConfig, blob_stats, crop_box, frame_cell, locate_cell
 
 from .conftest import ORIGINALS, require
 
@@ -70,6 +70,21 @@ def test_the_cell_is_found_on_real_images_even_when_faded_or_speckled():
             assert found is not None, file
             # PBC cells sit near the middle of the analyser's image
             assert abs(found.cy - 0.5) < 0.25 and abs(found.cx - 0.5) < 0.25, (file, found)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_blob_statistics_match_scipy(seed):
+    from scipy import ndimage
+
+    mask = ndimage.binary_opening(np.random.default_rng(seed).random((64, 64)) > 0.55)
+    labels, count = ndimage.label(mask)
+    assert count > 3
+    index = np.arange(1, count + 1)
+    area, cy, cx = blob_stats(labels, count)
+    np.testing.assert_array_equal(area, ndimage.sum(mask, labels, index))
+    reference_cy, reference_cx = np.array(ndimage.center_of_mass(mask, labels, index)).T
+    np.testing.assert_allclose(cy, reference_cy, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(cx, reference_cx, rtol=0, atol=1e-12)
 
 
 def test_preprocess_frames_then_resizes():

