@@ -88,6 +88,20 @@ def test_resume_after_interruption_equals_uninterrupted(tiny_data, tmp_path):
     assert [r["val_loss"] for r in full.rows] == [r["val_loss"] for r in resumed.rows]
 
 
+def test_same_seed_same_weights_whatever_ran_before(tiny_data, tmp_path):
+    # `recipe` curates in the same process first: training must not depend on the generators' state.
+    runs = []
+    for name, disturbance in (("a", 123), ("b", 456)):
+        torch.manual_seed(disturbance)
+        torch.rand(disturbance)
+        one_epoch = [{"name": "train", "epochs": 1, "lr": 3e-3, "trainable": "all"}]
+        runs.append(train(cnn_config(tiny_data, tmp_path / name, phases=one_epoch), **QUIET))
+    a, _ = load_checkpoint(runs[0].run_dir / "last.safetensors")
+    b, _ = load_checkpoint(runs[1].run_dir / "last.safetensors")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
 def test_checkpoint_write_is_atomic(tiny_data, tmp_path, monkeypatch):
     from bloodcell import train as train_module
 

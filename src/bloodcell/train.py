@@ -526,10 +526,13 @@ def train(config: TrainConfig | None, resume: Path | None = None, log: Callable[
         raise BloodcellError(f"{config.data}: data path not found")
     sources, class_names = _split_sources(Path(config.data))
     num_classes = len(class_names)
+    # Seed before the model exists: a new head (or the whole custom CNN) is initialised from
+    # the global generator, and whatever ran earlier in the process (curation in `recipe`)
+    # leaves it in no fixed state.
+    _seed_everything(config.seed)
     model, contract = create_model(config.model, num_classes, config.weights, config.pretrained, config.cnn)
     model = model.to(device).to(memory_format=torch.channels_last)
 
-    _seed_everything(config.seed)
     framing = config.framing.model_dump() if config.framing else None
     train_split = load_split(sources["train"], class_names, config.image_size, framing=framing)
     val_split = load_split(sources["val"], class_names, config.image_size, framing=framing)
