@@ -283,7 +283,6 @@ def test_web_page_end_to_end_in_a_browser(onnx_model, original_files, tmp_path):
 
 def test_default_model_predicts_and_looks_at_the_cell(original_files):
     """The shipped model: Grad-CAM is higher on the stained cell than on the background for most real images."""
-    from bloodcell.data import preprocess
     from bloodcell.explain import focus_on_cell, grad_cam
     from bloodcell.predict import DEFAULT_MODEL_DIR
 
@@ -296,7 +295,7 @@ def test_default_model_predicts_and_looks_at_the_cell(original_files):
     model = torch_predictor.info["torch_model"]
     hits = []
     for image in images:
-        small = preprocess(image, torch_predictor.image_size)
+        small = torch_predictor.prepare(image)  # framed as the model sees it, as the service explains it
         cam, _ = grad_cam(model, small)
         hits.append(focus_on_cell(cam, small))
     rate = float(np.mean(hits))
