@@ -27,6 +27,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -120,13 +121,15 @@ def run(data: Path, config_path: Path, variants: list[str], parallel: int, worke
     print(f"{len(variants)} variants, {parallel} at a time, {workers} loader workers each, on {device} "
           f"with {os.cpu_count()} cores", flush=True)
     results: list[dict] = []
+    lock = threading.Lock()  # variants finish on different threads; each finished one is saved at once
 
     def one(text):
         name, overrides = parse_variant(text)
         result = train_and_score(data, config_path, name, overrides, root, workers, weights)
-        print(json.dumps(result), flush=True)
-        results.append(result)
-        json_path.write_text(json.dumps({"device": device, "cores": os.cpu_count(), "results": results}, indent=2))
+        with lock:
+            print(json.dumps(result), flush=True)
+            results.append(result)
+            json_path.write_text(json.dumps({"device": device, "cores": os.cpu_count(), "results": results}, indent=2))
         return result
 
     start = time.perf_counter()
