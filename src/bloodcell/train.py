@@ -527,8 +527,8 @@ def train(config: TrainConfig | None, resume: Path | None = None, log: Callable[
     sources, class_names = _split_sources(Path(config.data))
     num_classes = len(class_names)
     # Seed before the model exists: a new head (or the whole custom CNN) is initialised from
-    # the global generator, and whatever ran earlier in the process (curation in `recipe`)
-    # leaves it in no fixed state.
+    # the global generator, whose state at this point was not the same from one process to
+    # the next (runs 11 and 12 of one config differed from epoch 1).
     _seed_everything(config.seed)
     model, contract = create_model(config.model, num_classes, config.weights, config.pretrained, config.cnn)
     model = model.to(device).to(memory_format=torch.channels_last)
