@@ -3,8 +3,8 @@
 The model card promises that one documented command and config reproduce the shipped
 model. This runs that command (``bloodcell recipe --config
 src/bloodcell/configs/default_model.yaml``, about 50 minutes on the 2-core machine: run it in
-the background) into a fresh folder, or takes a folder where it already ran (``--run``), and
-compares its weights tensor by tensor with ``src/bloodcell/default_model/best.safetensors``
+the background, from the repository's root) into a fresh folder, or takes a folder where it
+already ran (``--run``), and compares its weights tensor by tensor with ``src/bloodcell/default_model/best.safetensors``
 and its ONNX file byte for byte. Writes benchmarks/results/reproduce.json; exits 1 when the
 weights differ.
 
@@ -69,8 +69,9 @@ def main() -> int:
         reference = args.against / "train" / "best.safetensors"
     weights = compare_weights(reference, run_dir / "train" / "best.safetensors")
     onnx_same = sha256(args.against / "model.onnx") == sha256(run_dir / "model.onnx")
-    result = {"recipe": str(RECIPE.relative_to(HERE.parent)), "against": str(args.against), "run": str(run_dir),
-              "recipe_s": recipe_s,
+    # With --run, what ran is that folder's own resolved recipe, not necessarily today's config file.
+    recipe = RECIPE.relative_to(HERE.parent) if args.run is None else run_dir / "recipe.yaml"
+    result = {"recipe": str(recipe), "against": str(args.against), "run": str(run_dir), "recipe_s": recipe_s,
               "torch": torch.__version__, "weights": weights, "onnx_identical": onnx_same,
               "reproduced": weights["identical"]}
     args.json.parent.mkdir(parents=True, exist_ok=True)
