@@ -60,6 +60,9 @@ def main() -> int:
     recipe_s = None
     run_dir = args.run
     if run_dir is None:
+        # The recipe writes over an earlier run and may leave its stale files: start from an empty folder.
+        if args.out.exists() and any(args.out.iterdir()):
+            sys.exit(f"{args.out}: not empty; give a new --out (or --run {args.out} to check what ran there)")
         start = time.perf_counter()
         pipeline.run_recipe(pipeline.load_recipe(RECIPE), args.pbc, args.out)
         recipe_s = time.perf_counter() - start
