@@ -8,7 +8,7 @@ already ran (``--run``), and compares its weights tensor by tensor with ``src/bl
 and its ONNX file byte for byte. Writes benchmarks/results/reproduce.json; exits 1 when the
 weights differ.
 
-    nohup .venv/bin/python benchmarks/reproduce.py --out runs/reproduce > runs/reproduce.log 2>&1 &
+    mkdir -p runs && nohup .venv/bin/python benchmarks/reproduce.py --out runs/reproduce > runs/reproduce.log 2>&1 &
     # a recipe run already there, against the shipped model or an earlier run of the recipe
     .venv/bin/python benchmarks/reproduce.py --run runs/recipe-r13-rerun --against runs/recipe-r13-ema
 """
