@@ -277,3 +277,87 @@ def test_no_weights_and_no_network_names_both_ways(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(BloodcellError, match="--weights PATH.*network"):
         create_model("tf_mobilenetv3_small_100", 8, weights=None, pretrained=True)
+
+
+# ---------------------------------------------------------------- subclasses
+
+
+def test_subclasses_keep_frequent_ones_and_a_remainder():
+    from bloodcell.train import SubclassConfig, find_subclasses
+
+    names = ["ig", "neutrophil", "platelet"]
+    files = ([("MY_1.jpg", 0)] * 5 + [("MMY_2.jpg", 0)] * 5 + [("PMY_3.jpg", 0)] * 2  # PMY too rare
+             + [("BNE_4.jpg", 1)] * 5 + [("SNE_5.jpg", 1)] * 5                         # no remainder
+             + [("PLATELET_6.jpg", 2)] * 9 + [("odd.jpg", 2)])                          # one subclass only
+    paths = [f"data/{names[label]}/{name}" for name, label in files]
+    labels = [label for _, label in files]
+    config = SubclassConfig(min_images=5)
+    found = find_subclasses(paths, labels, names, config)
+    assert found.names == ["ig:MMY", "ig:MY", "ig", "neutrophil:BNE", "neutrophil:SNE", "platelet"]
+    assert found.parents == [0, 0, 0, 1, 1, 2]
+    fine = found.labels(paths, torch.tensor(labels), names, config)
+    assert fine.tolist() == [1] * 5 + [0] * 5 + [2] * 2 + [3] * 5 + [4] * 5 + [5] * 10
+    with pytest.raises(BloodcellError, match="subclass 'neutrophil:XNE' was not among"):
+        found.labels(["val/neutrophil/XNE_7.jpg"], torch.tensor([1]), names, config)
+
+
+def test_subclass_model_answers_with_summed_class_probabilities():
+    model, _ = create_model("cnn", 3, pretrained=False, subclass_parents=[0, 1, 1, 2, 1])
+    model.eval()
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        classes = model(images)
+        model.emit_subclasses = True
+        subclasses = model(images)
+    assert classes.shape == (4, 3) and subclasses.shape == (4, 5)
+    fine = subclasses.softmax(1)
+    summed = torch.stack([fine[:, 0], fine[:, [1, 2, 4]].sum(1), fine[:, 3]], 1)
+    assert torch.allclose(classes.softmax(1), summed, atol=1e-6)
+    with pytest.raises(BloodcellError, match="cover each of the 3 classes"):
+        create_model("cnn", 3, pretrained=False, subclass_parents=[0, 0, 2])
+
+
+def test_training_on_subclasses_predicts_classes_after_export(tmp_path):
+    """Real PBC file names (BNE_/SNE_, MY_/MMY_): trained on subclasses, every output is over the 8 classes."""
+    from bloodcell.evaluate import load_model
+    from bloodcell.predict import export_onnx, load_predictor
+
+    require(PBC224)
+    rng = np.random.default_rng(0)
+    check = []
+    for name in CLASS_NAMES:
+        files = sorted((PBC224 / name).glob("*.jpg"))
+        prefixes = {"neutrophil": ("BNE_", "SNE_"), "ig": ("MY_", "MMY_")}.get(name, ("",))
+        for prefix in prefixes:
+            chosen = [f for f in files if f.name.startswith(prefix)]
+            for k, index in enumerate(rng.choice(len(chosen), 8, replace=False)):
+                split = "train" if k < 6 else "val"
+                image = Image.open(chosen[index]).convert("RGB").resize((32, 32), Image.Resampling.BICUBIC)
+                (tmp_path / "data" / split / name).mkdir(parents=True, exist_ok=True)
+                image.save(tmp_path / "data" / split / name / chosen[index].name.replace(".jpg", ".png"))
+                check.append(np.asarray(image))
+    lines = []
+    config = cnn_config(tmp_path / "data", tmp_path / "run", subclasses={"min_images": 6},
+                        phases=[{"name": "train", "epochs": 2, "lr": 3e-3, "trainable": "all"}])
+    result = train(config, log=lines.append)
+    assert any("subclasses: 10 targets for 8 classes (ig:MMY, ig:MY, neutrophil:BNE, neutrophil:SNE)" in line
+               for line in lines)
+    assert all(0 <= row["train_accuracy"] <= 1 for row in result.rows)
+    model, meta = load_model(result.run_dir)
+    assert meta["subclasses"]["names"][3:5] == ["ig:MMY", "ig:MY"]
+    assert meta["subclasses"]["parents"] == [0, 1, 2, 3, 3, 4, 5, 6, 6, 7]
+    report = export_onnx(result.run_dir, tmp_path / "model.onnx", check_images=check[:16])
+    assert report["max_prob_diff"] < 1e-4
+    onnx_predictor = load_predictor(tmp_path / "model.onnx")
+    probabilities = onnx_predictor.probabilities(check[:16])
+    assert onnx_predictor.class_names == list(CLASS_NAMES) and probabilities.shape == (16, 8)
+    assert np.allclose(probabilities.sum(1), 1, atol=1e-5)
+
+
+def test_subclass_pattern_without_a_group_is_refused(tiny_data, tmp_path):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="has no group"):
+        cnn_config(tiny_data, tmp_path / "run", subclasses={"pattern": "^[A-Z]+_"})
+    with pytest.raises(ValidationError, match="not a regular expression"):
+        cnn_config(tiny_data, tmp_path / "run", subclasses={"pattern": "^([A-Z]+_"})

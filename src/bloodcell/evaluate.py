@@ -38,7 +38,9 @@ def load_model(path: str | Path) -> tuple[torch.nn.Module, dict]:
     tensors, _ = load_checkpoint(checkpoint)
     tensors = {k[6:] if k.startswith("model.") else k: v for k, v in tensors.items() if not k.startswith(("optim.", "ema."))}
     cnn = CNNConfig(**meta["cnn"]) if meta.get("cnn") else None
-    model, _ = create_model(meta["model"], len(meta["class_names"]), pretrained=False, cnn=cnn)
+    subclasses = meta.get("subclasses")
+    model, _ = create_model(meta["model"], len(meta["class_names"]), pretrained=False, cnn=cnn,
+                            subclass_parents=subclasses["parents"] if subclasses else None)
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:

@@ -52,15 +52,31 @@ class CustomCNN(nn.Module):
 class Classifier(nn.Module):
     """uint8 RGB in, logits out: normalisation is part of the network."""
 
-    def __init__(self, net: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
+    def __init__(self, net: nn.Module, mean: tuple[float, ...], std: tuple[float, ...],
+                 subclass_parents: list[int] | None = None):
         super().__init__()
         self.net = net
         self.register_buffer("scale", (1.0 / (255.0 * torch.tensor(std))).view(1, 3, 1, 1))
         self.register_buffer("shift", (torch.tensor(mean) / torch.tensor(std)).view(1, 3, 1, 1))
+        # With subclasses the network scores each subclass; the classifier still answers with
+        # classes, unless training asks for the subclasses' own logits (emit_subclasses).
+        self.emit_subclasses = False
+        mask = None
+        if subclass_parents is not None:
+            parents = torch.tensor(subclass_parents)
+            # log of the class-by-subclass membership matrix, -inf made finite for ONNX.
+            mask = torch.full((int(parents.max()) + 1, len(parents)), -1e4)
+            mask[parents, torch.arange(len(parents))] = 0.0
+        self.register_buffer("subclass_mask", mask)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         # (x / 255 - mean) / std, folded into one multiply-add.
-        return self.net(images.float() * self.scale - self.shift)
+        logits = self.net(images.float() * self.scale - self.shift)
+        if self.subclass_mask is None or self.emit_subclasses:
+            return logits
+        # A class's probability is the sum of its subclasses': softmax(logsumexp over each
+        # class's subclass logits) equals that sum exactly.
+        return torch.logsumexp(logits[:, None, :] + self.subclass_mask, dim=2)
 
 
 def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -112,10 +128,18 @@ def create_model(
     weights: str | Path | None = None,
     pretrained: bool = True,
     cnn: CNNConfig | None = None,
+    subclass_parents: list[int] | None = None,
 ) -> tuple[Classifier, dict]:
-    """Build a classifier and its preprocessing contract (mean, std, interpolation)."""
+    """Build a classifier and its preprocessing contract (mean, std, interpolation).
+
+    ``subclass_parents`` (each subclass's class index) makes the network score subclasses
+    and the classifier merge them back into ``num_classes`` classes.
+    """
+    outputs = len(subclass_parents) if subclass_parents is not None else num_classes
+    if subclass_parents is not None and sorted(set(subclass_parents)) != list(range(num_classes)):
+        raise BloodcellError(f"subclasses must cover each of the {num_classes} classes, got parents {subclass_parents}")
     if name == "cnn":
-        net = CustomCNN(num_classes, cnn)
+        net = CustomCNN(outputs, cnn)
         contract = {"mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
     else:
         import timm.data
@@ -124,8 +148,8 @@ def create_model(
         # Read the normalisation from the model's own pretrained config, never hard-code it.
         data_config = timm.data.resolve_data_config({}, model=net)
         contract = {"mean": tuple(data_config["mean"]), "std": tuple(data_config["std"])}
-        net.reset_classifier(num_classes)
-    return Classifier(net, contract["mean"], contract["std"]), contract
+        net.reset_classifier(outputs)
+    return Classifier(net, contract["mean"], contract["std"], subclass_parents), contract
 
 
 # ---------------------------------------------------------------- folded BatchNorm

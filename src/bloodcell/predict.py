@@ -341,7 +341,8 @@ def export_onnx(model: str | Path, out: str | Path, check_images: list[np.ndarra
         torch.onnx.export(net, (example,), str(traced), input_names=["images"], output_names=["logits"],
                           dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False)
         graph, merged = fuse_zero_padding(traced, Path(tmp) / "folded.onnx")  # ... and merges into the convolutions
-    contract = {k: meta.get(k) for k in ("model", "class_names", "image_size", "mean", "std", "temperature", "resize", "input", "framing")}
+    contract = {k: meta.get(k) for k in ("model", "class_names", "image_size", "mean", "std", "temperature", "resize", "input", "framing",
+                                       "subclasses")}
     contract["temperature"] = contract["temperature"] or 1.0
     graph.metadata_props.append(onnx.StringStringEntryProto(key="bloodcell", value=json.dumps(contract)))
     onnx.save(graph, str(out))

@@ -14,6 +14,7 @@ import csv
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from typing import Literal
 import numpy as np
 import torch
 import yaml
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from torch import nn
 
 from .augment import AugmentConfig, build_transform
@@ -47,6 +48,30 @@ class PhaseConfig(BaseModel):
         ):
             raise ValueError(f"trainable must be 'head', 'all' or 'top:N', got {self.trainable!r}")
         return self
+
+
+class SubclassConfig(BaseModel):
+    """Train on the subclasses that file names carry, answer with their classes.
+
+    PBC names each file after its cell type: ``BNE_`` band and ``SNE_`` segmented neutrophils,
+    ``MY_``, ``MMY_``, ``PMY_`` myelocytes, metamyelocytes and promyelocytes in the immature
+    granulocyte folder. A band neutrophil looks more like a metamyelocyte than like a segmented
+    neutrophil; one "neutrophil" target asks the network to put two unlike groups together.
+    """
+
+    pattern: str = Field(r"^([A-Za-z]+)_", description="regular expression on the file name; its first group names the subclass")
+    min_images: int = Field(50, ge=1, description="a subclass with fewer training images stays in its class's remainder")
+
+    @field_validator("pattern")
+    @classmethod
+    def _one_group(cls, pattern: str) -> str:
+        try:
+            groups = re.compile(pattern).groups
+        except re.error as exc:
+            raise ValueError(f"not a regular expression: {pattern!r} ({exc})") from None
+        if groups < 1:
+            raise ValueError(f"{pattern!r} has no group: put the subclass name in parentheses, e.g. ^([A-Za-z]+)_")
+        return pattern
 
 
 class TrainConfig(BaseModel):
@@ -78,6 +103,7 @@ class TrainConfig(BaseModel):
     ema_decay: float | None = Field(None, gt=0, lt=1)
     augment: AugmentConfig = AugmentConfig()
     framing: FramingConfig | None = Field(None, description="crop a window around the stained cell before the resize (bloodcell.framing)")
+    subclasses: SubclassConfig | None = Field(None, description="train on subclasses named in the file names (SubclassConfig)")
     cnn: CNNConfig = CNNConfig()
     workers: int = Field(0, ge=0, description="DataLoader worker processes; 0 augments in-process, faster on 2 cores (benchmarks/train_throughput.py)")
     recalibrate_images: int = Field(512, ge=1, description="training images used to recalibrate folded BatchNorm")
@@ -152,6 +178,49 @@ def load_split(source: Source, class_names: list[str], image_size: int, workers:
     if not images:
         raise BloodcellError(f"{source.root}: no readable images")
     return Split(torch.stack(images), torch.tensor(labels, dtype=torch.int64), paths)
+
+
+@dataclass
+class Subclasses:
+    names: list[str]  # "class:subclass", or the class's own name for its remainder
+    parents: list[int]  # each subclass's class index
+
+    def labels(self, paths: list[str], labels: torch.Tensor, class_names: list[str], config: SubclassConfig) -> torch.Tensor:
+        """Each image's subclass index; one of a subclass not trained on counts as its class's remainder."""
+        index = {name: i for i, name in enumerate(self.names)}
+        out = []
+        for path, label in zip(paths, labels.tolist()):
+            name = _subclass_name(path, class_names[label], config)
+            out.append(index.get(name, index.get(class_names[label], -1)))
+            if out[-1] < 0:
+                raise BloodcellError(f"{path}: subclass {name!r} was not among the training subclasses of {class_names[label]!r}")
+        return torch.tensor(out, dtype=torch.int64)
+
+
+def _subclass_name(path: str, class_name: str, config: SubclassConfig) -> str:
+    match = re.search(config.pattern, Path(path.split("::")[0]).name)
+    return f"{class_name}:{match.group(1)}" if match else class_name
+
+
+def find_subclasses(paths: list[str], labels: list[int], class_names: list[str], config: SubclassConfig) -> Subclasses:
+    """The subclasses to train on: those with at least ``min_images`` images, in classes that have two or more.
+
+    A class with fewer than two such subclasses stays one target; a class's images outside
+    its kept subclasses form its remainder, named after the class.
+    """
+    from collections import Counter
+
+    counts = Counter((label, _subclass_name(path, class_names[label], config)) for path, label in zip(paths, labels))
+    names, parents = [], []
+    for label, class_name in enumerate(class_names):
+        kept = sorted(name for (c, name), n in counts.items() if c == label and n >= config.min_images and name != class_name)
+        rest = sum(n for (c, name), n in counts.items() if c == label and name not in kept)
+        if len(kept) < 2:
+            kept, rest = [], 1  # one target for the class
+        for name in kept + ([class_name] if rest else []):
+            names.append(name)
+            parents.append(label)
+    return Subclasses(names, parents)
 
 
 class TensorImages(torch.utils.data.Dataset):
@@ -284,7 +353,9 @@ def macro_f1(confusion: torch.Tensor) -> float:
 
 
 def train_one_epoch(model, loader, criterion, optimizer, device, dist_info: Dist, grad_clip=None, ema=None,
-                    on_step: Callable[[int, float], None] | None = None) -> dict:
+                    on_step: Callable[[int, float], None] | None = None, parents: torch.Tensor | None = None) -> dict:
+    """One pass over ``loader``. With ``parents`` (each subclass's class) the targets are subclasses,
+    and the accuracy reported is still over classes."""
     model.train()
     freeze_batchnorm_stats(model)
     totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
@@ -302,7 +373,10 @@ def train_one_epoch(model, loader, criterion, optimizer, device, dist_info: Dist
         if ema is not None:
             ema.update_parameters(model)
         with torch.no_grad():
-            totals += torch.tensor([loss.item() * len(labels), (logits.argmax(1) == labels).sum().item(), len(labels)],
+            predicted = logits.argmax(1)
+            if parents is not None:
+                predicted, labels = parents[predicted], parents[labels]
+            totals += torch.tensor([loss.item() * len(labels), (predicted == labels).sum().item(), len(labels)],
                                    dtype=torch.float64)
         if on_step:
             on_step(len(labels), loss.item())
@@ -482,7 +556,8 @@ def epoch_loader(config: TrainConfig, split: Split, transform, epoch_index: int,
                                        persistent_workers=False)
 
 
-def write_run_files(run_dir: Path, config: TrainConfig, class_names: list[str], contract: dict) -> None:
+def write_run_files(run_dir: Path, config: TrainConfig, class_names: list[str], contract: dict,
+                    subclasses: Subclasses | None = None) -> None:
     """config.yaml (the resolved settings) and model.json (the preprocessing contract) of a run."""
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(json.loads(config.model_dump_json()), sort_keys=False))
@@ -492,6 +567,7 @@ def write_run_files(run_dir: Path, config: TrainConfig, class_names: list[str], 
         "resize": "PIL bicubic of the whole image (or of the framing crop) to image_size x image_size (bloodcell.data.preprocess)",
         "framing": config.framing.model_dump() if config.framing else None,
         "cnn": config.cnn.model_dump() if config.model == "cnn" else None,
+        "subclasses": {"names": subclasses.names, "parents": subclasses.parents} if subclasses else None,
     }, indent=2))
 
 
@@ -526,11 +602,19 @@ def train(config: TrainConfig | None, resume: Path | None = None, log: Callable[
         raise BloodcellError(f"{config.data}: data path not found")
     sources, class_names = _split_sources(Path(config.data))
     num_classes = len(class_names)
+    subclasses = None
+    if config.subclasses:
+        train_items = sources["train"].items
+        subclasses = find_subclasses([i.path for i in train_items], [i.label for i in train_items], class_names,
+                                     config.subclasses)
+        log(f"subclasses: {len(subclasses.names)} targets for {num_classes} classes "
+            f"({', '.join(n for n in subclasses.names if ':' in n) or 'none found: every class stays one target'})")
     # Seed before the model exists: a new head (or the whole custom CNN) is initialised from
     # the global generator, whose state at this point was not the same from one process to
     # the next (runs 11 and 12 of one config differed from epoch 1).
     _seed_everything(config.seed)
-    model, contract = create_model(config.model, num_classes, config.weights, config.pretrained, config.cnn)
+    model, contract = create_model(config.model, num_classes, config.weights, config.pretrained, config.cnn,
+                                   subclasses.parents if subclasses else None)
     model = model.to(device).to(memory_format=torch.channels_last)
 
     framing = config.framing.model_dump() if config.framing else None
@@ -549,9 +633,15 @@ def train(config: TrainConfig | None, resume: Path | None = None, log: Callable[
         log(f"folded BatchNorm detected: recalibrated {count} layers on {len(pick)} training images")
 
     if dist_info.main:
-        write_run_files(run_dir, config, class_names, contract)
+        write_run_files(run_dir, config, class_names, contract, subclasses)
 
     weights = _class_weights(config, train_split.labels, num_classes)
+    fit_split = train_split  # what the loss sees: classes, or subclasses
+    if subclasses:
+        fit_split = Split(train_split.images, subclasses.labels(train_split.paths, train_split.labels, class_names,
+                                                                config.subclasses), train_split.paths)
+        # Each subclass weighs as its class does: the classes' balance stays what it was.
+        weights = weights[torch.tensor(subclasses.parents)] if weights is not None else None
     criterion = nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None,
                                     label_smoothing=config.label_smoothing)
     eval_criterion = nn.CrossEntropyLoss()
@@ -597,13 +687,18 @@ def train(config: TrainConfig | None, resume: Path | None = None, log: Callable[
                 break
             # Each epoch's randomness depends only on (seed, epoch): resuming is exact.
             _seed_everything(config.seed * 100_003 + epoch_index)
-            loader = epoch_loader(config, train_split, transform, epoch_index, dist_info)
+            loader = epoch_loader(config, fit_split, transform, epoch_index, dist_info)
             on_step = None
             bar = None
             if progress_factory is not None and dist_info.main:
                 bar = progress_factory(f"epoch {epoch_index}/{config.epochs} ({phase.name})", len(loader.sampler) // max(dist_info.world, 1))
                 on_step = bar
-            train_stats = train_one_epoch(net, loader, criterion, optimizer, device, dist_info, config.grad_clip, ema, on_step)
+            model.emit_subclasses = subclasses is not None  # the loss is on subclasses; validation on classes
+            try:
+                train_stats = train_one_epoch(net, loader, criterion, optimizer, device, dist_info, config.grad_clip, ema,
+                                              on_step, torch.tensor(subclasses.parents, device=device) if subclasses else None)
+            finally:
+                model.emit_subclasses = False
             sync_buffers(model, dist_info)
             if ema is not None:
                 sync_buffers(ema, dist_info)
