@@ -361,3 +361,17 @@ def test_subclass_pattern_without_a_group_is_refused(tiny_data, tmp_path):
         cnn_config(tiny_data, tmp_path / "run", subclasses={"pattern": "^[A-Z]+_"})
     with pytest.raises(ValidationError, match="not a regular expression"):
         cnn_config(tiny_data, tmp_path / "run", subclasses={"pattern": "^([A-Z]+_"})
+
+
+def test_balanced_sampler_balances_classes_not_subclasses(tiny_data, tmp_path):
+    from bloodcell.train import Dist, Split, epoch_loader
+
+    # Class 0 has two subclasses (0, 1) of 300 images each; class 1 one subclass (2) of 300.
+    subclass_labels = torch.tensor([0] * 300 + [1] * 300 + [2] * 300)
+    class_labels = torch.tensor([0] * 600 + [1] * 300)
+    split = Split(torch.zeros(900, 3, 4, 4, dtype=torch.uint8), subclass_labels, [""] * 900)
+    config = cnn_config(tiny_data, tmp_path, balanced_sampler=True, batch_size=900)
+    loader = epoch_loader(config, split, None, 1, Dist(), class_labels)
+    _, drawn = next(iter(loader))
+    share_of_class_1 = (drawn == 2).float().mean().item()
+    assert 0.43 < share_of_class_1 < 0.57  # balanced by class: half; by subclass it would be a third

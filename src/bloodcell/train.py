@@ -538,8 +538,11 @@ def make_scheduler(config: TrainConfig, phase: PhaseConfig, optimizer: torch.opt
     return torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
 
 
-def epoch_loader(config: TrainConfig, split: Split, transform, epoch_index: int, dist_info) -> torch.utils.data.DataLoader:
-    """The training loader of one epoch; its order depends only on (seed, epoch), so resuming is exact."""
+def epoch_loader(config: TrainConfig, split: Split, transform, epoch_index: int, dist_info,
+                 balance_labels: torch.Tensor | None = None) -> torch.utils.data.DataLoader:
+    """The training loader of one epoch; its order depends only on (seed, epoch), so resuming is exact.
+
+    The balanced sampler balances ``balance_labels`` (the classes, when ``split`` holds subclasses)."""
     dataset = TensorImages(split, transform)
     generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch_index)
     if dist_info.world > 1:
@@ -547,7 +550,8 @@ def epoch_loader(config: TrainConfig, split: Split, transform, epoch_index: int,
                                                                   shuffle=True, seed=config.seed)
         sampler.set_epoch(epoch_index)
     elif config.balanced_sampler:
-        sample_weights = (1.0 / torch.bincount(split.labels).double())[split.labels]
+        labels = split.labels if balance_labels is None else balance_labels
+        sample_weights = (1.0 / torch.bincount(labels).double())[labels]
         sampler = torch.utils.data.WeightedRandomSampler(sample_weights, len(dataset), generator=generator)
     else:
         sampler = torch.utils.data.RandomSampler(dataset, generator=generator)
@@ -687,7 +691,7 @@ def train(config: TrainConfig | None, resume: Path | None = None, log: Callable[
                 break
             # Each epoch's randomness depends only on (seed, epoch): resuming is exact.
             _seed_everything(config.seed * 100_003 + epoch_index)
-            loader = epoch_loader(config, fit_split, transform, epoch_index, dist_info)
+            loader = epoch_loader(config, fit_split, transform, epoch_index, dist_info, train_split.labels)
             on_step = None
             bar = None
             if progress_factory is not None and dist_info.main:
