@@ -263,6 +263,19 @@ def test_training_options_run_together(tiny_data, tmp_path):
     assert any(k.startswith("ema.") for k in tensors)
 
 
+@pytest.mark.parametrize("buffers", ["averaged", "live"])
+def test_ema_batchnorm_statistics_averaged_or_live(tiny_data, tmp_path, buffers):
+    config = cnn_config(tiny_data, tmp_path / buffers, ema_decay=0.9, ema_buffers=buffers,
+                        phases=[{"name": "t", "epochs": 2, "lr": 3e-3}])
+    train(config, **QUIET)
+    tensors, _ = load_checkpoint(tmp_path / buffers / "last.safetensors")
+    live = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.") and k.endswith("running_mean")}
+    averaged = {k[len("ema.module."):]: v for k, v in tensors.items() if k.startswith("ema.module.") and k.endswith("running_mean")}
+    assert live and live.keys() == averaged.keys()
+    same = all(torch.equal(live[k], averaged[k]) for k in live)
+    assert same == (buffers == "live")
+
+
 def test_early_stopping_stops(tiny_data, tmp_path):
     # A learning rate too small to improve anything: patience 1 stops after 2 epochs.
     config = cnn_config(tiny_data, tmp_path / "es", early_stopping_patience=1, monitor="val_accuracy",

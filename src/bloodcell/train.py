@@ -101,6 +101,9 @@ class TrainConfig(BaseModel):
     balanced_sampler: bool = False
     grad_clip: float | None = None
     ema_decay: float | None = Field(None, gt=0, lt=1)
+    ema_buffers: Literal["averaged", "live"] = Field(
+        "averaged", description="the EMA model's BatchNorm statistics: averaged like its weights (torchvision's "
+        "references, timm), or copied from the live model (runs 13-15: EMA validation near chance until the weights settle)")
     augment: AugmentConfig = AugmentConfig()
     framing: FramingConfig | None = Field(None, description="crop a window around the stained cell before the resize (bloodcell.framing)")
     subclasses: SubclassConfig | None = Field(None, description="train on subclasses named in the file names (SubclassConfig)")
@@ -657,7 +660,8 @@ def train(config: TrainConfig | None, resume: Path | None = None, log: Callable[
 
     ema = None
     if config.ema_decay:
-        ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.ema_decay))
+        ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.ema_decay),
+                                                  use_buffers=config.ema_buffers == "averaged")
     net = model
     if dist_info.world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
