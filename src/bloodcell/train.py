@@ -610,7 +610,7 @@ def train(config: TrainConfig | None, resume: Path | None = None, log: Callable[
     sources, class_names = _split_sources(Path(config.data))
     num_classes = len(class_names)
     subclasses = None
-    if config.subclasses:
+    if config.subclasses is not None:
         train_items = sources["train"].items
         subclasses = find_subclasses([i.path for i in train_items], [i.label for i in train_items], class_names,
                                      config.subclasses)
