@@ -365,6 +365,13 @@ def test_training_on_subclasses_predicts_classes_after_export(tmp_path):
     probabilities = onnx_predictor.probabilities(check[:16])
     assert onnx_predictor.class_names == list(CLASS_NAMES) and probabilities.shape == (16, 8)
     assert np.allclose(probabilities.sum(1), 1, atol=1e-5)
+    # Static int8 must leave the merge in float (its -1e4 mask would flatten every logit).
+    from bloodcell.predict import nodes_after_classifier
+
+    assert any("ReduceLogSumExp" in name for name in nodes_after_classifier(tmp_path / "model.onnx"))
+    plain = train(cnn_config(tmp_path / "data", tmp_path / "plain", phases=[{"name": "t", "epochs": 1, "lr": 3e-3}]), **QUIET)
+    export_onnx(plain.run_dir, tmp_path / "plain.onnx")
+    assert nodes_after_classifier(tmp_path / "plain.onnx") == []
 
 
 def test_subclass_pattern_without_a_group_is_refused(tiny_data, tmp_path):
