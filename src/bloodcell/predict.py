@@ -296,8 +296,9 @@ def fuse_zero_padding(src: Path, work: Path):
     return model, len(merged)
 
 
-def _quantize_static(model: Path, out: Path, calibration: list[np.ndarray], size: int, framing: dict | None = None) -> None:
-    """int8 weights and activations (QDQ, per-channel), activation ranges from ``calibration``."""
+def _quantize_static(model: Path, out: Path, calibration: list[np.ndarray], size: int, framing: dict | None = None,
+                     exclude: list[str] | None = None) -> None:
+    """int8 weights and activations (QDQ, per-channel), activation ranges from ``calibration``; ``exclude`` stays float."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     batch = np.ascontiguousarray(np.stack([preprocess(image, size, framing) for image in calibration]).transpose(0, 3, 1, 2))
@@ -311,7 +312,7 @@ def _quantize_static(model: Path, out: Path, calibration: list[np.ndarray], size
 
     quantize_static(str(model), str(out), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    nodes_to_exclude=nodes_after_classifier(model))
+                    nodes_to_exclude=exclude or [])
 
 
 def nodes_after_classifier(model: Path) -> list[str]:
@@ -387,7 +388,9 @@ def export_onnx(model: str | Path, out: str | Path, check_images: list[np.ndarra
                 raise BloodcellError("static int8 needs calibration images: pass --check with 16 or more images")
             # Calibrate activation ranges on half of the check images; score on the other half.
             measured = measured[1::2]
-            _quantize_static(out, quantized, check_images[::2], size, meta.get("framing"))
+            # A subclass model's merge stays float; a plain model is quantized whole, as before.
+            _quantize_static(out, quantized, check_images[::2], size, meta.get("framing"),
+                             nodes_after_classifier(out) if meta.get("subclasses") else None)
         report["int8_mode"] = mode
         report["onnx_int8"] = str(quantized)
         report["int8_bytes"] = quantized.stat().st_size

@@ -217,10 +217,10 @@ def find_subclasses(paths: list[str], labels: list[int], class_names: list[str],
     names, parents = [], []
     for label, class_name in enumerate(class_names):
         kept = sorted(name for (c, name), n in counts.items() if c == label and n >= config.min_images and name != class_name)
-        rest = sum(n for (c, name), n in counts.items() if c == label and name not in kept)
         if len(kept) < 2:
-            kept, rest = [], 1  # one target for the class
-        for name in kept + ([class_name] if rest else []):
+            kept = []  # one target for the class
+        has_remainder = not kept or any(c == label and name not in kept for c, name in counts)
+        for name in kept + ([class_name] if has_remainder else []):
             names.append(name)
             parents.append(label)
     return Subclasses(names, parents)
@@ -644,6 +644,7 @@ def train(config: TrainConfig | None, resume: Path | None = None, log: Callable[
 
     weights = _class_weights(config, train_split.labels, num_classes)
     fit_split = train_split  # what the loss sees: classes, or subclasses
+    subclass_parents = torch.tensor(subclasses.parents, device=device) if subclasses else None
     if subclasses:
         fit_split = Split(train_split.images, subclasses.labels(train_split.paths, train_split.labels, class_names,
                                                                 config.subclasses), train_split.paths)
@@ -704,7 +705,7 @@ def train(config: TrainConfig | None, resume: Path | None = None, log: Callable[
             model.emit_subclasses = subclasses is not None  # the loss is on subclasses; validation on classes
             try:
                 train_stats = train_one_epoch(net, loader, criterion, optimizer, device, dist_info, config.grad_clip, ema,
-                                              on_step, torch.tensor(subclasses.parents, device=device) if subclasses else None)
+                                              on_step, subclass_parents)
             finally:
                 model.emit_subclasses = False
             sync_buffers(model, dist_info)
