@@ -62,6 +62,10 @@ def main() -> int:
 
     sizes = Counter(subclass(n) for n in names)
     errors_per_subclass = Counter(subclass(n) for errors in wrong.values() for n in errors)
+    taken_for = {s: Counter() for s in sizes}  # what each subclass's errors were called, over all runs
+    for run, errors in wrong.items():
+        for n in errors:
+            taken_for[subclass(n)][runs[run][n]["pred"]] += 1
     probabilities = np.mean([[[float(rows[n][c]) for c in classes] for n in names] for rows in runs.values()], axis=0)
     ensemble_wrong = [n for n, p in zip(names, probabilities) if classes[int(p.argmax())] != labels[n]]
 
@@ -73,7 +77,8 @@ def main() -> int:
         "images_wrong_in_k_runs": {str(k): v for k, v in sorted(Counter(times_wrong.values()).items())},
         "images_wrong_in_any_run": len(times_wrong),
         "subclasses": {s: {"images": sizes[s], "mean_errors_per_run": errors_per_subclass[s] / len(runs),
-                           "error_rate": errors_per_subclass[s] / len(runs) / sizes[s]} for s in sorted(sizes)},
+                           "error_rate": errors_per_subclass[s] / len(runs) / sizes[s],
+                           "taken_for": dict(taken_for[s].most_common())} for s in sorted(sizes)},
         "ensemble": {"errors": len(ensemble_wrong), "accuracy": 1 - len(ensemble_wrong) / len(names)},
         "often_wrong": [{"image": n, "label": labels[n], "wrong_in": times_wrong[n],
                          "predicted": [rows[n]["pred"] for rows in runs.values()]}
@@ -88,7 +93,8 @@ def main() -> int:
     print("mean errors per run by subclass:")
     for s, figures in sorted(result["subclasses"].items(), key=lambda kv: -kv[1]["mean_errors_per_run"]):
         if figures["mean_errors_per_run"]:
-            print(f"  {s:24s} {figures['mean_errors_per_run']:5.2f} of {figures['images']:4d} ({figures['error_rate']:.1%})")
+            print(f"  {s:24s} {figures['mean_errors_per_run']:5.2f} of {figures['images']:4d} ({figures['error_rate']:.1%})  "
+                  + ", ".join(f"{k} {v}" for k, v in figures["taken_for"].items()))
     print(f"wrong in at least {args.show} runs:")
     for row in result["often_wrong"]:
         print(f"  {row['wrong_in']}  {row['image']:24s} {row['label']:12s} -> {' '.join(row['predicted'])}")
