@@ -158,6 +158,7 @@ def test_predict_command(onnx_model, original_files, tmp_path):
     header = out.read_text().splitlines()[0].split(",")
     assert header[:4] == ["path", "pred", "confidence", "abstained"] and len(header) == 12
     assert "missing.jpg" in result.output and "Differential count" in result.output
+    assert "skipped " in result.output and "[yellow]" not in result.output  # styled, not raw markup
     nothing = runner.invoke(cli, ["predict", str(tmp_path / "missing.jpg"), "--model", onnx_model["onnx"]])
     assert nothing.exit_code == 2 and "no image could be read" in nothing.output
 

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from . import __version__
 from .data import BloodcellError
@@ -413,7 +414,8 @@ def predict(
                                       abstain_below=abstain_below,
                                       progress=item_progress(bar)(f"predicting ({predictor.backend})", None))
         for path, reason in bad:
-            console.print(f"[yellow]skipped[/] {path}: {reason}", highlight=False, markup=False)
+            # Styled as Text, so brackets in a file name are printed as they are, not parsed as markup.
+            console.print(Text.assemble(("skipped", "yellow"), f" {path}: {reason}"), highlight=False)
         if not rows:
             raise BloodcellError("no image could be read" + (f" ({len(bad)} refused)" if bad else ""))
         if out:
