@@ -63,3 +63,13 @@ def test_occluders_are_translucent_and_local(cell):
         if a.numel() > 300:
             corr.append(float(torch.corrcoef(torch.stack([a, b]))[0, 1]))
     assert corr and np.median(corr) > 0.3
+
+
+@pytest.mark.parametrize("settings", [{}, NOTHING, {"enabled": False}])
+def test_a_smaller_output_size_shrinks_every_kind_of_transform(cell, settings):
+    """Progressive resizing: with zoom, without zoom, with augmentation off, the crop comes out at the size asked."""
+    transform = build_transform(AugmentConfig(**settings), 64, output_size=48)
+    out = transform(cell)
+    assert out.dtype == torch.uint8 and out.shape == (3, 48, 48)
+    if settings == NOTHING:  # a plain resize: the same picture, smaller
+        assert abs(out.float().mean() - cell.float().mean()) < 3

@@ -17,9 +17,11 @@ from bloodcell.train import (
     TensorImages,
     TrainConfig,
     apply_phase,
+    epoch_image_size,
     load_checkpoint,
     load_split,
     parameter_groups,
+    scale_epochs,
     train,
     train_one_epoch,
 )
@@ -416,3 +418,41 @@ def test_training_accuracy_on_subclasses_counts_classes():
     with_parents = train_one_epoch(model, loader, criterion, optimizer, "cpu", Dist(), parents=torch.tensor([0, 0, 1]))
     without = train_one_epoch(model, loader, criterion, optimizer, "cpu", Dist())
     assert with_parents["accuracy"] == 1.0 and without["accuracy"] == 0.0
+
+
+def test_progressive_sizes_ramp_up_to_the_image_size():
+    config = TrainConfig(data=".", image_size=128, progressive={"start_size": 96, "epochs": 4, "step": 16})
+    sizes = [epoch_image_size(config, epoch) for epoch in range(1, 8)]
+    assert sizes[0] == 96 and sizes[4:] == [128, 128, 128]
+    assert sizes == sorted(sizes) and all(size % 16 == 0 for size in sizes)
+    assert epoch_image_size(TrainConfig(data=".", image_size=128), 1) == 128  # off: always the full size
+    with pytest.raises(ValueError, match="larger than image_size"):
+        TrainConfig(data=".", image_size=64, progressive={"start_size": 96})
+    with pytest.raises(ValueError, match="no epoch at image_size"):
+        TrainConfig(data=".", image_size=128, progressive={"epochs": 15})  # the default phases have 15 epochs
+    # A shortened run (--epochs, the quick profile) shortens the ramp and keeps a last epoch at full size.
+    long = TrainConfig(data=".", image_size=128, progressive={"start_size": 96, "epochs": 10},
+                       phases=[{"name": "a", "epochs": 2, "lr": 1e-3}, {"name": "b", "epochs": 18, "lr": 1e-3}])
+    assert scale_epochs(long, 4).progressive.epochs == 2
+    assert scale_epochs(long, 2).progressive.epochs == 1
+
+
+def test_progressive_training_feeds_small_crops_first_and_validates_at_full_size(tiny_data, tmp_path, monkeypatch):
+    import bloodcell.train as train_module
+
+    seen = {"train": [], "val": []}
+    real_train_one_epoch, real_evaluate = train_module.train_one_epoch, train_module.evaluate
+
+    def spy_train(model, loader, *args, **kwargs):
+        seen["train"].append(next(iter(loader))[0].shape[-1])
+        return real_train_one_epoch(model, loader, *args, **kwargs)
+
+    def spy_evaluate(model, loader, *args, **kwargs):
+        seen["val"].append(next(iter(loader))[0].shape[-1])
+        return real_evaluate(model, loader, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_one_epoch", spy_train)
+    monkeypatch.setattr(train_module, "evaluate", spy_evaluate)
+    run = train(cnn_config(tiny_data, tmp_path / "run", progressive={"start_size": 16, "epochs": 2, "step": 8}), **QUIET)
+    assert seen == {"train": [16, 24, 32], "val": [32, 32, 32]}
+    assert [int(row["train_size"]) for row in csv.DictReader(open(run.run_dir / "metrics.csv"))] == [16, 24, 32]

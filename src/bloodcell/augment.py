@@ -103,13 +103,19 @@ class Occlusions(torch.nn.Module):
         return out.clamp_(0, 255).round_().to(image.dtype)
 
 
-def build_transform(config: AugmentConfig, image_size: int) -> v2.Compose | None:
-    """The per-image training transform (uint8 CHW in, uint8 CHW out), or None."""
+def build_transform(config: AugmentConfig, image_size: int, output_size: int | None = None) -> v2.Compose | None:
+    """The per-image training transform (uint8 CHW in, uint8 CHW out), or None.
+
+    ``output_size`` smaller than ``image_size`` (progressive resizing) shrinks the crop; the
+    resize is antialiased, like the random resized crop's own."""
+    output_size = output_size or image_size
     if not config.enabled:
-        return None
+        return v2.Resize(output_size, antialias=True) if output_size != image_size else None
     steps: list = []
     if config.zoom_scale:
-        steps.append(v2.RandomResizedCrop(image_size, scale=config.zoom_scale, ratio=(0.9, 1.1), antialias=True))
+        steps.append(v2.RandomResizedCrop(output_size, scale=config.zoom_scale, ratio=(0.9, 1.1), antialias=True))
+    elif output_size != image_size:
+        steps.append(v2.Resize(output_size, antialias=True))
     if config.flips:
         steps += [v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()]
     if config.rot90:

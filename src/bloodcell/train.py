@@ -74,6 +74,31 @@ class SubclassConfig(BaseModel):
         return pattern
 
 
+class ProgressiveConfig(BaseModel):
+    """Progressive resizing (fastai's, EfficientNetV2's "progressive learning"): train the first
+    epochs on smaller crops, which cost fewer pixels, and grow them to ``image_size``.
+
+    The images are stored at ``image_size`` either way; only the training crop's output size
+    changes (the random resized crop, or a resize where zoom is off), so validation, the
+    checkpoint and the exported model always see ``image_size``.
+    """
+
+    start_size: int = Field(96, ge=16, description="crop size of the first epoch")
+    epochs: int = Field(20, ge=1, description="epochs (counted over all phases) over which the size grows to image_size")
+    step: int = Field(16, ge=1, description="sizes are multiples of this (whole blocks of the network's stride)")
+
+
+def epoch_image_size(config: "TrainConfig", epoch_index: int) -> int:
+    """The training crop size of epoch ``epoch_index`` (1-based): a linear ramp from the progressive
+    start size to ``image_size`` over ``progressive.epochs`` epochs, in multiples of ``step``."""
+    ramp = config.progressive
+    if ramp is None or epoch_index > ramp.epochs:
+        return config.image_size
+    fraction = (epoch_index - 1) / ramp.epochs
+    size = ramp.start_size + fraction * (config.image_size - ramp.start_size)
+    return min(config.image_size, max(ramp.step, int(round(size / ramp.step)) * ramp.step))
+
+
 class TrainConfig(BaseModel):
     data: Path
     model: str = "tf_mobilenetv3_small_100"
@@ -107,6 +132,7 @@ class TrainConfig(BaseModel):
     augment: AugmentConfig = AugmentConfig()
     framing: FramingConfig | None = Field(None, description="crop a window around the stained cell before the resize (bloodcell.framing)")
     subclasses: SubclassConfig | None = Field(None, description="train on subclasses named in the file names (SubclassConfig)")
+    progressive: ProgressiveConfig | None = Field(None, description="progressive resizing of the training crops (ProgressiveConfig)")
     cnn: CNNConfig = CNNConfig()
     workers: int = Field(0, ge=0, description="DataLoader worker processes; 0 augments in-process, faster on 2 cores (benchmarks/train_throughput.py)")
     recalibrate_images: int = Field(512, ge=1, description="training images used to recalibrate folded BatchNorm")
@@ -114,6 +140,15 @@ class TrainConfig(BaseModel):
     @property
     def epochs(self) -> int:
         return sum(p.epochs for p in self.phases)
+
+    @model_validator(mode="after")
+    def _check_progressive(self):
+        if self.progressive is not None and self.progressive.start_size > self.image_size:
+            raise ValueError(f"progressive.start_size {self.progressive.start_size} is larger than image_size {self.image_size}")
+        if self.progressive is not None and self.progressive.epochs >= self.epochs:
+            raise ValueError(f"progressive.epochs {self.progressive.epochs} leaves no epoch at image_size "
+                             f"(the run has {self.epochs}): the last epochs must train at the size the model is used at")
+        return self
 
 
 def scale_epochs(config: TrainConfig, total: int) -> TrainConfig:
@@ -124,7 +159,11 @@ def scale_epochs(config: TrainConfig, total: int) -> TrainConfig:
     counts = [max(1, round(p.epochs * total / current)) for p in config.phases]
     counts[-1] = max(1, total - sum(counts[:-1]))
     phases = [p.model_copy(update={"epochs": n}) for p, n in zip(config.phases, counts)]
-    return config.model_copy(update={"phases": phases})
+    progressive = config.progressive
+    if progressive is not None:  # the ramp shrinks with the run, and still ends before its last epoch
+        ramp = min(round(progressive.epochs * total / current), total - 1)
+        progressive = progressive.model_copy(update={"epochs": ramp}) if ramp >= 1 else None
+    return config.model_copy(update={"phases": phases, "progressive": progressive})
 
 
 # ---------------------------------------------------------------- data
@@ -653,7 +692,7 @@ def train(config: TrainConfig | None, resume: Path | None = None, log: Callable[
     criterion = nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None,
                                     label_smoothing=config.label_smoothing)
     eval_criterion = nn.CrossEntropyLoss()
-    transform = build_transform(config.augment, config.image_size)
+    transforms = {}  # one training transform per crop size (progressive resizing)
     val_loader = torch.utils.data.DataLoader(
         TensorImages(val_split), batch_size=config.batch_size * 2,
         sampler=torch.utils.data.distributed.DistributedSampler(TensorImages(val_split), dist_info.world, dist_info.rank, shuffle=False)
@@ -696,7 +735,10 @@ def train(config: TrainConfig | None, resume: Path | None = None, log: Callable[
                 break
             # Each epoch's randomness depends only on (seed, epoch): resuming is exact.
             _seed_everything(config.seed * 100_003 + epoch_index)
-            loader = epoch_loader(config, fit_split, transform, epoch_index, dist_info, train_split.labels)
+            size = epoch_image_size(config, epoch_index)
+            if size not in transforms:
+                transforms[size] = build_transform(config.augment, config.image_size, output_size=size)
+            loader = epoch_loader(config, fit_split, transforms[size], epoch_index, dist_info, train_split.labels)
             on_step = None
             bar = None
             if progress_factory is not None and dist_info.main:
@@ -729,7 +771,7 @@ def train(config: TrainConfig | None, resume: Path | None = None, log: Callable[
             row = {"epoch": epoch_index, "phase": phase.name, "train_loss": train_stats["loss"],
                    "train_accuracy": train_stats["accuracy"], "val_loss": val_stats["loss"],
                    "val_accuracy": val_stats["accuracy"], "val_macro_f1": val_stats["macro_f1"],
-                   "lr": epoch_lr, "images_per_s": train_stats["images_per_s"],
+                   "lr": epoch_lr, "images_per_s": train_stats["images_per_s"], "train_size": size,
                    "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
             rows.append(row)
             progress_state["epoch"] = epoch_index
@@ -738,6 +780,7 @@ def train(config: TrainConfig | None, resume: Path | None = None, log: Callable[
             log(f"epoch {epoch_index}/{config.epochs} [{phase.name}] train loss {row['train_loss']:.4f} "
                 f"acc {row['train_accuracy']:.4f} | val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.4f} "
                 f"macro-F1 {row['val_macro_f1']:.4f} | lr {row['lr']:.2e} | {row['images_per_s']:.0f} img/s"
+                + (f" at {size} px" if size != config.image_size else "")
                 + (" | best" if improved else ""))
             if dist_info.main:
                 meta_common = {"model": config.model, "class_names": class_names, "image_size": config.image_size,
@@ -788,7 +831,9 @@ def calibrate_run(run_dir: Path, val_split: Split, log: Callable[[str], None] = 
 
 def _write_metrics(rows: list[dict], run_dir: Path) -> None:
     with open(run_dir / "metrics.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        # A run resumed from an older version may lack later columns in its first rows.
+        fieldnames = list(dict.fromkeys(key for row in rows for key in row))
+        writer = csv.DictWriter(handle, fieldnames=fieldnames, restval="")
         writer.writeheader()
         writer.writerows(rows)
     _plot_curves(rows, run_dir)
