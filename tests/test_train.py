@@ -456,3 +456,16 @@ def test_progressive_training_feeds_small_crops_first_and_validates_at_full_size
     run = train(cnn_config(tiny_data, tmp_path / "run", progressive={"start_size": 16, "epochs": 2, "step": 8}), **QUIET)
     assert seen == {"train": [16, 24, 32], "val": [32, 32, 32]}
     assert [int(row["train_size"]) for row in csv.DictReader(open(run.run_dir / "metrics.csv"))] == [16, 24, 32]
+
+
+def test_metrics_csv_keeps_rows_written_before_a_column_existed(tmp_path):
+    """A run resumed from an older version has early rows without `train_size`: the file keeps them all."""
+    from bloodcell.train import _write_metrics
+
+    old = {"epoch": 1, "phase": "t", "train_loss": 1.0, "train_accuracy": 0.5, "val_loss": 1.0, "val_accuracy": 0.5,
+           "val_macro_f1": 0.4, "lr": 1e-3, "images_per_s": 10.0, "trainable_params": 5}
+    new = {**old, "epoch": 2, "train_size": 32}
+    _write_metrics([old, new], tmp_path)
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert [row["epoch"] for row in rows] == ["1", "2"]
+    assert [row["train_size"] for row in rows] == ["", "32"]

@@ -692,7 +692,6 @@ def train(config: TrainConfig | None, resume: Path | None = None, log: Callable[
     criterion = nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None,
                                     label_smoothing=config.label_smoothing)
     eval_criterion = nn.CrossEntropyLoss()
-    transforms = {}  # one training transform per crop size (progressive resizing)
     val_loader = torch.utils.data.DataLoader(
         TensorImages(val_split), batch_size=config.batch_size * 2,
         sampler=torch.utils.data.distributed.DistributedSampler(TensorImages(val_split), dist_info.world, dist_info.rank, shuffle=False)
@@ -735,10 +734,9 @@ def train(config: TrainConfig | None, resume: Path | None = None, log: Callable[
                 break
             # Each epoch's randomness depends only on (seed, epoch): resuming is exact.
             _seed_everything(config.seed * 100_003 + epoch_index)
-            size = epoch_image_size(config, epoch_index)
-            if size not in transforms:
-                transforms[size] = build_transform(config.augment, config.image_size, output_size=size)
-            loader = epoch_loader(config, fit_split, transforms[size], epoch_index, dist_info, train_split.labels)
+            size = epoch_image_size(config, epoch_index)  # smaller in the first epochs with progressive resizing
+            transform = build_transform(config.augment, config.image_size, output_size=size)  # cheap, draws nothing
+            loader = epoch_loader(config, fit_split, transform, epoch_index, dist_info, train_split.labels)
             on_step = None
             bar = None
             if progress_factory is not None and dist_info.main:
