@@ -16,7 +16,8 @@ recipe in 31 MB, where the device tool carries at most 64 MiB), so ``run`` train
 ``framing: null`` on the same crops, up to that compression loss: compare variants of one sweep with
 each other, not with the figures of a recipe on the original files.
 ``run`` gives each training ``--workers`` DataLoader processes, then scores its best checkpoint
-(temperature fitted on validation) on the test split, with and without 8-fold TTA. It prints
+(temperature fitted on validation) on the test split, with and without 8-fold TTA, and the last
+epoch's weights (``keep: last``; benchmarks/checkpoint_choice.py). It prints
 a table and writes benchmarks/results/sweep.json (or --json).
 """
 
@@ -100,15 +101,19 @@ def train_and_score(data: Path, config_path: Path, name: str, overrides: list[st
     if code != 0:
         result["log_tail"] = (root / f"{name}.log").read_text()[-2000:]
         return result
-    from bloodcell.evaluate import evaluate_model
+    from checkpoint_choice import write_last_epoch_run
 
-    test_count = sum(1 for _ in (data / "images" / "test").rglob("*.webp"))
-    for tta in (False, True):
-        metrics = evaluate_model(run_dir, data, root / f"{name}-eval{'-tta' if tta else ''}", tta=tta)
-        suffix = "_tta" if tta else ""
+    from bloodcell.evaluate import evaluate_model
+    from bloodcell.train import load_checkpoint
+
+    # The kept checkpoint, with and without TTA, and the last epoch's weights (keep: last).
+    last_dir = write_last_epoch_run(run_dir, root / f"{name}-last")
+    for suffix, model_dir, tta in (("", run_dir, False), ("_tta", run_dir, True), ("_last", last_dir, False)):
+        metrics = evaluate_model(model_dir, data, root / f"{name}-eval{suffix}", tta=tta)
         result.update({f"accuracy{suffix}": round(metrics["accuracy"], 4), f"macro_f1{suffix}": round(metrics["macro_f1"], 4),
                        f"ece{suffix}": round(metrics["ece"], 4),
-                       f"errors{suffix}": int(round((1 - metrics["accuracy"]) * test_count))})
+                       f"errors{suffix}": int(round((1 - metrics["accuracy"]) * metrics["count"]))})
+    result["best_epoch"] = load_checkpoint(run_dir / "best.safetensors")[1].get("epoch")
     return result
 
 
@@ -135,13 +140,13 @@ def run(data: Path, config_path: Path, variants: list[str], parallel: int, worke
     start = time.perf_counter()
     with ThreadPoolExecutor(parallel) as pool:
         list(pool.map(one, variants))
-    print(f"\n{'variant':<14} {'overrides':<34} {'min':>5} {'acc':>7} {'F1':>7} {'ECE':>7} {'acc TTA':>8}")
+    print(f"\n{'variant':<14} {'overrides':<34} {'min':>5} {'acc':>7} {'F1':>7} {'ECE':>7} {'acc TTA':>8} {'acc last':>8}")
     for r in sorted(results, key=lambda r: r["variant"]):
         if r["exit_code"]:
             print(f"{r['variant']:<14} failed (exit {r['exit_code']}):\n{r.get('log_tail', '')}")
             continue
         print(f"{r['variant']:<14} {','.join(r['overrides']) or '-':<34} {r['train_s'] / 60:5.1f} "
-              f"{r['accuracy']:7.4f} {r['macro_f1']:7.4f} {r['ece']:7.4f} {r['accuracy_tta']:8.4f}")
+              f"{r['accuracy']:7.4f} {r['macro_f1']:7.4f} {r['ece']:7.4f} {r['accuracy_tta']:8.4f} {r['accuracy_last']:8.4f}")
     print(f"sweep wall {(time.perf_counter() - start) / 60:.1f} min; {json_path}")
     return results
 

@@ -121,6 +121,9 @@ class TrainConfig(BaseModel):
     warmup_epochs: int = Field(0, ge=0)
     monitor: Literal["val_macro_f1", "val_accuracy", "val_loss"] = "val_macro_f1"
     early_stopping_patience: int = Field(5, ge=1)
+    keep: Literal["best", "last"] = Field(
+        "best", description="which epoch's weights best.safetensors holds: the best on `monitor`, or the last epoch's "
+        "(with EMA and a cosine decay to zero, validation cannot tell the last epochs apart: docs/experiments.md, run 19)")
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     class_weights: bool | Path = True
     balanced_sampler: bool = False
@@ -629,6 +632,17 @@ def save_resume_point(run_dir: Path, model: nn.Module, ema, optimizer, scheduler
                     {**meta, "optimizer": optim_meta, "scheduler": schedule_state})
 
 
+def last_epoch_weights(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The weights a run validated at its last epoch (the EMA's where it kept one), from ``last.safetensors``.
+
+    What ``keep: last`` would have kept; for comparing it with the best checkpoint of a finished run.
+    """
+    tensors, meta = load_checkpoint(Path(run_dir) / "last.safetensors")
+    ema = {k[len("ema.module."):]: v for k, v in tensors.items() if k.startswith("ema.module.")}
+    weights = ema or {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    return weights, {k: meta[k] for k in ("model", "class_names", "image_size", "mean", "std", "epoch") if k in meta}
+
+
 def train(config: TrainConfig | None, resume: Path | None = None, log: Callable[[str], None] = print,
           progress_factory=None, stop_after_epochs: int | None = None) -> TrainResult:
     """Train as configured.  ``resume`` continues a run directory from its ``last`` checkpoint."""
@@ -783,9 +797,9 @@ def train(config: TrainConfig | None, resume: Path | None = None, log: Callable[
             if dist_info.main:
                 meta_common = {"model": config.model, "class_names": class_names, "image_size": config.image_size,
                                "mean": contract["mean"], "std": contract["std"], "epoch": epoch_index}
-                if improved:
-                    best_weights = ema.module.state_dict() if ema is not None else model.state_dict()
-                    save_checkpoint(run_dir / "best.safetensors", dict(best_weights), {**meta_common, "val": {
+                if improved or config.keep == "last":
+                    kept_weights = ema.module.state_dict() if ema is not None else model.state_dict()
+                    save_checkpoint(run_dir / "best.safetensors", dict(kept_weights), {**meta_common, "keep": config.keep, "val": {
                         k: v for k, v in val_stats.items() if k != "confusion"}})
                 save_resume_point(run_dir, model, ema, optimizer, scheduler, {
                     **meta_common, "phase": phase_index, "progress": progress_state, "rows": rows})
