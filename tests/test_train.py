@@ -18,6 +18,7 @@ from bloodcell.train import (
     TrainConfig,
     apply_phase,
     epoch_image_size,
+    last_epoch_weights,
     load_checkpoint,
     load_split,
     parameter_groups,
@@ -117,6 +118,27 @@ def test_checkpoint_write_is_atomic(tiny_data, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         train_module.save_checkpoint(run.run_dir / "last.safetensors", {"x": torch.zeros(1)}, {})
     assert (run.run_dir / "last.safetensors").read_bytes() == before
+
+
+def test_keep_chooses_best_validation_or_last_epoch_weights(tiny_data, tmp_path):
+    # With an EMA, the kept weights are the EMA's; `keep: last` ships the last epoch's, whatever validation said.
+    three = [{"name": "train", "epochs": 3, "lr": 3e-3, "trainable": "all"}]
+    best = train(cnn_config(tiny_data, tmp_path / "best", ema_decay=0.9, phases=three), **QUIET)
+    last = train(cnn_config(tiny_data, tmp_path / "last", ema_decay=0.9, phases=three, keep="last"), **QUIET)
+    scores = [row["val_macro_f1"] for row in best.rows]
+    _, best_meta = load_checkpoint(best.run_dir / "best.safetensors")
+    assert best_meta["epoch"] == 1 + scores.index(max(scores)) and best_meta["keep"] == "best"
+    # Same seed, same data: the two trainings are the same up to what they keep.
+    assert [row["val_loss"] for row in best.rows] == [row["val_loss"] for row in last.rows]
+    kept, last_meta = load_checkpoint(last.run_dir / "best.safetensors")
+    assert last_meta["epoch"] == 3 and last_meta["keep"] == "last"
+    assert last_meta["val"]["macro_f1"] == pytest.approx(last.rows[-1]["val_macro_f1"])
+    ema_weights, meta = last_epoch_weights(best.run_dir)  # the same weights, read back from the resume point
+    assert meta["epoch"] == 3 and meta["val"]["macro_f1"] == pytest.approx(best.rows[-1]["val_macro_f1"])
+    assert ema_weights.keys() == kept.keys()
+    assert all(torch.equal(ema_weights[k], kept[k]) for k in kept)
+    live, _ = load_checkpoint(best.run_dir / "last.safetensors")
+    assert not all(torch.equal(live["model." + k], kept[k]) for k in kept)  # the EMA's, not the live model's
 
 
 @pytest.fixture(scope="module")

@@ -640,7 +640,11 @@ def last_epoch_weights(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
     tensors, meta = load_checkpoint(Path(run_dir) / "last.safetensors")
     ema = {k[len("ema.module."):]: v for k, v in tensors.items() if k.startswith("ema.module.")}
     weights = ema or {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    return weights, {k: meta[k] for k in ("model", "class_names", "image_size", "mean", "std", "epoch") if k in meta}
+    kept = {k: meta[k] for k in ("model", "class_names", "image_size", "mean", "std", "epoch") if k in meta}
+    if meta.get("rows"):  # the last epoch's validation figures, as a kept checkpoint records them
+        row = meta["rows"][-1]
+        kept["val"] = {"loss": row["val_loss"], "accuracy": row["val_accuracy"], "macro_f1": row["val_macro_f1"]}
+    return weights, kept
 
 
 def train(config: TrainConfig | None, resume: Path | None = None, log: Callable[[str], None] = print,
