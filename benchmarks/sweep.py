@@ -101,7 +101,7 @@ def train_and_score(data: Path, config_path: Path, name: str, overrides: list[st
     if code != 0:
         result["log_tail"] = (root / f"{name}.log").read_text()[-2000:]
         return result
-    from checkpoint_choice import write_last_epoch_run
+    from checkpoint_choice import write_last_epoch_run  # beside this file, on the path when run as a script
 
     from bloodcell.evaluate import evaluate_model
     from bloodcell.train import load_checkpoint
