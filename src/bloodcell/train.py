@@ -123,7 +123,7 @@ class TrainConfig(BaseModel):
     early_stopping_patience: int = Field(5, ge=1)
     keep: Literal["best", "last"] = Field(
         "best", description="which epoch's weights best.safetensors holds: the best on `monitor`, or the last epoch's "
-        "(over nine full recipes neither was better on average: docs/experiments.md, fifth session)")
+        "(over ten full recipes neither was better on average: docs/experiments.md, fifth session)")
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     class_weights: bool | Path = True
     balanced_sampler: bool = False
