@@ -461,6 +461,32 @@ def export(
                           f"{report['int8_agreement']:.1%} of the check images; do not use it")
 
 
+@app.command("distill-targets")
+def distill_targets(
+    teachers: list[Path] = typer.Argument(..., help="Teacher models: exported .onnx files or run directories; their probabilities are averaged."),
+    data: Path = typer.Option(..., "--data", "-d", help="The curated data the student trains on (`bloodcell curate` output)."),
+    out: Path = typer.Option(..., "--out", "-o", help="The .safetensors file to write."),
+    split: str = typer.Option("train", help="Which split to score (train: what the student learns from)."),
+):
+    """Score the training images with teacher models, for `train.distill` (knowledge distillation)."""
+    from .distill import item_key, save_targets, teacher_targets
+    from .train import _split_sources
+
+    with user_errors():
+        sources, class_names = _split_sources(data)
+        if split not in sources:
+            raise BloodcellError(f"{data}: no {split} split (found {', '.join(sources)})")
+        source = sources[split]
+        with progress_bar() as bar:
+            advance = item_progress(bar)(f"{len(teachers)} teacher(s) on {split}", len(source.items))
+            keys, probabilities, names = teacher_targets(teachers, source, class_names, on_chunk=advance)
+        save_targets(out, keys, probabilities, names, teachers)
+        label_of = {item_key(source, item): source.class_names[item.label] for item in source.items if item.label is not None}
+        agree = sum(names[int(row.argmax())] == label_of.get(key) for key, row in zip(keys, probabilities))
+        console.print(f"{len(keys)} images scored by {len(teachers)} teacher(s), agreeing with {agree / len(keys):.2%} "
+                      f"of the labels; written to {out}")
+
+
 @app.command()
 def serve(
     model: str = typer.Option("default", "--model", "-m", help="model.onnx, a run directory, or 'default'."),

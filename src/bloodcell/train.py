@@ -29,6 +29,7 @@ from torch import nn
 
 from .augment import AugmentConfig, build_transform
 from .data import BloodcellError, Source, load_item, open_source, preprocess
+from .distill import DistillConfig, DistillationLoss, path_key, targets_for
 from .framing import FramingConfig
 from .models import CNNConfig, create_model, has_folded_batchnorm, recalibrate_folded_batchnorm
 
@@ -136,6 +137,7 @@ class TrainConfig(BaseModel):
     framing: FramingConfig | None = Field(None, description="crop a window around the stained cell before the resize (bloodcell.framing)")
     subclasses: SubclassConfig | None = Field(None, description="train on subclasses named in the file names (SubclassConfig)")
     progressive: ProgressiveConfig | None = Field(None, description="progressive resizing of the training crops (ProgressiveConfig)")
+    distill: DistillConfig | None = Field(None, description="learn from teachers' probabilities as well (bloodcell.distill)")
     cnn: CNNConfig = CNNConfig()
     workers: int = Field(0, ge=0, description="DataLoader worker processes; 0 augments in-process, faster on 2 cores (benchmarks/train_throughput.py)")
     recalibrate_images: int = Field(512, ge=1, description="training images used to recalibrate folded BatchNorm")
@@ -177,6 +179,7 @@ class Split:
     images: torch.Tensor  # (N, 3, S, S) uint8, decoded and resized once
     labels: torch.Tensor  # (N,) int64
     paths: list[str]
+    soft: torch.Tensor | None = None  # (N, C) teachers' probabilities, when distilling
 
 
 def _split_sources(data: Path) -> tuple[dict[str, Source], list[str]]:
@@ -280,6 +283,8 @@ class TensorImages(torch.utils.data.Dataset):
         image = self.split.images[index]
         if self.transform is not None:
             image = self.transform(image)
+        if self.split.soft is not None:
+            return image, self.split.labels[index], self.split.soft[index]
         return image, self.split.labels[index]
 
 
@@ -400,16 +405,17 @@ def macro_f1(confusion: torch.Tensor) -> float:
 def train_one_epoch(model, loader, criterion, optimizer, device, dist_info: Dist, grad_clip=None, ema=None,
                     on_step: Callable[[int, float], None] | None = None, parents: torch.Tensor | None = None) -> dict:
     """One pass over ``loader``. With ``parents`` (each subclass's class) the targets are subclasses,
-    and the accuracy reported is still over classes."""
+    and the accuracy reported is still over classes. Batches may carry more targets after the
+    labels (teachers' probabilities); they are handed to ``criterion`` after the labels."""
     model.train()
     freeze_batchnorm_stats(model)
     totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
     start = time.perf_counter()
-    for images, labels in loader:
+    for images, labels, *more_targets in loader:
         images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         labels = labels.to(device, non_blocking=True)
         logits = model(images)
-        loss = criterion(logits, labels)
+        loss = criterion(logits, labels, *(t.to(device, non_blocking=True) for t in more_targets))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip:
@@ -709,6 +715,14 @@ def train(config: TrainConfig | None, resume: Path | None = None, log: Callable[
         weights = weights[torch.tensor(subclasses.parents)] if weights is not None else None
     criterion = nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None,
                                     label_smoothing=config.label_smoothing)
+    if config.distill is not None:
+        keys = [path_key(sources["train"].root, path) for path in train_split.paths]
+        fit_split = Split(fit_split.images, fit_split.labels, fit_split.paths,
+                          targets_for(config.distill.targets, keys, class_names))
+        criterion = DistillationLoss(criterion, config.distill.weight, config.distill.temperature, subclass_parents)
+        agree = float((fit_split.soft.argmax(1) == train_split.labels).float().mean())
+        log(f"distillation: teachers' targets for {len(keys)} training images from {config.distill.targets} "
+            f"(they agree with {agree:.2%} of the labels), weight {config.distill.weight}, temperature {config.distill.temperature}")
     eval_criterion = nn.CrossEntropyLoss()
     val_loader = torch.utils.data.DataLoader(
         TensorImages(val_split), batch_size=config.batch_size * 2,

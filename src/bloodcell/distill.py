@@ -1,0 +1,168 @@
+"""Knowledge distillation: trained models' probabilities as soft training targets.
+
+Hinton et al.'s recipe, offline: the teachers (one model, or several whose calibrated
+probabilities are averaged) score every training image once, before training, and the
+student learns from a mix of the true label and the teachers' distribution over the
+classes. Scoring once keeps the student's training exactly as fast as without a teacher,
+which a 2-core CPU needs: running ten teachers beside every training step would cost ten
+forward passes per step. The price is that the targets describe the whole framed image,
+not each augmented view of it.
+
+The targets file is safetensors (no pickle): a ``probabilities`` tensor (N x C) and, in its
+metadata, the class names, the teachers and each row's image key: the image's path inside
+its split folder (``neutrophil/SNE_1234.jpg``), or its array entry for ``.npz`` data. So a
+file made from one `bloodcell curate` output fits any other output of the same curation.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import BaseModel, Field
+from torch import nn
+
+from .data import BloodcellError, Item, Source, load_item
+
+
+class DistillConfig(BaseModel):
+    """Learn from teachers' soft targets as well as from the labels (``bloodcell distill-targets`` makes the file)."""
+
+    targets: Path = Field(description="safetensors file of the teachers' probabilities on the training images")
+    weight: float = Field(0.5, ge=0, le=1, description="share of the distillation term in the loss; the label's term gets the rest")
+    temperature: float = Field(2.0, gt=0, description="softens teacher and student alike; the term is scaled by its square (Hinton et al.)")
+
+
+def item_key(source: Source, item: Item) -> str:
+    """An image's name inside its split: the path under the split folder, or the npz array entry."""
+    return path_key(source.root, item.path)
+
+
+def path_key(root: Path, path: str) -> str:
+    if "::" in path:
+        return path.rpartition("::")[2]
+    try:
+        return Path(path).relative_to(root).as_posix()
+    except ValueError:
+        return Path(path).as_posix()
+
+
+def teacher_targets(teachers: Sequence[str | Path], source: Source, class_names: list[str] | None = None,
+                    chunk: int = 256, on_chunk: Callable[[int], None] | None = None) -> tuple[list[str], np.ndarray, list[str]]:
+    """The mean of the teachers' calibrated class probabilities on every readable image of ``source``.
+
+    Each teacher sees the image through its own recorded preprocessing (size, framing), so
+    teachers trained differently can be averaged. Returns (keys, probabilities, class names).
+    """
+    from .predict import load_predictor
+
+    if not teachers:
+        raise BloodcellError("distillation needs at least one teacher model")
+    predictors = [load_predictor(t) for t in teachers]
+    names = class_names or predictors[0].class_names
+    for predictor in predictors:
+        if sorted(predictor.class_names) != sorted(names):
+            raise BloodcellError(f"{predictor.source}: classes {predictor.class_names} differ from {names}")
+    order = [[p.class_names.index(c) for c in names] for p in predictors]
+    keys, rows = [], []
+    for start in range(0, len(source.items), chunk):
+        images, chunk_keys = [], []
+        for item in source.items[start : start + chunk]:
+            try:
+                images.append(load_item(source, item)[0])
+            except Exception:  # noqa: BLE001 - curation lists unreadable files; training skips them too
+                continue
+            chunk_keys.append(item_key(source, item))
+        if not images:
+            continue
+        total = np.zeros((len(images), len(names)), dtype=np.float64)
+        prepared: dict[str, np.ndarray] = {}  # teachers with the same preprocessing share the resized batch
+        for predictor, columns in zip(predictors, order):
+            contract = json.dumps([predictor.image_size, predictor.framing], sort_keys=True)
+            if contract not in prepared:
+                prepared[contract] = np.stack([predictor.prepare(image) for image in images]).transpose(0, 3, 1, 2)
+            logits = predictor.run(np.ascontiguousarray(prepared[contract])) / predictor.temperature
+            total += torch.softmax(torch.from_numpy(np.asarray(logits, dtype=np.float64)), 1).numpy()[:, columns]
+        keys += chunk_keys
+        rows.append(total / len(predictors))
+        if on_chunk:
+            on_chunk(len(images))
+    if not rows:
+        raise BloodcellError(f"{source.root}: no readable images to score")
+    return keys, np.concatenate(rows).astype(np.float32), list(names)
+
+
+def save_targets(path: str | Path, keys: list[str], probabilities: np.ndarray, class_names: list[str],
+                 teachers: Sequence[str | Path] = ()) -> None:
+    from safetensors.numpy import save_file
+
+    if len(keys) != len(probabilities) or len(set(keys)) != len(keys):
+        raise BloodcellError(f"{path}: {len(keys)} keys (some repeated?) for {len(probabilities)} rows")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"probabilities": np.ascontiguousarray(probabilities, dtype=np.float32)}, str(path), metadata={
+        "bloodcell_distill": json.dumps({"keys": keys, "class_names": class_names, "teachers": [str(t) for t in teachers]})})
+
+
+def load_targets(path: str | Path) -> tuple[dict[str, np.ndarray], list[str], dict]:
+    """(key -> probabilities, class names, the file's metadata)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise BloodcellError(f"{path}: distillation targets not found (make them with `bloodcell distill-targets`)")
+    try:
+        with safe_open(str(path), "np") as handle:
+            meta = json.loads((handle.metadata() or {})["bloodcell_distill"])
+            probabilities = handle.get_tensor("probabilities")
+    except Exception as exc:  # noqa: BLE001
+        raise BloodcellError(f"{path}: not a distillation targets file ({exc})") from None
+    if probabilities.ndim != 2 or probabilities.shape != (len(meta["keys"]), len(meta["class_names"])):
+        raise BloodcellError(f"{path}: probabilities of shape {probabilities.shape} do not fit "
+                             f"{len(meta['keys'])} images x {len(meta['class_names'])} classes")
+    return dict(zip(meta["keys"], probabilities)), meta["class_names"], meta
+
+
+def targets_for(path: str | Path, keys: list[str], class_names: list[str]) -> torch.Tensor:
+    """The targets of ``keys``, in order, columns in ``class_names`` order; every key must be there."""
+    table, names, _ = load_targets(path)
+    if sorted(names) != sorted(class_names):
+        raise BloodcellError(f"{path}: teachers' classes {names} differ from the training classes {class_names}")
+    missing = [k for k in keys if k not in table]
+    if missing:
+        raise BloodcellError(f"{path}: no teacher targets for {len(missing)} of {len(keys)} training images "
+                             f"(first: {missing[0]}); make them from the same curated data")
+    columns = [names.index(c) for c in class_names]
+    return torch.from_numpy(np.stack([table[k][columns] for k in keys]))
+
+
+class DistillationLoss(nn.Module):
+    """``(1 - weight) * hard(logits, labels) + weight * T^2 * KL(teacher_T || student_T)``.
+
+    With subclass outputs (``parents``: each output's class) the student's class
+    distribution is the sum of its subclasses' probabilities, as the exported model answers.
+    """
+
+    def __init__(self, hard: nn.Module, weight: float, temperature: float, parents: torch.Tensor | None = None):
+        super().__init__()
+        self.hard, self.weight, self.temperature = hard, weight, temperature
+        self.parents = parents
+
+    def class_log_probabilities(self, logits: torch.Tensor, temperature: float) -> torch.Tensor:
+        log_p = torch.log_softmax(logits / temperature, 1)
+        if self.parents is None:
+            return log_p
+        num_classes = int(self.parents.max()) + 1
+        mask = torch.full((num_classes, logits.shape[1]), float("-inf"), device=logits.device, dtype=log_p.dtype)
+        mask[self.parents, torch.arange(logits.shape[1], device=logits.device)] = 0.0
+        return torch.logsumexp(log_p[:, None, :] + mask, dim=2)
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        t = self.temperature
+        teacher_log = torch.log_softmax(torch.log(teacher.clamp_min(1e-8)) / t, 1)
+        student_log = self.class_log_probabilities(logits, t)
+        soft = (teacher_log.exp() * (teacher_log - student_log)).sum(1).mean() * t * t
+        return (1 - self.weight) * self.hard(logits, labels) + self.weight * soft
