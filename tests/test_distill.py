@@ -118,3 +118,9 @@ def test_cli_writes_targets_a_training_config_can_use(tiny_data, tmp_path):
     assert len(table) == 320 and meta["teachers"] == [str(teacher.run_dir)]
     missing = CliRunner().invoke(app, ["distill-targets", str(tmp_path / "nope.onnx"), "--data", str(tiny_data), "--out", str(out)])
     assert missing.exit_code != 0 and "nope.onnx: model not found" in missing.output and "Traceback" not in missing.output
+
+
+def test_training_refuses_missing_targets_before_it_starts(tiny_data, tmp_path):
+    with pytest.raises(BloodcellError, match="none.safetensors: distillation targets not found"):
+        train(cnn_config(tiny_data, tmp_path / "run", distill={"targets": tmp_path / "none.safetensors"}), **QUIET)
+    assert not (tmp_path / "run").exists()  # no half-made run directory is left behind

@@ -29,7 +29,7 @@ from torch import nn
 
 from .augment import AugmentConfig, build_transform
 from .data import BloodcellError, Source, load_item, open_source, preprocess
-from .distill import DistillConfig, DistillationLoss, path_key, targets_for
+from .distill import DistillConfig, DistillationLoss, load_targets, path_key, targets_for
 from .framing import FramingConfig
 from .models import CNNConfig, create_model, has_folded_batchnorm, recalibrate_folded_batchnorm
 
@@ -672,6 +672,8 @@ def train(config: TrainConfig | None, resume: Path | None = None, log: Callable[
         raise BloodcellError(f"{config.data}: data path not found")
     sources, class_names = _split_sources(Path(config.data))
     num_classes = len(class_names)
+    if config.distill is not None:
+        load_targets(config.distill.targets)  # a missing or unreadable file fails now, not after loading the images
     subclasses = None
     if config.subclasses is not None:
         train_items = sources["train"].items
