@@ -9,6 +9,7 @@ from bloodcell.data import BloodcellError, open_source, preprocess
 from bloodcell.distill import (
     DistillationLoss,
     item_key,
+    label_agreement,
     load_targets,
     save_targets,
     targets_for,
@@ -116,6 +117,12 @@ def test_cli_writes_targets_a_training_config_can_use(tiny_data, tmp_path):
     assert "320 images scored by 1 teacher(s)" in result.output
     table, names, meta = load_targets(out)
     assert len(table) == 320 and meta["teachers"] == [str(teacher.run_dir)]
+    source = open_source(tiny_data / "train.npz")
+    labels = np.array([item.label for item in source.items])
+    scored = np.stack([table[item_key(source, item)] for item in source.items])
+    share = float((scored.argmax(1) == labels).mean())
+    assert label_agreement(source, list(table), np.stack(list(table.values())), names) == pytest.approx(share)
+    assert f"agreeing with {share:.2%} of the labels" in result.output
     missing = CliRunner().invoke(app, ["distill-targets", str(tmp_path / "nope.onnx"), "--data", str(tiny_data), "--out", str(out)])
     assert missing.exit_code != 0 and "nope.onnx: model not found" in missing.output and "Traceback" not in missing.output
 

@@ -469,11 +469,11 @@ def distill_targets(
     split: str = typer.Option("train", help="Which split to score (train: what the student learns from)."),
 ):
     """Score the training images with teacher models, for `train.distill` (knowledge distillation)."""
-    from .distill import item_key, save_targets, teacher_targets
-    from .train import _split_sources
+    from .distill import label_agreement, save_targets, teacher_targets
+    from .train import split_sources
 
     with user_errors():
-        sources, class_names = _split_sources(data)
+        sources, class_names = split_sources(data)
         if split not in sources:
             raise BloodcellError(f"{data}: no {split} split (found {', '.join(sources)})")
         source = sources[split]
@@ -481,9 +481,8 @@ def distill_targets(
             advance = item_progress(bar)(f"{len(teachers)} teacher(s) on {split}", len(source.items))
             keys, probabilities, names = teacher_targets(teachers, source, class_names, on_chunk=advance)
         save_targets(out, keys, probabilities, names, teachers)
-        label_of = {item_key(source, item): source.class_names[item.label] for item in source.items if item.label is not None}
-        agree = sum(names[int(row.argmax())] == label_of.get(key) for key, row in zip(keys, probabilities))
-        console.print(f"{len(keys)} images scored by {len(teachers)} teacher(s), agreeing with {agree / len(keys):.2%} "
+        agree = label_agreement(source, keys, probabilities, names)
+        console.print(f"{len(keys)} images scored by {len(teachers)} teacher(s), agreeing with {agree:.2%} "
                       f"of the labels; written to {out}")
 
 

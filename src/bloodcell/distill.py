@@ -95,6 +95,13 @@ def teacher_targets(teachers: Sequence[str | Path], source: Source, class_names:
     return keys, np.concatenate(rows).astype(np.float32), list(names)
 
 
+def label_agreement(source: Source, keys: list[str], probabilities: np.ndarray, class_names: list[str]) -> float:
+    """The share of scored images whose most probable class is their label."""
+    label_of = {item_key(source, item): source.class_names[item.label] for item in source.items if item.label is not None}
+    agree = sum(class_names[int(row.argmax())] == label_of.get(key) for key, row in zip(keys, probabilities))
+    return agree / max(len(keys), 1)
+
+
 def save_targets(path: str | Path, keys: list[str], probabilities: np.ndarray, class_names: list[str],
                  teachers: Sequence[str | Path] = ()) -> None:
     from safetensors.numpy import save_file

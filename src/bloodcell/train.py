@@ -182,7 +182,7 @@ class Split:
     soft: torch.Tensor | None = None  # (N, C) teachers' probabilities, when distilling
 
 
-def _split_sources(data: Path) -> tuple[dict[str, Source], list[str]]:
+def split_sources(data: Path) -> tuple[dict[str, Source], list[str]]:
     """Find train/val(/test) in what `bloodcell curate` writes, or split a plain dataset."""
     curated = data / "images"
     if (curated / "train").is_dir() and (curated / "val").is_dir():
@@ -670,7 +670,7 @@ def train(config: TrainConfig | None, resume: Path | None = None, log: Callable[
         run_dir = make_run_dir(config)
     if not Path(config.data).exists():
         raise BloodcellError(f"{config.data}: data path not found")
-    sources, class_names = _split_sources(Path(config.data))
+    sources, class_names = split_sources(Path(config.data))
     num_classes = len(class_names)
     if config.distill is not None:
         load_targets(config.distill.targets)  # a missing or unreadable file fails now, not after loading the images
