@@ -84,8 +84,7 @@ def teacher_targets(teachers: Sequence[str | Path], source: Source, class_names:
             contract = json.dumps([predictor.image_size, predictor.framing], sort_keys=True)
             if contract not in prepared:
                 prepared[contract] = np.stack([predictor.prepare(image) for image in images]).transpose(0, 3, 1, 2)
-            logits = predictor.run(np.ascontiguousarray(prepared[contract])) / predictor.temperature
-            total += torch.softmax(torch.from_numpy(np.asarray(logits, dtype=np.float64)), 1).numpy()[:, columns]
+            total += predictor.prepared_probabilities(prepared[contract])[:, columns]
         keys += chunk_keys
         rows.append(total / len(predictors))
         if on_chunk:

@@ -50,7 +50,10 @@ class Predictor:
         """Class probabilities for decoded RGB uint8 images of any size."""
         if not images:
             return np.zeros((0, len(self.class_names)), dtype=np.float32)
-        batch = np.stack([self.prepare(image) for image in images]).transpose(0, 3, 1, 2)
+        return self.prepared_probabilities(np.stack([self.prepare(image) for image in images]).transpose(0, 3, 1, 2))
+
+    def prepared_probabilities(self, batch: np.ndarray) -> np.ndarray:
+        """Class probabilities for a uint8 (N, 3, S, S) batch already prepared as this model sees it."""
         logits = self.run(np.ascontiguousarray(batch)) / self.temperature
         logits = logits - logits.max(1, keepdims=True)
         exp = np.exp(logits)
