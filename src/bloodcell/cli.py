@@ -469,7 +469,7 @@ def distill_targets(
     split: str = typer.Option("train", help="Which split to score (train: what the student learns from)."),
 ):
     """Score the training images with teacher models, for `train.distill` (knowledge distillation)."""
-    from .distill import label_agreement, save_targets, teacher_targets
+    from .distill import label_disagreements, save_targets, teacher_targets, write_disagreements
     from .train import split_sources
 
     with user_errors():
@@ -481,9 +481,12 @@ def distill_targets(
             advance = item_progress(bar)(f"{len(teachers)} teacher(s) on {split}", len(source.items))
             keys, probabilities, names = teacher_targets(teachers, source, class_names, on_chunk=advance)
         save_targets(out, keys, probabilities, names, teachers)
-        agree = label_agreement(source, keys, probabilities, names)
-        console.print(f"{len(keys)} images scored by {len(teachers)} teacher(s), agreeing with {agree:.2%} "
-                      f"of the labels; written to {out}")
+        disagreements = label_disagreements(source, keys, probabilities, names)
+        listing = out.with_name(out.stem + ".disagreements.csv")
+        write_disagreements(listing, disagreements)
+        console.print(f"{len(keys)} images scored by {len(teachers)} teacher(s), agreeing with "
+                      f"{1 - len(disagreements) / len(keys):.2%} of the labels; written to {out}")
+        console.print(f"{len(disagreements)} images where the teachers' class is not the label: {listing}")
 
 
 @app.command()

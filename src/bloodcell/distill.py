@@ -94,11 +94,23 @@ def teacher_targets(teachers: Sequence[str | Path], source: Source, class_names:
     return keys, np.concatenate(rows).astype(np.float32), list(names)
 
 
-def label_agreement(source: Source, keys: list[str], probabilities: np.ndarray, class_names: list[str]) -> float:
-    """The share of scored images whose most probable class is their label."""
+def label_disagreements(source: Source, keys: list[str], probabilities: np.ndarray, class_names: list[str]) -> list[dict]:
+    """The scored images whose teachers' most probable class is not their label, most confident first:
+    on images the teachers were trained on, these are the labels worth a second look."""
     label_of = {item_key(source, item): source.class_names[item.label] for item in source.items if item.label is not None}
-    agree = sum(class_names[int(row.argmax())] == label_of.get(key) for key, row in zip(keys, probabilities))
-    return agree / max(len(keys), 1)
+    rows = [{"image": key, "label": label_of.get(key), "teachers": class_names[int(row.argmax())],
+             "probability": round(float(row.max()), 4)}
+            for key, row in zip(keys, probabilities) if class_names[int(row.argmax())] != label_of.get(key)]
+    return sorted(rows, key=lambda r: -r["probability"])
+
+
+def write_disagreements(path: str | Path, rows: list[dict]) -> None:
+    import csv
+
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["image", "label", "teachers", "probability"])
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def save_targets(path: str | Path, keys: list[str], probabilities: np.ndarray, class_names: list[str],
