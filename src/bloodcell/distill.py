@@ -25,7 +25,8 @@ import torch
 from pydantic import BaseModel, Field
 from torch import nn
 
-from .data import BloodcellError, Item, Source, load_item
+from .data import BloodcellError, Item, Source, iter_batches
+from .models import merge_subclasses, subclass_merge_mask
 
 
 class DistillConfig(BaseModel):
@@ -68,16 +69,11 @@ def teacher_targets(teachers: Sequence[str | Path], source: Source, class_names:
             raise BloodcellError(f"{predictor.source}: classes {predictor.class_names} differ from {names}")
     order = [[p.class_names.index(c) for c in names] for p in predictors]
     keys, rows = [], []
-    for start in range(0, len(source.items), chunk):
-        images, chunk_keys = [], []
-        for item in source.items[start : start + chunk]:
-            try:
-                images.append(load_item(source, item)[0])
-            except Exception:  # noqa: BLE001 - curation lists unreadable files; training skips them too
-                continue
-            chunk_keys.append(item_key(source, item))
+    for batch in iter_batches(source, chunk):  # unreadable files are skipped, as training skips them
+        images = batch.images
         if not images:
             continue
+        chunk_keys = [item_key(source, item) for item in batch.items]
         total = np.zeros((len(images), len(names)), dtype=np.float64)
         prepared: dict[str, np.ndarray] = {}  # teachers with the same preprocessing share the resized batch
         for predictor, columns in zip(predictors, order):
@@ -144,9 +140,11 @@ def load_targets(path: str | Path) -> tuple[dict[str, np.ndarray], list[str], di
     return dict(zip(meta["keys"], probabilities)), meta["class_names"], meta
 
 
-def targets_for(path: str | Path, keys: list[str], class_names: list[str]) -> torch.Tensor:
-    """The targets of ``keys``, in order, columns in ``class_names`` order; every key must be there."""
-    table, names, _ = load_targets(path)
+def targets_for(path: str | Path, keys: list[str], class_names: list[str],
+                loaded: tuple[dict[str, np.ndarray], list[str], dict] | None = None) -> torch.Tensor:
+    """The targets of ``keys``, in order, columns in ``class_names`` order; every key must be there.
+    ``loaded``: what :func:`load_targets` already read from ``path``."""
+    table, names, _ = loaded or load_targets(path)
     if sorted(names) != sorted(class_names):
         raise BloodcellError(f"{path}: teachers' classes {names} differ from the training classes {class_names}")
     missing = [k for k in keys if k not in table]
@@ -167,16 +165,12 @@ class DistillationLoss(nn.Module):
     def __init__(self, hard: nn.Module, weight: float, temperature: float, parents: torch.Tensor | None = None):
         super().__init__()
         self.hard, self.weight, self.temperature = hard, weight, temperature
-        self.parents = parents
+        # The network's own merge of subclasses into classes, built once.
+        self.mask = subclass_merge_mask(parents.cpu()).to(parents.device) if parents is not None else None
 
     def class_log_probabilities(self, logits: torch.Tensor, temperature: float) -> torch.Tensor:
         log_p = torch.log_softmax(logits / temperature, 1)
-        if self.parents is None:
-            return log_p
-        num_classes = int(self.parents.max()) + 1
-        mask = torch.full((num_classes, logits.shape[1]), float("-inf"), device=logits.device, dtype=log_p.dtype)
-        mask[self.parents, torch.arange(logits.shape[1], device=logits.device)] = 0.0
-        return torch.logsumexp(log_p[:, None, :] + mask, dim=2)
+        return log_p if self.mask is None else merge_subclasses(log_p, self.mask)
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         t = self.temperature

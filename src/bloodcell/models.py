@@ -61,22 +61,28 @@ class Classifier(nn.Module):
         # With subclasses the network scores each subclass; the classifier still answers with
         # classes, unless training asks for the subclasses' own logits (emit_subclasses).
         self.emit_subclasses = False
-        mask = None
-        if subclass_parents is not None:
-            parents = torch.tensor(subclass_parents)
-            # log of the class-by-subclass membership matrix, -inf made finite for ONNX.
-            mask = torch.full((int(parents.max()) + 1, len(parents)), -1e4)
-            mask[parents, torch.arange(len(parents))] = 0.0
-        self.register_buffer("subclass_mask", mask)
+        self.register_buffer("subclass_mask", subclass_merge_mask(subclass_parents) if subclass_parents is not None else None)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         # (x / 255 - mean) / std, folded into one multiply-add.
         logits = self.net(images.float() * self.scale - self.shift)
         if self.subclass_mask is None or self.emit_subclasses:
             return logits
-        # A class's probability is the sum of its subclasses': softmax(logsumexp over each
-        # class's subclass logits) equals that sum exactly.
-        return torch.logsumexp(logits[:, None, :] + self.subclass_mask, dim=2)
+        return merge_subclasses(logits, self.subclass_mask)
+
+
+def subclass_merge_mask(parents) -> torch.Tensor:
+    """Log of the class-by-subclass membership matrix (classes x subclasses), -inf made finite for ONNX."""
+    parents = torch.as_tensor(parents)
+    mask = torch.full((int(parents.max()) + 1, len(parents)), -1e4)
+    mask[parents, torch.arange(len(parents))] = 0.0
+    return mask
+
+
+def merge_subclasses(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Class logits from subclass logits (or log-probabilities): a class's probability is the sum of
+    its subclasses', since softmax of the log-sum-exp over each class's subclasses equals that sum exactly."""
+    return torch.logsumexp(logits[:, None, :] + mask, dim=2)
 
 
 def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:

@@ -672,8 +672,8 @@ def train(config: TrainConfig | None, resume: Path | None = None, log: Callable[
         raise BloodcellError(f"{config.data}: data path not found")
     sources, class_names = split_sources(Path(config.data))
     num_classes = len(class_names)
-    if config.distill is not None:
-        load_targets(config.distill.targets)  # a missing or unreadable file fails now, not after loading the images
+    # A missing or unreadable targets file fails now, not after loading the images.
+    teacher_file = load_targets(config.distill.targets) if config.distill is not None else None
     subclasses = None
     if config.subclasses is not None:
         train_items = sources["train"].items
@@ -720,7 +720,7 @@ def train(config: TrainConfig | None, resume: Path | None = None, log: Callable[
     if config.distill is not None:
         keys = [path_key(sources["train"].root, path) for path in train_split.paths]
         fit_split = Split(fit_split.images, fit_split.labels, fit_split.paths,
-                          targets_for(config.distill.targets, keys, class_names))
+                          targets_for(config.distill.targets, keys, class_names, teacher_file))
         criterion = DistillationLoss(criterion, config.distill.weight, config.distill.temperature, subclass_parents)
         agree = float((fit_split.soft.argmax(1) == train_split.labels).float().mean())
         log(f"distillation: teachers' targets for {len(keys)} training images from {config.distill.targets} "
