@@ -58,7 +58,9 @@ def main() -> int:
     header = list(next(iter(first.values())))
     classes = header[header.index("confidence") + 1:]
     labels = {n: first[n]["label"] for n in names}
-    wrong = {run: {n for n in names if rows[n]["pred"] != labels[n]} for run, rows in runs.items()}
+    # Lists, not sets: the order of images with equal counts below then follows the file names,
+    # so the same runs give the same JSON every time.
+    wrong = {run: [n for n in names if rows[n]["pred"] != labels[n]] for run, rows in runs.items()}
     times_wrong = Counter(n for errors in wrong.values() for n in errors)
 
     def subclass(name: str) -> str:
