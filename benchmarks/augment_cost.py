@@ -6,8 +6,9 @@
 The recipe augments in the training process (`train.workers: 0`), so every millisecond of
 augmentation adds to every step. For the config's augmentation, and the same with AugMix
 switched on at each probability of --augmix, it times the per-image transform on real
-training images, framed and resized as training stores them, then one training step of
-the config's model (MobileNetV3-Small, every layer trainable, batch 64, channels_last).
+training images, framed and resized as training stores them, then a training step of the
+config's model as `benchmarks/backbones.py` times it (every layer trainable, batch 64,
+channels_last).
 "share_of_step" is the augmentation's part of the time an image takes through both.
 Writes benchmarks/results/augment_cost.json.
 """
@@ -27,6 +28,8 @@ from bloodcell.data import open_source
 from bloodcell.models import create_model
 from bloodcell.train import load_split
 
+from backbones import steps_per_s  # the training step that benchmarks/backbones.py times
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
@@ -38,22 +41,6 @@ def ms_per_image(transform, images: torch.Tensor) -> float:
     for image in images:
         transform(image)
     return (time.perf_counter() - start) / len(images) * 1000
-
-
-def step_ms_per_image(model_name: str, size: int, batch: int = 64, steps: int = 8) -> float:
-    model, _ = create_model(model_name, 8, pretrained=False)
-    model = model.train().to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
-    labels = torch.randint(0, 8, (batch,))
-    loss_fn = torch.nn.CrossEntropyLoss()
-    for step in range(steps + 3):
-        if step == 3:
-            start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        loss_fn(model(images), labels).backward()
-        optimizer.step()
-    return (time.perf_counter() - start) / (steps * batch) * 1000
 
 
 def main() -> None:
@@ -72,7 +59,8 @@ def main() -> None:
     images = load_split(source, source.class_names, size, framing=train_config.get("framing")).images
 
     torch.manual_seed(0)
-    step_ms = step_ms_per_image(train_config["model"], size)
+    model, _ = create_model(train_config["model"], 8, pretrained=False)
+    step_ms = 1000 / (steps_per_s(model, size, steps=8) * 64)
     results = {"config": str(args.config), "image_size": size, "images": len(images), "threads": torch.get_num_threads(),
                "train_step_ms_per_image": step_ms, "augment": {}}
     print(f"training step: {step_ms:.2f} ms/image ({1000 / step_ms:.0f} img/s without augmentation)")
