@@ -19,9 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from bloodcell.curate import curate
-from bloodcell.evaluate import evaluate_model
-from bloodcell.predict import DEFAULT_MODEL_DIR
+from bloodcell.curation import curate
+from bloodcell.evaluation import evaluate_model
+from bloodcell.inference import DEFAULT_MODEL_DIR
 
 HERE = Path(__file__).resolve().parent
 

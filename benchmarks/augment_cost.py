@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 import yaml
 
-from bloodcell.augment import AugmentConfig, build_transform
+from bloodcell.data.augment import AugmentConfig, build_transform
 from bloodcell.data import open_source
 from bloodcell.models import create_model
-from bloodcell.train import load_split
+from bloodcell.data.splits import load_split
 
 from backbones import steps_per_s  # the training step that benchmarks/backbones.py times
 

@@ -33,7 +33,11 @@ def run_data(run_dir: Path) -> Path:
 
 def write_last_epoch_run(run_dir: Path, out: Path) -> Path:
     """A copy of ``run_dir``'s model files whose kept checkpoint is the last epoch's weights, calibrated on validation."""
-    from bloodcell.train import split_sources, calibrate_run, last_epoch_weights, load_split, save_checkpoint
+    from bloodcell.data import training_sources
+    from bloodcell.evaluation.calibration import calibrate_run
+    from bloodcell.training.saver import last_epoch_weights
+    from bloodcell.data.splits import load_split
+    from bloodcell.models import save_checkpoint
 
     out.mkdir(parents=True, exist_ok=True)
     for name in ("model.json", "config.yaml"):
@@ -41,7 +45,7 @@ def write_last_epoch_run(run_dir: Path, out: Path) -> Path:
     weights, meta = last_epoch_weights(run_dir)
     save_checkpoint(out / "best.safetensors", weights, {**meta, "keep": "last"})
     model_meta = json.loads((out / "model.json").read_text())
-    sources, _ = split_sources(run_data(run_dir))  # the validation split as training found it
+    sources, _ = training_sources(run_data(run_dir))  # the validation split as training found it
     val_split = load_split(sources["val"], model_meta["class_names"], model_meta["image_size"],
                            framing=model_meta.get("framing"))
     calibrate_run(out, val_split, log=lambda _: None)
@@ -50,8 +54,8 @@ def write_last_epoch_run(run_dir: Path, out: Path) -> Path:
 
 def compare(run_dir: Path, work: Path, corruptions: bool = False) -> dict:
     """Score the best-validation and the last-epoch weights of one run on its test split."""
-    from bloodcell.evaluate import evaluate_model
-    from bloodcell.train import load_checkpoint
+    from bloodcell.evaluation import evaluate_model
+    from bloodcell.models import load_checkpoint
 
     data = run_data(run_dir)
     last_dir = write_last_epoch_run(run_dir, work / "last")

@@ -33,8 +33,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bloodcell import hashing, synthetic
-from bloodcell.curate import CurateConfig, curate
+from bloodcell.curation import hashing
+from bloodcell.data import synthetic
+from bloodcell.curation import CurateConfig, curate
 from bloodcell.data import CLASS_NAMES, open_source
 
 HERE = Path(__file__).resolve().parent
@@ -186,7 +187,7 @@ def imagededup_run(images, kind, origin, md5, pbc: Path) -> dict:
 
 
 def bloodcell_folder_rate(pbc: Path) -> float:
-    from bloodcell.curate import scan
+    from bloodcell.curation import scan
 
     source = open_source(pbc)
     start = time.perf_counter()

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bloodcell import hashing, synthetic
+from bloodcell.curation import hashing
+from bloodcell.data import synthetic
 
 HERE = Path(__file__).resolve().parent
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from bloodcell.data import iter_batches, open_source, preprocess
-from bloodcell.predict import load_predictor
+from bloodcell.inference import load_predictor
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

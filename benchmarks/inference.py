@@ -95,8 +95,9 @@ def main():
     import torch
 
     from bloodcell.data import preprocess
-    from bloodcell.evaluate import load_model
-    from bloodcell.predict import ParallelRunner, check_set, export_onnx, load_predictor, onnx_session
+    from bloodcell.models import load_model
+    from bloodcell.inference import ParallelRunner, load_predictor, onnx_session
+    from bloodcell.inference.export import check_set, export_onnx
 
     files = sorted(args.pbc.glob("*/*.jpg"))[:: max(len(list(args.pbc.glob("*/*.jpg"))) // args.batch, 1)][: args.batch]
     images = [np.asarray(Image.open(f).convert("RGB")) for f in files]
@@ -119,7 +120,7 @@ def main():
         results["framing"] = framing
         # Preprocessing of decoded 224 px images, one thread: the resize alone, and with the
         # cell-framing step (localisation and crop) that a model trained with framing adds.
-        from bloodcell.framing import FramingConfig
+        from bloodcell.data.framing import FramingConfig
 
         results["preprocess_images_per_s_one_thread"] = {
             "resize": batch_rate(lambda b: [preprocess(im, size) for im in b], images, 3),

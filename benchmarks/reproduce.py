@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from bloodcell import pipeline
-from bloodcell.predict import DEFAULT_MODEL_DIR
+from bloodcell.workflows import pipeline
+from bloodcell.inference import DEFAULT_MODEL_DIR
 
 HERE = Path(__file__).resolve().parent
 RECIPE = HERE.parent / "src" / "bloodcell" / "configs" / "default_model.yaml"

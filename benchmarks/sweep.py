@@ -103,8 +103,8 @@ def train_and_score(data: Path, config_path: Path, name: str, overrides: list[st
         return result
     from checkpoint_choice import write_last_epoch_run  # beside this file, on the path when run as a script
 
-    from bloodcell.evaluate import evaluate_model
-    from bloodcell.train import load_checkpoint
+    from bloodcell.evaluation import evaluate_model
+    from bloodcell.models import load_checkpoint
 
     # The kept checkpoint, with and without TTA, and the last epoch's weights (keep: last).
     last_dir = write_last_epoch_run(run_dir, root / f"{name}-last")

@@ -31,7 +31,7 @@ from torchvision import datasets
 from torchvision.transforms import v2
 
 from bloodcell.data import CLASS_NAMES
-from bloodcell.train import TrainConfig, train
+from bloodcell.training import TrainConfig, train
 
 HERE = Path(__file__).resolve().parent
 WEIGHTS = HERE.parent.parent / "shared" / "weights" / "tf_mobilenetv3_small_100.from_tflite_int8ptq.safetensors"

@@ -6,6 +6,7 @@ contaminants and near duplicates are made with bloodcell.synthetic.
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -13,15 +14,28 @@ import numpy as np
 import pytest
 from PIL import Image
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# The datasets folder: BLOODCELL_DATA, or ../shared/data beside the repository (the Makefile's default).
+SHARED = Path(os.environ.get("BLOODCELL_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 ORIGINALS = SHARED / "pbc-originals"
 PBC224 = SHARED / "pbc224"
+DATA_MISSING = f"PBC data not found at {SHARED} (set BLOODCELL_DATA to the folder holding pbc224/ and pbc-originals/)"
+_skipped_for_data: list[str] = []
 
 
 def require(path: Path) -> Path:
     if not path.exists():
-        pytest.skip(f"{path} not found: the shared PBC data must sit beside the repository")
+        pytest.skip(DATA_MISSING)
     return path
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and isinstance(report.longrepr, tuple) and DATA_MISSING in str(report.longrepr[2]):
+        _skipped_for_data.append(report.nodeid)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _skipped_for_data:
+        terminalreporter.write_line(f"{len(set(_skipped_for_data))} tests skipped: {DATA_MISSING}")
 
 
 @pytest.fixture(scope="session")
@@ -32,7 +46,7 @@ def original_files() -> list[Path]:
 @pytest.fixture(scope="session")
 def dirty_folder(tmp_path_factory, original_files) -> dict:
     """A class-folder dataset of the 200 real originals (mixed sizes) with known injected problems."""
-    from bloodcell import synthetic
+    from bloodcell.data import synthetic
 
     root = tmp_path_factory.mktemp("dirty") / "cells"
     rng = np.random.default_rng(7)

@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bloodcell.augment import AugmentConfig, build_transform
+from bloodcell.data.augment import AugmentConfig, build_transform
 
 from .conftest import ORIGINALS, require
 
@@ -48,7 +48,7 @@ def test_augmentation_is_seeded(cell):
 
 def test_occluders_are_translucent_and_local(cell):
     """An occluder covers part of the image and lets the cell show through; the rest is untouched."""
-    from bloodcell.augment import Occlusions
+    from bloodcell.data.augment import Occlusions
 
     big = torch.nn.functional.interpolate(cell[None].float(), size=128, mode="bilinear")[0].round().to(torch.uint8)
     torch.manual_seed(1)

@@ -74,7 +74,7 @@ def test_train_without_data_is_explained():
 def test_recipe_overrides_are_validated_before_any_work(tmp_path):
     import yaml
 
-    from bloodcell.pipeline import packaged_config
+    from bloodcell.workflows import packaged_config
 
     config = tmp_path / "recipe.yaml"
     config.write_text(yaml.safe_dump(packaged_config("default_model.yaml")))

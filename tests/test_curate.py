@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bloodcell import curate as C
+from bloodcell import curation as C
 from bloodcell.data import BloodcellError
 
 from .conftest import tree_digest
@@ -182,7 +182,7 @@ def test_leakage_check_finds_copies_across_datasets(tmp_path, original_files):
     for f in original_files[30:50]:
         (test / f.name).write_bytes(f.read_bytes())
     (test / "leak_exact.jpg").write_bytes(original_files[5].read_bytes())
-    from bloodcell import synthetic
+    from bloodcell.data import synthetic
 
     near = synthetic.jpeg_reencode(np.asarray(Image.open(original_files[6]).convert("RGB")), 70)
     Image.fromarray(near).save(test / "leak_near.png")

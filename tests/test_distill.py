@@ -8,16 +8,10 @@ import torch
 from torch import nn
 
 from bloodcell.data import BloodcellError, open_source, preprocess
-from bloodcell.distill import (
-    DistillationLoss,
-    item_key,
-    load_targets,
-    save_targets,
-    targets_for,
-    teacher_targets,
-)
-from bloodcell.evaluate import load_model
-from bloodcell.train import train
+from bloodcell.training.distill import DistillationLoss, targets_for
+from bloodcell.inference.teachers import item_key, load_targets, save_targets, teacher_targets
+from bloodcell.models import load_model
+from bloodcell.training import train
 
 from .test_train import QUIET, cnn_config, tiny_data  # noqa: F401 - the fixture is used by name
 
@@ -79,11 +73,11 @@ def test_teacher_targets_average_the_teachers_calibrated_probabilities(tiny_data
     singles = [teacher_targets([run], source)[1] for run in (one.run_dir, two.run_dir)]
     assert np.allclose(averaged, (singles[0] + singles[1]) / 2, atol=1e-6)
     # each teacher's own calibration temperature is applied, as `bloodcell predict` does
-    model, meta = load_model(one.run_dir)
-    images = np.stack([preprocess(image, meta["image_size"]) for image in np.load(tiny_data / "train.npz")["images"][:8]])
+    model, contract = load_model(one.run_dir)
+    images = np.stack([preprocess(image, contract.image_size) for image in np.load(tiny_data / "train.npz")["images"][:8]])
     images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
     with torch.no_grad():
-        expected = torch.softmax(model(images) / meta["temperature"], 1).numpy()
+        expected = torch.softmax(model(images) / contract.temperature, 1).numpy()
     assert np.allclose(singles[0][:8], expected, atol=1e-5)
 
 

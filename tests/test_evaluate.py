@@ -3,8 +3,8 @@ import pytest
 import torch
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, recall_score
 
-from bloodcell.corruptions import CORRUPTIONS, corrupt
-from bloodcell.evaluate import compute_metrics, expected_calibration_error, fit_temperature
+from bloodcell.data.corruptions import CORRUPTIONS, corrupt
+from bloodcell.evaluation import compute_metrics, expected_calibration_error, fit_temperature
 
 from .conftest import require, ORIGINALS
 
@@ -69,8 +69,8 @@ def test_corruptions_are_deterministic_and_change_the_image(family):
 def test_evaluate_a_trained_run_end_to_end(tmp_path):
     import json
 
-    from bloodcell.evaluate import evaluate_model
-    from bloodcell.train import TrainConfig, train
+    from bloodcell.evaluation import evaluate_model
+    from bloodcell.training import TrainConfig, train
 
     from .test_train import make_tiny_data
 
@@ -94,7 +94,7 @@ def test_evaluate_a_trained_run_end_to_end(tmp_path):
     assert header[:4] == ["path", "label", "pred", "confidence"] and len(header) == 4 + 8
     assert result["count"] == 80
     # The same figures from the exported ONNX model, and test-time augmentation runs.
-    from bloodcell.predict import export_onnx
+    from bloodcell.inference.export import export_onnx
 
     export_onnx(tmp_path / "run", tmp_path / "model.onnx")
     onnx_result = evaluate_model(tmp_path / "model.onnx", data / "val.npz", tmp_path / "eval-onnx")
@@ -106,8 +106,8 @@ def test_evaluate_a_trained_run_end_to_end(tmp_path):
 def test_a_dataset_with_a_subset_of_classes_is_scored_on_those(tmp_path, original_files):
     """Another lab's white cells only: scored on the classes present, unknown classes refused."""
     from bloodcell.data import BloodcellError
-    from bloodcell.evaluate import evaluate_model
-    from bloodcell.train import TrainConfig, train
+    from bloodcell.evaluation import evaluate_model
+    from bloodcell.training import TrainConfig, train
 
     from .test_train import make_tiny_data
 

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from bloodcell.data import preprocess
-from bloodcell.framing import FramingConfig, blob_stats, crop_box, frame_cell, locate_cell
+from bloodcell.data.framing import FramingConfig, blob_stats, crop_box, frame_cell, locate_cell
 
 from .conftest import ORIGINALS, require
 
@@ -59,7 +59,7 @@ def test_no_stain_contrast_means_a_central_window():
 
 
 def test_the_cell_is_found_on_real_images_even_when_faded_or_speckled():
-    from bloodcell.corruptions import corrupt
+    from bloodcell.data.corruptions import corrupt
 
     files = sorted(require(ORIGINALS).glob("*/*.jpg"))[::10]
     for file in files:

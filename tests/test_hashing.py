@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bloodcell import hashing
+from bloodcell.curation import hashing
 
 
 @pytest.fixture(scope="module")

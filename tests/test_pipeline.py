@@ -5,7 +5,8 @@ import json
 import pytest
 import yaml
 
-from bloodcell import pipeline
+from bloodcell import workflows as pipeline
+from bloodcell.core.errors import BloodcellError
 
 from .conftest import require
 from .test_train import WEIGHTS
@@ -33,7 +34,7 @@ def test_quick_pipeline_end_to_end(tmp_path, original_files, monkeypatch):
     html = report.read_text()
     assert "Baseline" in html and "Robustness" in html and "Worst-classified" in html
 
-    from bloodcell.report import html_to_pdf
+    from bloodcell.core.html import html_to_pdf
 
     from .browser import broken_images, chromium_path, open_page
 
@@ -63,7 +64,7 @@ def test_recipe_curates_trains_calibrates_and_exports(tmp_path, original_files):
     assert (out / "curated" / "manifest.csv").is_file()
     meta = json.loads((out / "train" / "model.json").read_text())
     assert meta["temperature"] > 0  # calibrated at the end of training
-    from bloodcell.predict import load_predictor
+    from bloodcell.inference import load_predictor
 
     predictor = load_predictor(out / "model.onnx")
     assert predictor.class_names == meta["class_names"]
@@ -78,12 +79,12 @@ def test_recipe_curates_trains_calibrates_and_exports(tmp_path, original_files):
 def test_recipe_rejects_bad_configs_before_any_work(tmp_path):
     bad = tmp_path / "recipe.yaml"
     bad.write_text("train: {model: cnn, image_size: 4}\n")
-    with pytest.raises(pipeline.BloodcellError, match="bad train settings"):
+    with pytest.raises(BloodcellError, match="bad train settings"):
         pipeline.run_recipe(pipeline.load_recipe(bad), tmp_path / "nowhere", tmp_path / "out")
     assert not (tmp_path / "out").exists()
     bad.write_text("train: {data: somewhere}\n")
-    with pytest.raises(pipeline.BloodcellError, match="train.data is set by the recipe"):
+    with pytest.raises(BloodcellError, match="train.data is set by the recipe"):
         pipeline.run_recipe(pipeline.load_recipe(bad), tmp_path / "nowhere", tmp_path / "out")
     bad.write_text("curate: {near_dhash: 99}\ntrain: {}\n")
-    with pytest.raises(pipeline.BloodcellError, match="not a valid recipe config"):
+    with pytest.raises(BloodcellError, match="not a valid recipe config"):
         pipeline.load_recipe(bad)

@@ -14,9 +14,10 @@ from typer.testing import CliRunner
 
 from bloodcell.cli import app as cli
 from bloodcell.data import BloodcellError
-from bloodcell.predict import differential_count, export_onnx, load_predictor, predict_paths
-from bloodcell.serve import create_app
-from bloodcell.train import TrainConfig, train
+from bloodcell.inference import differential_count, load_predictor, predict_paths
+from bloodcell.inference.export import export_onnx
+from bloodcell.service.app import create_app
+from bloodcell.training import TrainConfig, train
 
 from .test_train import make_tiny_data
 
@@ -86,7 +87,8 @@ def test_same_padding_is_frozen_and_merged_without_changing_outputs(tmp_path):
     import torch
 
     from bloodcell.models import Classifier, freeze_same_padding
-    from bloodcell.predict import ParallelRunner, fuse_zero_padding, onnx_session
+    from bloodcell.inference import ParallelRunner, onnx_session
+    from bloodcell.inference.export import fuse_zero_padding
 
     torch.manual_seed(0)
     net = Classifier(timm.create_model("tf_mobilenetv3_small_100", num_classes=8), (0.5,) * 3, (0.25,) * 3).eval()
@@ -170,13 +172,13 @@ def test_unknown_model_is_a_clear_error(tmp_path):
 
 def test_grad_cam_shape_range_and_target(run, cells):
     from bloodcell.data import preprocess
-    from bloodcell.explain import grad_cam
+    from bloodcell.inference.explain import grad_cam
 
     predictor = load_predictor(run["run"])
     image = preprocess(cells[0], 32)
-    cam, target = grad_cam(predictor.info["torch_model"], image)
+    cam, target = grad_cam(predictor.torch_model, image)
     assert cam.shape == (32, 32) and cam.min() >= 0 and cam.max() == pytest.approx(1)
-    other, other_target = grad_cam(predictor.info["torch_model"], image, target=(target + 1) % 8)
+    other, other_target = grad_cam(predictor.torch_model, image, target=(target + 1) % 8)
     assert other_target != target
 
 
@@ -284,8 +286,8 @@ def test_web_page_end_to_end_in_a_browser(onnx_model, original_files, tmp_path):
 
 def test_default_model_predicts_and_looks_at_the_cell(original_files):
     """The shipped model: Grad-CAM is higher on the stained cell than on the background for most real images."""
-    from bloodcell.explain import focus_on_cell, grad_cam
-    from bloodcell.predict import DEFAULT_MODEL_DIR
+    from bloodcell.inference.explain import focus_on_cell, grad_cam
+    from bloodcell.inference import DEFAULT_MODEL_DIR
 
     if not (DEFAULT_MODEL_DIR / "model.onnx").is_file():
         pytest.skip("no default model in this checkout")
@@ -293,7 +295,7 @@ def test_default_model_predicts_and_looks_at_the_cell(original_files):
     torch_predictor = load_predictor(DEFAULT_MODEL_DIR)
     images = [np.asarray(Image.open(f).convert("RGB")) for f in original_files[::5]]
     assert np.abs(onnx_predictor.probabilities(images) - torch_predictor.probabilities(images)).max() < 1e-4
-    model = torch_predictor.info["torch_model"]
+    model = torch_predictor.torch_model
     hits = []
     for image in images:
         small = torch_predictor.prepare(image)  # framed as the model sees it, as the service explains it

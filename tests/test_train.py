@@ -13,19 +13,13 @@ from PIL import Image
 
 from bloodcell.data import CLASS_NAMES, BloodcellError
 from bloodcell.models import create_model, has_folded_batchnorm, recalibrate_folded_batchnorm
-from bloodcell.train import (
-    TensorImages,
-    TrainConfig,
-    apply_phase,
-    epoch_image_size,
-    last_epoch_weights,
-    load_checkpoint,
-    load_split,
-    parameter_groups,
-    scale_epochs,
-    train,
-    train_one_epoch,
-)
+from bloodcell.data.splits import TensorImages, load_split
+from bloodcell.training import TrainConfig, scale_epochs, train
+from bloodcell.training.freezing import apply_phase, parameter_groups
+from bloodcell.training.config import epoch_image_size
+from bloodcell.training.saver import last_epoch_weights
+from bloodcell.models import load_checkpoint
+from bloodcell.training.loop import train_one_epoch
 
 from .conftest import PBC224, SHARED, require
 
@@ -106,7 +100,7 @@ def test_same_seed_same_weights_whatever_ran_before(tiny_data, tmp_path):
 
 
 def test_checkpoint_write_is_atomic(tiny_data, tmp_path, monkeypatch):
-    from bloodcell import train as train_module
+    from bloodcell.training import trainer as train_module
 
     run = train(cnn_config(tiny_data, tmp_path / "run", phases=[{"name": "t", "epochs": 1, "lr": 1e-3}]), **QUIET)
     before = (run.run_dir / "last.safetensors").read_bytes()
@@ -192,7 +186,7 @@ def test_phases_freeze_what_they_should(mobilenet, tiny_data):
             assert param.requires_grad == (name in chosen), name
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         before = snapshot()
-        from bloodcell.train import Dist
+        from bloodcell.training.distributed import Dist
 
         train_one_epoch(model, loader, torch.nn.CrossEntropyLoss(), optimizer, torch.device("cpu"), Dist())
         after = snapshot()
@@ -252,7 +246,7 @@ def test_wrong_class_count_in_class_weights(tiny_data, tmp_path):
 
 DDP_SCRIPT = """
 import sys, hashlib, torch
-from bloodcell.train import TrainConfig, train
+from bloodcell.training import TrainConfig, train
 out = sys.argv[2]
 config = TrainConfig(data=sys.argv[1], out=out + "/run", model="cnn", image_size=32, batch_size=16, seed=3,
                      phases=[{"name": "t", "epochs": 1, "lr": 3e-3}], cnn={"channels": [8, 16], "convs_per_block": 1})
@@ -320,7 +314,8 @@ def test_no_weights_and_no_network_names_both_ways(monkeypatch):
 
 
 def test_subclasses_keep_frequent_ones_and_a_remainder():
-    from bloodcell.train import SubclassConfig, find_subclasses
+    from bloodcell.training import SubclassConfig
+    from bloodcell.training.subclasses import find_subclasses
 
     names = ["ig", "neutrophil", "platelet"]
     files = ([("MY_1.jpg", 0)] * 5 + [("MMY_2.jpg", 0)] * 5 + [("PMY_3.jpg", 0)] * 2  # PMY too rare
@@ -356,8 +351,9 @@ def test_subclass_model_answers_with_summed_class_probabilities():
 
 def test_training_on_subclasses_predicts_classes_after_export(tmp_path):
     """Real PBC file names (BNE_/SNE_, MY_/MMY_): trained on subclasses, every output is over the 8 classes."""
-    from bloodcell.evaluate import load_model
-    from bloodcell.predict import export_onnx, load_predictor
+    from bloodcell.models import load_model
+    from bloodcell.inference.export import export_onnx
+    from bloodcell.inference import load_predictor
 
     require(PBC224)
     rng = np.random.default_rng(0)
@@ -379,9 +375,9 @@ def test_training_on_subclasses_predicts_classes_after_export(tmp_path):
     result = train(config, log=lines.append)
     assert any("subclasses: 10 targets for 8 classes (ig:MMY, ig:MY, neutrophil:BNE, neutrophil:SNE)" in line
                for line in lines)
-    model, meta = load_model(result.run_dir)
-    assert meta["subclasses"]["names"][3:5] == ["ig:MMY", "ig:MY"]
-    assert meta["subclasses"]["parents"] == [0, 1, 2, 3, 3, 4, 5, 6, 6, 7]
+    model, contract = load_model(result.run_dir)
+    assert contract.subclasses.names[3:5] == ["ig:MMY", "ig:MY"]
+    assert contract.subclasses.parents == [0, 1, 2, 3, 3, 4, 5, 6, 6, 7]
     report = export_onnx(result.run_dir, tmp_path / "model.onnx", check_images=check[:16])
     assert report["max_prob_diff"] < 1e-4
     onnx_predictor = load_predictor(tmp_path / "model.onnx")
@@ -389,7 +385,7 @@ def test_training_on_subclasses_predicts_classes_after_export(tmp_path):
     assert onnx_predictor.class_names == list(CLASS_NAMES) and probabilities.shape == (16, 8)
     assert np.allclose(probabilities.sum(1), 1, atol=1e-5)
     # Static int8 must leave the merge in float (its -1e4 mask would flatten every logit).
-    from bloodcell.predict import nodes_after_classifier
+    from bloodcell.inference.export import nodes_after_classifier
 
     assert any("ReduceLogSumExp" in name for name in nodes_after_classifier(tmp_path / "model.onnx"))
     plain = train(cnn_config(tmp_path / "data", tmp_path / "plain", phases=[{"name": "t", "epochs": 1, "lr": 3e-3}]), **QUIET)
@@ -407,7 +403,9 @@ def test_subclass_pattern_without_a_group_is_refused(tiny_data, tmp_path):
 
 
 def test_balanced_sampler_balances_classes_not_subclasses(tiny_data, tmp_path):
-    from bloodcell.train import Dist, Split, epoch_loader
+    from bloodcell.training.distributed import Dist
+    from bloodcell.data.splits import Split
+    from bloodcell.training.schedule import epoch_loader
 
     # Class 0 has two subclasses (0, 1) of 300 images each; class 1 one subclass (2) of 300.
     subclass_labels = torch.tensor([0] * 300 + [1] * 300 + [2] * 300)
@@ -422,7 +420,7 @@ def test_balanced_sampler_balances_classes_not_subclasses(tiny_data, tmp_path):
 
 def test_training_accuracy_on_subclasses_counts_classes():
     """A prediction of the label's sibling subclass is right for the class: accuracy 1, not 0."""
-    from bloodcell.train import Dist
+    from bloodcell.training.distributed import Dist
 
     class SiblingGuesser(torch.nn.Module):  # always scores subclass 1 highest
         def __init__(self):
@@ -460,7 +458,7 @@ def test_progressive_sizes_ramp_up_to_the_image_size():
 
 
 def test_progressive_training_feeds_small_crops_first_and_validates_at_full_size(tiny_data, tmp_path, monkeypatch):
-    import bloodcell.train as train_module
+    import bloodcell.training.trainer as train_module
 
     seen = {"train": [], "val": []}
     real_train_one_epoch, real_evaluate = train_module.train_one_epoch, train_module.evaluate
@@ -482,12 +480,12 @@ def test_progressive_training_feeds_small_crops_first_and_validates_at_full_size
 
 def test_metrics_csv_keeps_rows_written_before_a_column_existed(tmp_path):
     """A run resumed from an older version has early rows without `train_size`: the file keeps them all."""
-    from bloodcell.train import _write_metrics
+    from bloodcell.training.curves import write_metrics
 
     old = {"epoch": 1, "phase": "t", "train_loss": 1.0, "train_accuracy": 0.5, "val_loss": 1.0, "val_accuracy": 0.5,
            "val_macro_f1": 0.4, "lr": 1e-3, "images_per_s": 10.0, "trainable_params": 5}
     new = {**old, "epoch": 2, "train_size": 32}
-    _write_metrics([old, new], tmp_path)
+    write_metrics([old, new], tmp_path)
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
     assert [row["epoch"] for row in rows] == ["1", "2"]
     assert [row["train_size"] for row in rows] == ["", "32"]

@@ -1,6 +1,11 @@
-"""bloodcell: curate, train, evaluate and serve peripheral blood cell classifiers."""
+"""bloodcell: curate, train, evaluate and serve peripheral blood cell classifiers.
 
-from .data import CLASS_NAMES, BloodcellError
+Layers, top to bottom (each imports only those below it): ``cli``, ``service``, ``workflows``,
+``curation`` and ``training``, ``evaluation``, ``inference``, ``models``, ``data``, ``core``.
+"""
 
-__version__ = "0.1.0"
+from .core.classes import CLASS_NAMES
+from .core.errors import BloodcellError
+
+__version__ = "0.2.0"
 __all__ = ["CLASS_NAMES", "BloodcellError", "__version__"]

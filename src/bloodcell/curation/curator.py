@@ -21,19 +21,20 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import yaml
 from PIL import Image
-from pydantic import BaseModel, Field, model_validator
 
+from ..core.errors import BloodcellError, ImageReadError
+from ..data.sources import Item, Source, load_item, open_source
 from . import hashing
-from .data import DEFAULT_MAX_PIXELS, BloodcellError, ImageReadError, Item, Source, load_item, open_source
+from .config import CurateConfig, SplitConfig
+from .report import write_curation_report
+from .result import SPLITS, Curation, OutlierModel, summarise
 
-STATUSES = ("keep", "duplicate", "near_duplicate", "outlier", "label_conflict", "unreadable")
-SPLITS = ("train", "val", "test")
 
 # Named, human-readable statistics of a 32x32 thumbnail (colour in [0, 1]).
 FEATURE_NAMES = (
@@ -50,37 +51,6 @@ FEATURE_NAMES = (
     "flat_area",  # fraction of thumbnail pixels equal to their neighbours: drawings, blanks
 )
 EMBED_GRID = 8  # colour-layout embedding: mean RGB on an 8x8 grid, symmetrised below
-
-
-class SplitConfig(BaseModel):
-    train: float = Field(0.8, ge=0, le=1)
-    val: float = Field(0.1, ge=0, le=1)
-    test: float = Field(0.1, ge=0, le=1)
-    seed: int = 0
-
-    @model_validator(mode="after")
-    def _sums_to_one(self):
-        if abs(self.train + self.val + self.test - 1.0) > 1e-6:
-            raise ValueError(f"split fractions must add up to 1, got {self.train + self.val + self.test:g}")
-        return self
-
-
-class CurateConfig(BaseModel):
-    """Settings of ``bloodcell curate``; defaults chosen by measurement (see README)."""
-
-    near_dhash: int = Field(10, ge=0, le=32, description="max dHash distance (bits of 64) of near duplicates")
-    near_phash: int = Field(10, ge=0, le=32, description="max pHash distance (bits of 64) of near duplicates")
-    max_copies: int = Field(
-        10, ge=2, description="a picture found this many times or more is a contaminant, not a cell capture"
-    )
-    outlier_mads: float = Field(
-        18.0, gt=0, description="contaminant if its outlier score (MADs above the dataset's typical) reaches this"
-    )
-    outlier_neighbours: int = Field(50, ge=1, description="k of the k-nearest-neighbour outlier score")
-    split: SplitConfig = SplitConfig()
-    write_images: bool = True
-    workers: int = Field(2, ge=1)
-    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
 
 
 @dataclass
@@ -236,20 +206,6 @@ def duplicate_groups(result: Scan, config: CurateConfig) -> tuple[np.ndarray, np
 # ---------------------------------------------------------------- contaminants
 
 
-@dataclass
-class OutlierModel:
-    """What this dataset's unique images look like, for judging each one against the rest."""
-
-    center: np.ndarray  # robust centre and scale of the statistics and the embedding
-    scale: np.ndarray
-    projection: object  # PCA of the standardised vector
-    reference: np.ndarray  # projected vectors of (a sample of) the unique images
-    k: int
-    median: float  # of the k-NN distance over the reference
-    mad: float
-    ranges: dict[str, tuple[float, float]]  # 1st-99th percentile of each statistic
-
-
 def _standardise(features: np.ndarray, embedding: np.ndarray, center: np.ndarray, scale: np.ndarray) -> np.ndarray:
     joined = np.concatenate([features, embedding], axis=1)
     z = (joined - center) / scale
@@ -321,23 +277,6 @@ def evidence(model: OutlierModel, feature_row: np.ndarray, top: int = 3) -> str:
 
 
 # ---------------------------------------------------------------- decisions
-
-
-@dataclass
-class Curation:
-    """The outcome of curating one source; ``rows`` mirror manifest.csv."""
-
-    source: Source
-    config: CurateConfig
-    rows: list[dict]
-    groups: dict[int, list[int]]  # group id -> row positions, groups of 2 or more
-    outlier_model: OutlierModel | None
-    scores: np.ndarray  # outlier score per row (nan when unreadable)
-    conversions: Counter
-    timings: dict[str, float]
-
-    def count(self, status: str) -> int:
-        return sum(row["status"] == status for row in self.rows)
 
 
 def assign_splits(groups: np.ndarray, labels: np.ndarray, split: SplitConfig) -> np.ndarray:
@@ -571,27 +510,8 @@ def curate(
     (out / "config.yaml").write_text(yaml.safe_dump({"input": str(source.root), **config.model_dump()}, sort_keys=False))
     summary = summarise(curation)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    from .report import write_curation_report
-
     write_curation_report(curation, summary, out / "report.html")
     return curation
-
-
-def summarise(curation: Curation) -> dict:
-    statuses = Counter(row["status"] for row in curation.rows)
-    splits = Counter(row["split"] for row in curation.rows if row["status"] == "keep")
-    return {
-        "input": str(curation.source.root),
-        "format": curation.source.kind,
-        "items": len(curation.rows),
-        "statuses": {s: statuses.get(s, 0) for s in STATUSES},
-        "duplicate_groups": len(curation.groups),
-        "label_conflict_groups": len({r["group"] for r in curation.rows if r["status"] == "label_conflict"}),
-        "contaminant_groups": len({r["group"] if r["group"] != "" else f"i{r['index']}" for r in curation.rows if r["status"] == "outlier"}),
-        "splits": {split: splits.get(split, 0) for split in SPLITS},
-        "conversions": dict(curation.conversions),
-        "timings_s": {k: round(v, 2) for k, v in curation.timings.items()},
-    }
 
 
 # ---------------------------------------------------------------- leakage

@@ -1,25 +1,40 @@
 """The HTTP service and web page (FastAPI, served by uvicorn).
 
-Only the model named at start is ever loaded; no path from a request reaches
-the file system.  Uploads are checked by decoding, never by extension, and
-bounded in bytes and pixels (413 / 422 with a JSON error, never a 500).
+Only the model named at start is ever loaded; no path from a request reaches the file system.
+Uploads are checked by decoding, never by extension, and bounded in bytes and pixels. A batch
+answers for each file: 200 with ``results`` for the readable images and ``errors`` for the rest,
+422 only when nothing in it is readable. An optional API key (``X-API-Key`` header, compared in
+constant time) guards every ``/v1`` route but ``/v1/health``.
 """
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import json
+import logging
+import os
 from importlib import resources
 from pathlib import Path
 
-from fastapi import FastAPI, File, Request, UploadFile
-from fastapi.responses import HTMLResponse, JSONResponse
+from ..core.extras import require
 
-from .data import ImageReadError, decode_bytes
-from .predict import differential_count, load_predictor
+require("fastapi", "bloodcell serve")
+require("python_multipart", "bloodcell serve")
+
+from fastapi import FastAPI, File, Request, UploadFile  # noqa: E402 - after the extra is checked
+from fastapi.responses import HTMLResponse, JSONResponse  # noqa: E402
+
+from ..core.errors import ImageReadError  # noqa: E402
+from ..data import decode_bytes  # noqa: E402
+from ..inference import differential_count, load_predictor  # noqa: E402
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # a whole request
 MAX_IMAGE_PIXELS = 25_000_000  # one image
 MAX_FILES = 256
+API_KEY_ENV = "BLOODCELL_API_KEY"
+API_KEY_HEADER = "x-api-key"
+log = logging.getLogger("bloodcell.service")
 
 
 def _model_card(source: str) -> dict:
@@ -33,9 +48,20 @@ def _model_card(source: str) -> dict:
     return {}
 
 
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def create_app(model: str | Path, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_IMAGE_PIXELS,
-               abstain_below: float = 0.7) -> FastAPI:
+               abstain_below: float = 0.7, api_key: str | None = None) -> FastAPI:
+    """The app for one model; ``api_key`` (or ``BLOODCELL_API_KEY``) makes every /v1 route but health ask for it."""
     predictor = load_predictor(model)
+    api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
     app = FastAPI(title="bloodcell", version="1", description="Peripheral blood cell classification")
     card = _model_card(predictor.source)
 
@@ -43,7 +69,12 @@ def create_app(model: str | Path, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_
         return JSONResponse(status_code=status, content={"error": message, **({"file": file} if file else {})})
 
     @app.middleware("http")
-    async def limit_body(request: Request, call_next):
+    async def guard(request: Request, call_next):
+        path = request.url.path
+        if api_key and path.startswith("/v1/") and path != "/v1/health":
+            given = request.headers.get(API_KEY_HEADER, "")
+            if not hmac.compare_digest(given.encode(), api_key.encode()):
+                return error(401, "missing or wrong API key: send it in the X-API-Key header")
         # Refuse oversized requests from their declared length, before reading them.
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > max_upload_bytes:
@@ -56,10 +87,10 @@ def create_app(model: str | Path, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_
 
     @app.get("/v1/model")
     def model_info():
-        return {"model": predictor.info.get("model"), "classes": predictor.class_names,
+        return {"model": predictor.contract.model, "classes": predictor.class_names,
                 "input_size": predictor.image_size, "framing": predictor.framing, "temperature": predictor.temperature,
                 "backend": predictor.backend, "abstain_below": abstain_below, "metrics": card,
-                "explain": predictor.backend == "torch"}
+                "explain": predictor.backend == "torch", "schema_version": predictor.contract.schema_version}
 
     # A plain (sync) endpoint: FastAPI runs it on its thread pool, so concurrent
     # requests share the one loaded session, which is thread-safe.
@@ -67,33 +98,41 @@ def create_app(model: str | Path, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_
     def predict(files: list[UploadFile] = File(..., description="one or more images")):
         if len(files) > MAX_FILES:
             return error(413, f"{len(files)} files in one request; at most {MAX_FILES}")
-        images, names, total = [], [], 0
-        for upload in files:
+        images, names, indices, errors, total = [], [], [], [], 0
+        for index, upload in enumerate(files):
+            name = upload.filename or f"image{index}"
             data = upload.file.read(max_upload_bytes + 1)
             total += len(data)
             if total > max_upload_bytes:
-                return error(413, f"upload over the limit of {max_upload_bytes} bytes", upload.filename)
+                return error(413, f"upload over the limit of {max_upload_bytes} bytes", name)
             try:
                 image, _ = decode_bytes(data, max_pixels)
             except ImageReadError as exc:
-                return error(422, str(exc), upload.filename)
+                errors.append({"index": index, "file": name, "error": str(exc)})
+                continue
             images.append(image)
-            names.append(upload.filename or f"image{len(names)}")
+            names.append(name)
+            indices.append(index)
+        if not images:
+            first = errors[0]
+            return JSONResponse(status_code=422, content={
+                "error": first["error"] if len(errors) == 1 else f"none of the {len(errors)} files is a readable image",
+                "file": first["file"], "errors": errors})
         probs = predictor.probabilities(images)
         results = []
-        for name, row in zip(names, probs):
+        for index, name, row in zip(indices, names, probs):
             confidence = float(row.max())
-            results.append({"file": name, "class": predictor.class_names[int(row.argmax())],
+            results.append({"index": index, "file": name, "class": predictor.class_names[int(row.argmax())],
                             "confidence": confidence, "abstained": confidence < abstain_below,
                             "probabilities": {c: float(p) for c, p in zip(predictor.class_names, row)}})
         rows = [{"pred": r["class"], "abstained": r["abstained"]} for r in results]
-        return {"results": results, "differential": differential_count(rows)}
+        return {"results": results, "errors": errors, "differential": differential_count(rows)}
 
     @app.post("/v1/explain")
     def explain(file: UploadFile = File(...)):
         if predictor.backend != "torch":
             return error(422, "heat maps need the PyTorch model; serve a run directory instead of an .onnx file")
-        from .explain import grad_cam_overlay
+        from ..inference.explain import grad_cam_overlay
 
         data = file.file.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:
@@ -104,7 +143,7 @@ def create_app(model: str | Path, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_
             return error(422, str(exc), file.filename)
         return {"file": file.filename, "overlay_png_base64": grad_cam_overlay(predictor, image)}
 
-    page = resources.files("bloodcell").joinpath("static", "index.html").read_text()
+    page = resources.files("bloodcell.service").joinpath("static", "index.html").read_text()
 
     @app.get("/", response_class=HTMLResponse)
     def index():
@@ -113,7 +152,11 @@ def create_app(model: str | Path, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_
     return app
 
 
-def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, **limits) -> None:
-    import uvicorn
-
-    uvicorn.run(create_app(model, **limits), host=host, port=port, log_level="info")
+def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          warn=log.warning, **limits) -> None:
+    uvicorn = require("uvicorn", "bloodcell serve")
+    api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
+    if not api_key and not is_loopback(host):
+        warn(f"listening on {host}, reachable from other machines, with no API key: anyone who can reach it can "
+             f"use it; pass --api-key or set {API_KEY_ENV}")
+    uvicorn.run(create_app(model, api_key=api_key, **limits), host=host, port=port, log_level="info")

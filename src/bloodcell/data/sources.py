@@ -22,29 +22,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-# The PBC dataset's eight classes (Acevedo et al. 2020), in label order.
-CLASS_NAMES: tuple[str, ...] = (
-    "basophil",
-    "eosinophil",
-    "erythroblast",
-    "ig",
-    "lymphocyte",
-    "monocyte",
-    "neutrophil",
-    "platelet",
-)
+from ..core.classes import CLASS_NAMES
+from ..core.errors import BloodcellError, ImageReadError
+
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp"}
 # Refuse images over this many pixels before decoding them (decompression bombs);
 # analyser crops are about 0.13 Mpx, whole-slide tiles rarely above 50 Mpx.
 DEFAULT_MAX_PIXELS = 50_000_000
-
-
-class BloodcellError(Exception):
-    """An error the user can act on; the CLI prints its message without a traceback."""
-
-
-class ImageReadError(Exception):
-    """One item could not be used; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -129,6 +113,8 @@ def _npz_labels(labels: np.ndarray, where: str) -> np.ndarray:
     labels = np.asarray(labels)
     if labels.ndim == 2 and labels.shape[1] == 1:
         labels = labels[:, 0]
+    if labels.dtype == object:
+        raise BloodcellError(f"{where}: labels are Python objects; save an integer array of shape (N,)")
     if labels.ndim != 1:
         raise BloodcellError(f"{where}: labels must have shape (N,) or (N, 1), got {labels.shape}")
     if not np.issubdtype(labels.dtype, np.integer):
@@ -140,29 +126,48 @@ def _npz_labels(labels: np.ndarray, where: str) -> np.ndarray:
 
 
 def _npz_images(images: np.ndarray, where: str) -> np.ndarray:
-    if images.dtype == object or images.ndim not in (3, 4):
+    if images.dtype == object:
+        raise BloodcellError(f"{where}: images are Python objects, not pixels; save a uint8 array of shape (N, H, W, 3)")
+    if images.ndim not in (3, 4):
         raise BloodcellError(
             f"{where}: images must be an array of shape (N, H, W, 3) (or (N, H, W) grayscale), got {images.shape}"
         )
     if images.ndim == 4 and images.shape[-1] not in (1, 3, 4):
         raise BloodcellError(f"{where}: images must have 1, 3 or 4 channels in the last axis, got {images.shape}")
-    if images.dtype != np.uint8 and not (
-        np.issubdtype(images.dtype, np.integer) or np.issubdtype(images.dtype, np.floating)
-    ):
+    if np.issubdtype(images.dtype, np.floating):
+        raise BloodcellError(
+            f"{where}: images are {images.dtype}, expected uint8 pixels 0-255; "
+            "convert them first, e.g. (images * 255).round().astype('uint8') for values in 0-1"
+        )
+    if not np.issubdtype(images.dtype, np.integer):
         raise BloodcellError(f"{where}: images must be uint8, got dtype {images.dtype}")
     return images
+
+
+def _npz_array(data, key: str, root: Path) -> np.ndarray:
+    """One array of an open .npz; a pickled or unreadable one is a one-line error naming the file."""
+    try:
+        return data[key]
+    except ValueError as exc:
+        if "pickle" in str(exc).lower() or "object" in str(exc).lower():
+            raise BloodcellError(f"{root}::{key}: holds pickled Python objects, which bloodcell never loads; "
+                                 "save plain numeric arrays (np.savez with uint8 images and integer labels)") from None
+        raise BloodcellError(f"{root}::{key}: unreadable array ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - zipfile, zlib, OSError: a damaged member
+        raise BloodcellError(f"{root}::{key}: unreadable array ({type(exc).__name__}: {exc})") from None
 
 
 def _open_npz(root: Path, class_names: list[str] | None) -> Source:
     try:
         data = np.load(root, allow_pickle=False)
         keys = set(data.files)
-    except Exception as exc:  # zipfile, ValueError: a broken or non-npz file
-        raise BloodcellError(f"{root}: not a readable .npz file ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - zipfile, ValueError, OSError: a broken or non-npz file
+        reason = "not a zip archive" if "zip" in str(exc).lower() or "pickle" in str(exc).lower() else str(exc)
+        raise BloodcellError(f"{root}: not a readable .npz file ({reason})") from None
     stored_names = None
     for key in ("class_names", "classes", "label_names"):
         if key in keys:
-            stored_names = [str(x) for x in data[key].tolist()]
+            stored_names = [str(x) for x in _npz_array(data, key, root).tolist()]
     names = list(class_names or stored_names or CLASS_NAMES)
     if {"images", "labels"} <= keys:
         parts = [("images", "labels")]
@@ -182,8 +187,8 @@ def _open_npz(root: Path, class_names: list[str] | None) -> Source:
         where = f"{root}::{image_key}"
         if label_key not in keys:
             raise BloodcellError(f"{root}: '{image_key}' has no matching '{label_key}' array")
-        images = _npz_images(data[image_key], where)
-        labels = _npz_labels(data[label_key], f"{root}::{label_key}")
+        images = _npz_images(_npz_array(data, image_key, root), where)
+        labels = _npz_labels(_npz_array(data, label_key, root), f"{root}::{label_key}")
         if len(labels) != len(images):
             raise BloodcellError(
                 f"{root}: {len(images)} images in '{image_key}' but {len(labels)} labels in '{label_key}'"
@@ -316,24 +321,3 @@ def iter_batches(
                 if note:
                     batch.conversions[note] += 1
             yield batch
-
-
-# The one resize used wherever a model sees an image: training, evaluation,
-# prediction and the service.  Measured here: swapping only the resize method
-# between training and prediction cost 1.1 points of accuracy.
-RESIZE_METHOD = "pil_bicubic"
-
-
-def preprocess(image: np.ndarray, size: int, framing: dict | None = None) -> np.ndarray:
-    """A decoded RGB uint8 image as a model sees it: size x size (Pillow bicubic, antialiased).
-
-    ``framing`` (a model contract's ``framing`` entry, see :mod:`bloodcell.framing`) first
-    crops a standard window around the stained cell; None resizes the whole image.
-    """
-    if framing is not None:
-        from .framing import frame_cell
-
-        image = np.ascontiguousarray(frame_cell(image, framing))
-    if image.shape[0] == size and image.shape[1] == size:
-        return image
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC))

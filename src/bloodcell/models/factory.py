@@ -16,7 +16,7 @@ import torch
 from pydantic import BaseModel, Field
 from torch import nn
 
-from .data import BloodcellError
+from ..core.errors import BloodcellError
 
 
 class CNNConfig(BaseModel):
@@ -123,7 +123,7 @@ def create_backbone(name: str, weights: str | Path | None, pretrained: bool) -> 
     except Exception as exc:  # noqa: BLE001 - hub errors come in many types
         raise BloodcellError(
             f"no ImageNet weights for {name}: pass a local file with --weights PATH "
-            f"(e.g. ../shared/weights/{name}*.safetensors), or run with a network so timm can download them "
+            f"(a file in $BLOODCELL_WEIGHTS such as {name}*.safetensors), or run with a network so timm can download them "
             f"({type(exc).__name__}); use --set pretrained=false to train from scratch"
         ) from None
 
@@ -156,111 +156,3 @@ def create_model(
         contract = {"mean": tuple(data_config["mean"]), "std": tuple(data_config["std"])}
         net.reset_classifier(outputs)
     return Classifier(net, contract["mean"], contract["std"], subclass_parents), contract
-
-
-# ---------------------------------------------------------------- folded BatchNorm
-
-
-def batchnorms(model: nn.Module) -> list[nn.BatchNorm2d]:
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-
-def has_folded_batchnorm(model: nn.Module) -> bool:
-    """True when every BatchNorm only adds its bias (TFLite-style weights: scale folded into the convs).
-
-    Such layers have weight 1, running mean 0 and running variance 1 - eps, so
-    they normalise nothing; the bias holds the folded convolution bias.
-    """
-    layers = batchnorms(model)
-    if not layers:
-        return False
-    for bn in layers:
-        if not (
-            torch.all(bn.weight == 1)
-            and torch.all(bn.running_mean == 0)
-            and torch.allclose(bn.running_var, torch.full_like(bn.running_var, 1 - bn.eps), atol=1e-6)
-        ):
-            return False
-    return True
-
-
-@torch.no_grad()
-def recalibrate_folded_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> int:
-    """Give identity BatchNorms real statistics without changing the eval-mode function.
-
-    For each BatchNorm with input mean m and variance v (measured on ``images``):
-    running_mean=m, running_var=v, weight=sqrt(v+eps), bias=bias+m.  In eval mode
-    (x-m)/sqrt(v+eps)*sqrt(v+eps) + bias + m = x + bias, as before; in train mode
-    the batch statistics now match the running ones, so fine-tuning does not wreck
-    the pretrained features.  Because the function is unchanged, all layers'
-    inputs can be measured in one pass.  Returns the number of layers set.
-    """
-    layers = batchnorms(model)
-    sums: dict[nn.Module, list[torch.Tensor]] = {bn: [0.0, 0.0, 0] for bn in layers}
-
-    def hook(module, inputs, _output):
-        x = inputs[0].double()
-        dims = [0] + list(range(2, x.dim()))
-        acc = sums[module]
-        acc[0] = acc[0] + x.sum(dim=dims)
-        acc[1] = acc[1] + (x * x).sum(dim=dims)
-        acc[2] += x.numel() // x.shape[1]
-
-    handles = [bn.register_forward_hook(hook) for bn in layers]
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(images), batch_size):
-            model(images[start : start + batch_size])
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
-    for bn in layers:
-        total, total_sq, count = sums[bn]
-        mean = total / count
-        var = (total_sq / count - mean * mean).clamp_min(0)
-        bn.running_mean.copy_(mean)
-        bn.running_var.copy_(var)
-        bn.weight.copy_(torch.sqrt(var + bn.eps))
-        bn.bias.add_(mean)
-    return len(layers)
-
-
-class _StaticPadConv2d(nn.Conv2d):
-    """A TensorFlow-'SAME' convolution whose padding was worked out once, for one input size."""
-
-    pads: tuple[int, int, int, int]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(nn.functional.pad(x, self.pads), self.weight, self.bias)
-
-
-def freeze_same_padding(net: nn.Module, image_size: int) -> int:
-    """Make timm's dynamic 'SAME' padding static for ``image_size`` inputs; returns how many convs changed.
-
-    timm's tf_* models pad each strided convolution by an amount computed from the
-    input's shape at run time; traced to ONNX, that is a chain of Shape/Gather/Ceil/
-    Pad nodes per convolution that ONNX Runtime runs on every call.  The exported
-    model has a fixed input size, so the padding can be a constant that ONNX Runtime
-    fuses into the convolution.  Outputs are unchanged (tested).
-    """
-    from timm.layers.padding import get_same_padding
-
-    same = [m for m in net.modules() if type(m).__name__ == "Conv2dSame"]
-    sizes: dict[nn.Module, tuple[int, int]] = {}
-    hooks = [m.register_forward_pre_hook(lambda mod, args: sizes.__setitem__(mod, tuple(args[0].shape[-2:])))
-             for m in same]
-    try:
-        with torch.no_grad():
-            net(torch.zeros(1, 3, image_size, image_size, dtype=torch.uint8))
-    finally:
-        for hook in hooks:
-            hook.remove()
-    for conv in same:
-        height, width = sizes[conv]
-        pad_h = get_same_padding(height, conv.kernel_size[0], conv.stride[0], conv.dilation[0])
-        pad_w = get_same_padding(width, conv.kernel_size[1], conv.stride[1], conv.dilation[1])
-        conv.__class__ = _StaticPadConv2d
-        conv.pads = (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)
-    return len(same)

@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
 import typer
-import yaml
 from pydantic import ValidationError
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
-from . import __version__
-from .data import BloodcellError
+from .. import __version__
+from ..core.errors import BloodcellError
+from .progress import console, epoch_progress, item_progress, progress_bar
 
 app = typer.Typer(
     help="Curate, train, evaluate and serve peripheral blood cell classifiers.",
@@ -26,9 +24,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True, soft_wrap=True)
-
-
 @contextmanager
 def user_errors():
     """Print errors a user can act on as one line, never as a traceback."""
@@ -44,103 +39,6 @@ def user_errors():
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
         raise typer.Exit(130) from None
-
-
-def progress_bar() -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=False,
-    )
-
-
-def item_progress(bar: Progress):
-    """A factory of progress tasks counting items, with their rate."""
-
-    def factory(description: str, total: int | None):
-        task = bar.add_task(description, total=total, rate="")
-        start = time.perf_counter()
-
-        def advance(count: int):
-            bar.advance(task, count)
-            done = bar.tasks[task].completed
-            bar.update(task, rate=f"{done / max(time.perf_counter() - start, 1e-9):,.0f} img/s")
-
-        return advance
-
-    return factory
-
-
-def epoch_progress(bar: Progress):
-    """A factory of per-epoch progress tasks for training: one bar per epoch, with loss and images/s."""
-    state: dict = {}
-
-    def factory(description: str, total: int):
-        if "task" in state:
-            bar.remove_task(state["task"])
-        state["task"] = bar.add_task(description, total=total, rate="")
-        state["start"] = time.perf_counter()
-
-        def step(count: int, loss: float):
-            bar.advance(state["task"], count)
-            done = bar.tasks[-1].completed
-            rate = done / max(time.perf_counter() - state["start"], 1e-9)
-            bar.update(state["task"], rate=f"loss {loss:.3f} {rate:,.0f} img/s")
-
-        return step
-
-    return factory
-
-
-def parse_overrides(pairs: list[str]) -> dict:
-    """``key.sub=value`` pairs into a nested dict; values parsed as YAML scalars."""
-    settings: dict = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise BloodcellError(f"--set expects key=value, got {pair!r}")
-        key, value = pair.split("=", 1)
-        node = settings
-        *parents, leaf = key.strip().split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
-    return settings
-
-
-def merge_settings(into, new: dict):
-    """Merge nested overrides into settings; a digit key addresses a list item (phases.1.lr)."""
-    for key, value in new.items():
-        if isinstance(into, list):
-            if not key.isdigit() or int(key) >= len(into):
-                raise BloodcellError(f"--set: no item {key} in a list of {len(into)}")
-            key = int(key)
-            current = into[key]
-        else:
-            current = into.get(key)
-        if isinstance(value, dict) and isinstance(current, (dict, list)):
-            merge_settings(current, value)
-        else:
-            into[key] = value
-    return into
-
-
-def load_settings(config: Optional[Path], overrides: list[str]) -> dict:
-    settings: dict = {}
-    if config is not None:
-        if not config.is_file():
-            raise BloodcellError(f"{config}: config file not found")
-        try:
-            settings = yaml.safe_load(config.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise BloodcellError(f"{config}: not valid YAML ({exc})") from None
-        if not isinstance(settings, dict):
-            raise BloodcellError(f"{config}: expected a mapping of settings at the top level")
-    return merge_settings(settings, parse_overrides(overrides))
 
 
 def version_callback(value: bool):
@@ -166,8 +64,9 @@ def curate(
     no_images: bool = typer.Option(False, "--no-images", help="Write the manifest and report only, no cleaned copy."),
 ):
     """Find duplicates, label conflicts and contaminants; write a cleaned, split dataset and a report."""
-    from .curate import CurateConfig
-    from .curate import curate as run_curation
+    from ..curation import CurateConfig
+    from ..curation import curate as run_curation
+    from ..training import load_settings
 
     with user_errors():
         settings = load_settings(config, set_)
@@ -205,7 +104,7 @@ def leakage(
     """Report images of FIRST that also appear, exactly or nearly, in SECOND. Exit 1 if any do."""
     import csv
 
-    from .curate import CurateConfig, check_leakage
+    from ..curation import CurateConfig, check_leakage
 
     with user_errors():
         with console.status("hashing both datasets"):
@@ -240,27 +139,13 @@ def train(
     seed: Optional[int] = typer.Option(None),
 ):
     """Train the custom CNN or fine-tune a pretrained backbone in two phases."""
-    from .train import TrainConfig, scale_epochs
-    from .train import train as run_training
+    from ..training import build_train_config
+    from ..training import train as run_training
 
     with user_errors():
-        if resume is not None:
-            settings = None
-        else:
-            settings = load_settings(config, [])
-            for key, value in (("data", data), ("model", model), ("weights", weights), ("image_size", image_size),
-                               ("batch_size", batch_size), ("out", out), ("seed", seed)):
-                if value is not None:
-                    settings[key] = value
-            if "data" not in settings:
-                raise BloodcellError("no data: pass --data DIR (the output of `bloodcell curate`) or set data in --config")
-            if settings.get("model") == "cnn" and "phases" not in settings:
-                settings["phases"] = [{"name": "train", "epochs": 30, "lr": 3e-3, "trainable": "all"}]
-            # --set applies last, over the defaults too, so that phases.1.lr always has a phase to change.
-            settings = merge_settings(TrainConfig(**settings).model_dump(mode="json"), parse_overrides(set_))
-        cfg = TrainConfig(**settings) if settings is not None else None
-        if cfg is not None and epochs is not None:
-            cfg = scale_epochs(cfg, epochs)
+        cfg = None if resume is not None else build_train_config(
+            config, set_, epochs, data=data, model=model, weights=weights, image_size=image_size,
+            batch_size=batch_size, out=out, seed=seed)
         with progress_bar() as bar:
             result = run_training(cfg, resume=resume, log=lambda line: bar.console.print(line, highlight=False, markup=False),
                                   progress_factory=epoch_progress(bar))
@@ -278,7 +163,7 @@ def evaluate(
     seed: int = typer.Option(0, help="Seed of the corruptions."),
 ):
     """Score a trained model: accuracy, macro-F1, per-class recall, calibration, robustness."""
-    from .evaluate import compare_runs, evaluate_model
+    from ..evaluation import compare_runs, evaluate_model
 
     with user_errors():
         if compare:
@@ -327,8 +212,9 @@ def report(
     data: Optional[Path] = typer.Option(None, help="Evaluate on this data first when the run has no evaluation."),
 ):
     """Write RUN_DIR/report.html: data, curves, confusion matrices, robustness, calibration, mistakes."""
-    from .evaluate import evaluate_model
-    from .report import html_to_pdf, write_run_report
+    from ..core.html import html_to_pdf
+    from ..evaluation import evaluate_model
+    from ..evaluation.report import write_run_report
 
     with user_errors():
         evaluations = []
@@ -349,22 +235,18 @@ def report(
 
 @app.command()
 def pipeline(
-    data: Path = typer.Option(Path("../shared/data/pbc224"), help="Raw images: class folders or .npz."),
+    data: Optional[Path] = typer.Option(None, help="Raw images: class folders or .npz (default: $BLOODCELL_DATA/pbc224)."),
     out: Path = typer.Option(Path("runs/demo"), help="Folder for every step's output."),
     profile: str = typer.Option("quick", help="quick (under 15 min on 2 cores) or full (real results)."),
-    weights: Optional[Path] = typer.Option(None, help="ImageNet weights for MobileNetV3 (default: ../shared/weights when present)."),
+    weights: Optional[Path] = typer.Option(None, help="ImageNet weights for MobileNetV3 (default: the file in $BLOODCELL_WEIGHTS)."),
 ):
     """The whole job: curate, train the CNN, fine-tune MobileNetV3, evaluate both, write the report."""
-    from .pipeline import run_pipeline
+    from ..workflows import run_pipeline
 
-    default_weights = Path("../shared/weights/tf_mobilenetv3_small_100.from_tflite_int8ptq.safetensors")
     with user_errors():
-        if weights is None and default_weights.is_file():
-            weights = default_weights
-        if profile not in ("quick", "full"):
-            raise BloodcellError(f"unknown profile {profile!r}: use quick or full")
         with progress_bar() as bar:
-            path = run_pipeline(data, out, profile, weights, log=lambda line: bar.console.print(line, markup=False),
+            path = run_pipeline(data, out, profile, weights,
+                                log=lambda line: bar.console.print(line, markup=False),
                                 progress_factory=epoch_progress(bar))
         Console().print(f"Report: {path}")
 
@@ -372,21 +254,15 @@ def pipeline(
 @app.command()
 def recipe(
     config: Path = typer.Option(..., "--config", "-c", help="Recipe YAML: curate, train and export sections (configs/default_model.yaml)."),
-    data: Path = typer.Option(Path("../shared/data/pbc224"), help="Raw images: class folders or .npz."),
+    data: Optional[Path] = typer.Option(None, help="Raw images: class folders or .npz (default: $BLOODCELL_DATA/pbc224)."),
     out: Path = typer.Option(Path("runs/recipe"), help="Folder for the curated data, the run and model.onnx."),
     set_: list[str] = typer.Option([], "--set", help="Override any setting, e.g. --set train.image_size=96."),
 ):
     """A deployable model from raw images in one command: curate, train, calibrate, export to ONNX."""
-    from .pipeline import RecipeConfig, load_recipe, run_recipe
+    from ..workflows import load_recipe, run_recipe
 
     with user_errors():
-        settings = load_recipe(config)
-        if set_:
-            merged = merge_settings(settings.model_dump(mode="json"), parse_overrides(set_))
-            try:
-                settings = RecipeConfig(**merged)
-            except ValidationError as exc:
-                raise BloodcellError(f"--set: {exc}") from None
+        settings = load_recipe(config, set_)
         with progress_bar() as bar:
             summary = run_recipe(settings, data, out, log=lambda line: bar.console.print(line, markup=False),
                                  progress_factory=epoch_progress(bar))
@@ -403,7 +279,7 @@ def predict(
     batch_size: int = typer.Option(64, "--batch-size"),
 ):
     """Classify images; print a differential count; exit non-zero only when nothing could be read."""
-    from .predict import differential_count, load_predictor, predict_paths, write_predictions
+    from ..inference import differential_count, load_predictor, predict_paths, write_predictions
 
     with user_errors():
         if fmt not in ("csv", "json"):
@@ -449,7 +325,7 @@ def export(
     quantize: Optional[str] = typer.Option(None, help="Also write an int8 model: 'dynamic' (fully connected layers) or 'static' (everything, calibrated on --check images)."),
 ):
     """Export to ONNX with the preprocessing contract in its metadata; check it against PyTorch."""
-    from .predict import check_set, export_onnx
+    from ..inference.export import check_set, export_onnx
 
     with user_errors():
         images, labels = check_set(check) if check is not None else (None, None)
@@ -469,11 +345,11 @@ def distill_targets(
     split: str = typer.Option("train", help="Which split to score (train: what the student learns from)."),
 ):
     """Score the training images with teacher models, for `train.distill` (knowledge distillation)."""
-    from .distill import label_disagreements, save_targets, teacher_targets, write_disagreements
-    from .train import split_sources
+    from ..data import training_sources
+    from ..inference.teachers import label_disagreements, save_targets, teacher_targets, write_disagreements
 
     with user_errors():
-        sources, class_names = split_sources(data)
+        sources, class_names = training_sources(data)
         if split not in sources:
             raise BloodcellError(f"{data}: no {split} split (found {', '.join(sources)})")
         source = sources[split]
@@ -494,12 +370,15 @@ def serve(
     model: str = typer.Option("default", "--model", "-m", help="model.onnx, a run directory, or 'default'."),
     host: str = typer.Option("127.0.0.1", help="Address to bind (loopback by default)."),
     port: int = typer.Option(8000),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="BLOODCELL_API_KEY",
+                                          help="Ask every /v1 request for this key (X-API-Key header)."),
 ):
     """Serve the web page at / and the API at /v1 (OpenAPI docs at /docs)."""
-    from .serve import serve as run_server
-
     with user_errors():
-        run_server(model, host, port)
+        from ..service.app import serve as run_server
+
+        run_server(model, host, port, api_key=api_key,
+                   warn=lambda line: console.print(Text.assemble(("warning:", "yellow"), f" {line}"), highlight=False))
 
 
 @app.command()
@@ -511,9 +390,9 @@ def explain(
     """Write Grad-CAM overlays: where the model looked for its prediction."""
     from PIL import Image
 
-    from .data import decode_file
-    from .explain import grad_cam, overlay
-    from .predict import load_predictor
+    from ..data import decode_file
+    from ..inference import load_predictor
+    from ..inference.explain import grad_cam, overlay
 
     with user_errors():
         predictor = load_predictor(model)
@@ -526,7 +405,7 @@ def explain(
             except Exception as exc:  # noqa: BLE001 - reported per file, the rest go on
                 console.print(f"skipped {path}: {exc}", markup=False)
                 continue
-            cam, target = grad_cam(predictor.info["torch_model"], image)
+            cam, target = grad_cam(predictor.torch_model, image)
             target_path = out / f"{path.stem}_{predictor.class_names[target]}.png"
             Image.fromarray(overlay(image, cam)).save(target_path)
             Console().print(f"{path} -> {predictor.class_names[target]}: {target_path}")

@@ -45,7 +45,7 @@ def grad_cam_overlay(predictor, image: np.ndarray) -> str:
     """Base64 PNG of the heat map over the image, for the service."""
     from PIL import Image
 
-    model = predictor.info["torch_model"]
+    model = predictor.torch_model
     small = predictor.prepare(image)
     cam, _ = grad_cam(model, small)
     buffer = io.BytesIO()

@@ -1,0 +1,72 @@
+"""Where data and weights live: from flags first, then the environment, never hard-coded paths.
+
+- ``BLOODCELL_DATA``: a folder holding datasets (``pbc224/``, ``foreign/``, ``fields/``), as
+  the PBC download is laid out in the README.
+- ``BLOODCELL_WEIGHTS``: a folder holding ImageNet weights files (``*.safetensors``, ``*.pth``).
+
+The Makefile sets both to ``../shared/...`` by default (the project's development layout).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import BloodcellError
+
+DATA_ENV = "BLOODCELL_DATA"
+WEIGHTS_ENV = "BLOODCELL_WEIGHTS"
+PBC_DOI = "10.17632/snkd93bnjr.1"
+PBC_HELP = (
+    f"get PBC (Acevedo et al. 2020, CC BY 4.0, doi:{PBC_DOI}) and lay it out as DIR/<class>/<image files> "
+    "with the class folders basophil, eosinophil, erythroblast, ig, lymphocyte, monocyte, neutrophil, platelet; "
+    f"then pass --data DIR or set {DATA_ENV}=PARENT_OF_DIR"
+)
+# The ImageNet weights the shipped recipe fine-tunes (see docs/training.md).
+DEFAULT_BACKBONE_WEIGHTS = "tf_mobilenetv3_small_100.from_tflite_int8ptq.safetensors"
+
+
+def data_root() -> Path | None:
+    """The datasets folder from ``BLOODCELL_DATA``, or None."""
+    value = os.environ.get(DATA_ENV)
+    return Path(value) if value else None
+
+
+def weights_root() -> Path | None:
+    """The weights folder from ``BLOODCELL_WEIGHTS``, or None."""
+    value = os.environ.get(WEIGHTS_ENV)
+    return Path(value) if value else None
+
+
+def resolve_data(path: str | os.PathLike | None, default_name: str = "pbc224") -> Path:
+    """A dataset path from a flag, or ``$BLOODCELL_DATA/<default_name>``; a missing one says where to get PBC."""
+    if path is None:
+        root = data_root()
+        if root is None:
+            raise BloodcellError(f"no data given: pass --data DIR or set {DATA_ENV}; {PBC_HELP}")
+        path = root / default_name
+    path = Path(path)
+    if not path.exists():
+        raise BloodcellError(f"{path}: no such file or folder; {PBC_HELP}")
+    return path
+
+
+def default_weights(name: str = DEFAULT_BACKBONE_WEIGHTS) -> Path | None:
+    """``$BLOODCELL_WEIGHTS/<name>`` when it exists, else None."""
+    root = weights_root()
+    if root is None:
+        return None
+    candidate = root / name
+    return candidate if candidate.is_file() else None
+
+
+def resolve_weights(path: str | os.PathLike | None) -> Path | None:
+    """A weights path as given; a bare file name is looked up in ``BLOODCELL_WEIGHTS``."""
+    if path is None:
+        return None
+    path = Path(path)
+    if not path.exists() and path.parent == Path(".") and weights_root() is not None:
+        candidate = weights_root() / path.name
+        if candidate.exists():
+            return candidate
+    return path

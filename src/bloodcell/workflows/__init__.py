@@ -1,0 +1,6 @@
+"""Workflows: whole jobs built from the layers below (the demo pipeline, the default-model recipe)."""
+
+from .pipeline import PROFILES, packaged_config, run_pipeline
+from .recipe import ExportSettings, RecipeConfig, load_recipe, run_recipe
+
+__all__ = ["PROFILES", "packaged_config", "run_pipeline", "ExportSettings", "RecipeConfig", "load_recipe", "run_recipe"]
