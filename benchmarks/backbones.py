@@ -18,7 +18,6 @@ import json
 import time
 from pathlib import Path
 
-import timm
 import torch
 
 from bloodcell.models import CNNConfig, create_model

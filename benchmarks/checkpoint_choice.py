@@ -48,7 +48,7 @@ def write_last_epoch_run(run_dir: Path, out: Path) -> Path:
     sources, _ = training_sources(run_data(run_dir))  # the validation split as training found it
     val_split = load_split(sources["val"], model_meta["class_names"], model_meta["image_size"],
                            framing=model_meta.get("framing"))
-    calibrate_run(out, val_split, log=lambda _: None)
+    calibrate_run(out, val_split.images, val_split.labels, log=lambda _: None)
     return out
 
 

@@ -19,7 +19,7 @@ SHARED = Path(os.environ.get("BLOODCELL_DATA") or Path(__file__).resolve().paren
 ORIGINALS = SHARED / "pbc-originals"
 PBC224 = SHARED / "pbc224"
 DATA_MISSING = f"PBC data not found at {SHARED} (set BLOODCELL_DATA to the folder holding pbc224/ and pbc-originals/)"
-_skipped_for_data: list[str] = []
+_skips: dict[str, set[str]] = {}  # reason -> test ids
 
 
 def require(path: Path) -> Path:
@@ -28,14 +28,28 @@ def require(path: Path) -> Path:
     return path
 
 
+# Fixtures that train, export or curate a whole dataset: a test that uses one is marked slow.
+SLOW_FIXTURES = {"tiny_data", "run", "onnx_model", "curated", "dirty_folder", "mobilenet", "client"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+        if item.get_closest_marker("browser") or item.get_closest_marker("distributed"):
+            item.add_marker(pytest.mark.slow)
+
+
 def pytest_runtest_logreport(report):
-    if report.skipped and isinstance(report.longrepr, tuple) and DATA_MISSING in str(report.longrepr[2]):
-        _skipped_for_data.append(report.nodeid)
+    if report.skipped and isinstance(report.longrepr, tuple):
+        reason = str(report.longrepr[2]).removeprefix("Skipped: ")
+        _skips.setdefault(reason, set()).add(report.nodeid)
 
 
 def pytest_terminal_summary(terminalreporter):
-    if _skipped_for_data:
-        terminalreporter.write_line(f"{len(set(_skipped_for_data))} tests skipped: {DATA_MISSING}")
+    """One line per reason a test was skipped, with how many (pytest's -rs lists them per place)."""
+    for reason, tests in sorted(_skips.items()):
+        terminalreporter.write_line(f"{len(tests)} tests skipped: {reason}")
 
 
 @pytest.fixture(scope="session")

@@ -1,3 +1,4 @@
+import pytest
 import json
 
 from typer.testing import CliRunner
@@ -32,6 +33,7 @@ def test_bad_setting_is_explained(dirty_folder, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_leakage_exit_code_says_whether_anything_leaked(original_files, tmp_path):
     for name, files in (("a", original_files[:10]), ("b", original_files[8:14])):
         folder = tmp_path / name / "basophil"
@@ -45,6 +47,7 @@ def test_leakage_exit_code_says_whether_anything_leaked(original_files, tmp_path
     assert clean.exit_code == 1  # a dataset leaks into itself
 
 
+@pytest.mark.slow
 def test_train_evaluate_report_commands(tmp_path):
     from .test_train import make_tiny_data
 

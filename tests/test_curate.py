@@ -191,6 +191,7 @@ def test_leakage_check_finds_copies_across_datasets(tmp_path, original_files):
     assert found == {(original_files[5].name, "leak_exact.jpg", "exact"), (original_files[6].name, "leak_near.png", "near")}
 
 
+@pytest.mark.browser
 def test_report_renders_in_a_browser(curated):
     from .browser import broken_images, open_page
 

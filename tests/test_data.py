@@ -149,3 +149,44 @@ def test_iter_batches_lists_failures_and_keeps_going(tmp_path, rgb):
     assert sum(len(b.images) for b in batches) == 1
     failed = [f for b in batches for f in b.failed]
     assert len(failed) == 1 and failed[0][0].path.endswith("bad.png") and "empty" in failed[0][1]
+
+
+def _object_images(path):
+    images = np.empty(2, dtype=object)
+    images[0], images[1] = np.zeros((4, 4, 3), np.uint8), "not pixels"
+    np.savez(path, images=images, labels=np.array([0, 1]))
+
+
+def _pickled_labels(path):
+    np.savez(path, images=np.zeros((2, 4, 4, 3), np.uint8), labels=np.array([{"class": 0}, {"class": 1}], dtype=object))
+
+
+BROKEN_NPZ = {
+    "object images": (_object_images, "pickled Python objects"),
+    "pickled labels": (_pickled_labels, "pickled Python objects"),
+    "float images": (lambda p: np.savez(p, images=np.random.rand(2, 4, 4, 3), labels=np.array([0, 1])), "float64, expected uint8"),
+    "wrong shape": (lambda p: np.savez(p, images=np.zeros((2, 4), np.uint8), labels=np.zeros(2, int)), "shape"),
+    "lengths differ": (lambda p: np.savez(p, images=np.zeros((2, 4, 4, 3), np.uint8), labels=np.zeros(3, int)),
+                       "2 images .* but 3 labels"),
+    "missing keys": (lambda p: np.savez(p, pictures=np.zeros((2, 4, 4, 3), np.uint8)), "expected arrays 'images' and 'labels'"),
+    "not a zip": (lambda p: p.write_bytes(b"this is not a zip archive at all"), "not a readable .npz file"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BROKEN_NPZ))
+def test_every_broken_npz_is_one_line_naming_the_file(tmp_path, kind):
+    """From Python: a BloodcellError naming the file. From the CLI: one line, exit 2, no traceback."""
+    from typer.testing import CliRunner
+
+    from bloodcell.cli import app
+
+    make, message = BROKEN_NPZ[kind]
+    path = tmp_path / "cells.npz"
+    make(path)
+    with pytest.raises(BloodcellError, match=message) as caught:
+        open_source(path)
+    assert str(path) in str(caught.value)
+    result = CliRunner().invoke(app, ["curate", str(path), "--out", str(tmp_path / "out")])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:"), result.output
+    assert "Traceback" not in result.output and "cells.npz" in result.output

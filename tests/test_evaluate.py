@@ -66,6 +66,7 @@ def test_corruptions_are_deterministic_and_change_the_image(family):
     assert strong > mild
 
 
+@pytest.mark.slow
 def test_evaluate_a_trained_run_end_to_end(tmp_path):
     import json
 
@@ -103,6 +104,7 @@ def test_evaluate_a_trained_run_end_to_end(tmp_path):
     assert tta["tta"] is True and 0 <= tta["accuracy"] <= 1
 
 
+@pytest.mark.slow
 def test_a_dataset_with_a_subset_of_classes_is_scored_on_those(tmp_path, original_files):
     """Another lab's white cells only: scored on the classes present, unknown classes refused."""
     from bloodcell.data import BloodcellError

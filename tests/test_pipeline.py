@@ -12,6 +12,8 @@ from .conftest import require
 from .test_train import WEIGHTS
 
 
+@pytest.mark.slow
+@pytest.mark.browser
 def test_quick_pipeline_end_to_end(tmp_path, original_files, monkeypatch):
     require(WEIGHTS)
     tiny = {
@@ -48,6 +50,7 @@ def test_quick_pipeline_end_to_end(tmp_path, original_files, monkeypatch):
         assert errors == []
 
 
+@pytest.mark.slow
 def test_recipe_curates_trains_calibrates_and_exports(tmp_path, original_files):
     """The packaged default-model recipe, shrunk: one call ends with a checked, calibrated ONNX model."""
     require(WEIGHTS)

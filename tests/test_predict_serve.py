@@ -74,12 +74,21 @@ def test_onnx_agrees_with_pytorch_and_carries_its_contract(onnx_model, run, cell
 def test_int8_model_is_written_and_measured(onnx_model):
     # Only the fully connected layers are quantised: predictions must barely move.
     assert onnx_model["int8_agreement"] >= 0.9
+    # Weights are unsigned (U8U8): no CPU's u8s8 kernel can saturate, so the answers are the same on AVX2,
+    # AVX-512 and VNNI machines (ONNX Runtime's quantization guide).
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(onnx_model["onnx_int8"]).graph
+    quantized = [numpy_helper.to_array(i) for i in graph.initializer if i.name.endswith("_quantized")]
+    assert quantized and all(w.dtype == np.uint8 for w in quantized)
     assert onnx_model["int8_max_prob_diff"] < 0.2
     # The accuracy change of int8 is measured on the labelled check images.
     assert onnx_model["int8_accuracy_change"] == pytest.approx(onnx_model["accuracy_int8"] - onnx_model["accuracy_onnx"])
     assert load_predictor(onnx_model["onnx_int8"]).backend == "onnxruntime"
 
 
+@pytest.mark.slow
 def test_same_padding_is_frozen_and_merged_without_changing_outputs(tmp_path):
     """timm's run-time TF 'SAME' padding becomes Conv pads in the ONNX graph; logits do not move."""
     import onnx
@@ -115,6 +124,7 @@ def test_same_padding_is_frozen_and_merged_without_changing_outputs(tmp_path):
     assert np.abs(logits - before.numpy()).max() < 1e-3
 
 
+@pytest.mark.slow
 def test_static_int8_is_calibrated_and_scored_on_different_images(run, original_files, tmp_path):
     files = original_files[:24]
     images = [np.asarray(Image.open(f).convert("RGB")) for f in files]
@@ -214,6 +224,71 @@ def test_predict_many_images(client, cells):
     assert "white_cell_percent" in body["differential"]
 
 
+def test_a_mixed_batch_answers_for_each_file(client, cells):
+    files = [("files", ("good0.png", png_bytes(cells[0]), "image/png")),
+             ("files", ("broken.png", b"\x89PNG but cut short", "image/png")),
+             ("files", ("good1.png", png_bytes(cells[1]), "image/png"))]
+    response = client.post("/v1/predict", files=files)
+    assert response.status_code == 200
+    body = response.json()
+    assert [(r["index"], r["file"]) for r in body["results"]] == [(0, "good0.png"), (2, "good1.png")]
+    assert [(e["index"], e["file"]) for e in body["errors"]] == [(1, "broken.png")] and body["errors"][0]["error"]
+    alone = client.post("/v1/predict", files=[files[0]]).json()["results"][0]
+    assert alone["probabilities"] == body["results"][0]["probabilities"]  # the bad file changes nothing for the good
+    nothing = client.post("/v1/predict", files=[files[1], ("files", ("empty.png", b"", "image/png"))])
+    assert nothing.status_code == 422 and [e["file"] for e in nothing.json()["errors"]] == ["broken.png", "empty.png"]
+
+
+def test_api_key_guards_the_api_but_not_health(onnx_model, cells, monkeypatch):
+    monkeypatch.delenv("BLOODCELL_API_KEY", raising=False)
+    guarded = TestClient(create_app(onnx_model["onnx"], api_key="s3cret"))
+    image = [("files", ("a.png", png_bytes(cells[0]), "image/png"))]
+    assert guarded.get("/v1/health").status_code == 200
+    assert guarded.get("/").status_code == 200  # the page itself asks for the key
+    for headers in ({}, {"X-API-Key": "wrong"}, {"X-API-Key": "s3cret-and-more"}):
+        assert guarded.post("/v1/predict", files=image, headers=headers).status_code == 401
+        assert guarded.get("/v1/model", headers=headers).status_code == 401
+    assert guarded.post("/v1/predict", files=image, headers={"X-API-Key": "s3cret"}).status_code == 200
+    monkeypatch.setenv("BLOODCELL_API_KEY", "from-env")
+    from_env = TestClient(create_app(onnx_model["onnx"]))
+    assert from_env.get("/v1/model").status_code == 401
+    assert from_env.get("/v1/model", headers={"X-API-Key": "from-env"}).status_code == 200
+
+
+@pytest.mark.parametrize("host,key,warned", [("0.0.0.0", None, True), ("192.0.2.7", None, True),
+                                              ("0.0.0.0", "k", False), ("127.0.0.1", None, False), ("localhost", None, False)])
+def test_serving_beyond_loopback_without_a_key_warns(onnx_model, monkeypatch, host, key, warned):
+    import uvicorn
+
+    from bloodcell.service.app import serve
+
+    monkeypatch.delenv("BLOODCELL_API_KEY", raising=False)
+    started = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: started.append(kwargs))
+    warnings = []
+    serve(onnx_model["onnx"], host=host, port=1, api_key=key, warn=warnings.append)
+    assert started and started[0]["host"] == host
+    assert bool(warnings) == warned and (not warned or "API key" in warnings[0])
+
+
+def test_a_missing_extra_is_one_line_naming_it(monkeypatch):
+    import sys
+
+    from typer.testing import CliRunner
+
+    from bloodcell.cli import app
+    from bloodcell.core.errors import MissingExtraError
+    from bloodcell.core.extras import require
+
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # as if the 'serve' extra were not installed
+    monkeypatch.delitem(sys.modules, "bloodcell.service.app", raising=False)
+    with pytest.raises(MissingExtraError, match=r"pip install 'bloodcell\[serve\]'"):
+        require("fastapi", "bloodcell serve")
+    result = CliRunner().invoke(app, ["serve"])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and "'serve' extra" in lines[0], result.output
+
+
 def test_content_is_checked_by_decoding_not_extension(client):
     response = client.post("/v1/predict", files=[("files", ("cell.png", b"GIF89a but not really", "image/png"))])
     assert response.status_code == 422
@@ -249,6 +324,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.browser
 def test_web_page_end_to_end_in_a_browser(onnx_model, original_files, tmp_path):
     import uvicorn
 
@@ -264,8 +340,11 @@ def test_web_page_end_to_end_in_a_browser(onnx_model, original_files, tmp_path):
     try:
         with open_page(f"http://127.0.0.1:{port}/") as (page, errors):
             page.wait_for_function("document.getElementById('model').textContent.includes('classes')")
-            page.set_input_files("#files", [str(original_files[0]), str(original_files[1])])
+            broken = tmp_path / "broken.jpg"
+            broken.write_bytes(b"\xff\xd8 not a whole JPEG")
+            page.set_input_files("#files", [str(original_files[0]), str(broken), str(original_files[1])])
             page.wait_for_selector(".card .pred b", timeout=20000)
+            assert "broken.jpg" in page.inner_text("#errors")  # the bad file is named, the good ones classified
             predicted = page.inner_text(".card .pred b")
             classes = json.loads(page.evaluate("JSON.stringify(classes)"))
             assert predicted in classes
@@ -284,6 +363,7 @@ def test_web_page_end_to_end_in_a_browser(onnx_model, original_files, tmp_path):
         thread.join(timeout=10)
 
 
+@pytest.mark.slow
 def test_default_model_predicts_and_looks_at_the_cell(original_files):
     """The shipped model: Grad-CAM is higher on the stained cell than on the background for most real images."""
     from bloodcell.inference.explain import focus_on_cell, grad_cam

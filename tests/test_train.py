@@ -227,6 +227,7 @@ def test_bad_configs_fail_before_training(tiny_data, tmp_path, overrides, messag
     assert not (tmp_path / "bad" / "metrics.csv").exists()
 
 
+@pytest.mark.slow
 def test_weights_of_another_architecture_are_refused(tmp_path):
     require(WEIGHTS)
     with pytest.raises(BloodcellError, match="does not fit mobilenetv3_large_100"):
@@ -257,6 +258,7 @@ open(f"{out}/rank{rank}.txt", "w").write(digest)
 """
 
 
+@pytest.mark.distributed
 def test_ddp_two_processes_end_with_identical_weights(tiny_data, tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
@@ -349,6 +351,7 @@ def test_subclass_model_answers_with_summed_class_probabilities():
         create_model("cnn", 3, pretrained=False, subclass_parents=[0, 0, 2])
 
 
+@pytest.mark.slow
 def test_training_on_subclasses_predicts_classes_after_export(tmp_path):
     """Real PBC file names (BNE_/SNE_, MY_/MMY_): trained on subclasses, every output is over the 8 classes."""
     from bloodcell.models import load_model
