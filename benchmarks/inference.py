@@ -104,12 +104,15 @@ def main():
     results: dict = {"run": str(args.run), "cpus": os.cpu_count()}
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = Path(tmp) / "model.onnx"
-        export = export_onnx(args.run, onnx_path, images[:64], quantize=True)
+        # int8 agreement with float and accuracy, on the validation split when there is one (else PBC images).
+        check_images, check_labels = check_set(args.check, 512) if args.check.is_dir() else (images[:64], None)
+        export = export_onnx(args.run, onnx_path, check_images, quantize=True, check_labels=check_labels)
         results["export"] = {k: v for k, v in export.items() if not k.startswith("onnx")}
+        results["cpu_flags"] = sorted({flag for line in open("/proc/cpuinfo") if line.startswith("flags")
+                                       for flag in line.split()[2:] if flag in ("avx2", "avx512f", "avx512_vnni", "avx_vnni")})
         predictors = {"pytorch_eager": load_predictor(args.run), "onnxruntime": load_predictor(onnx_path),
                       "onnxruntime_int8_dynamic_fc": load_predictor(export["onnx_int8"])}
         if args.check.is_dir():
-            check_images, check_labels = check_set(args.check, 512)
             static = export_onnx(args.run, Path(tmp) / "static.onnx", check_images, "static", check_labels)
             results["export_static_int8"] = {k: v for k, v in static.items() if not k.startswith("onnx")}
             predictors["onnxruntime_int8_static"] = load_predictor(static["onnx_int8"])

@@ -1,0 +1,47 @@
+"""The model contract: typed, versioned, written once and read back everywhere; old files still load."""
+
+import json
+
+import pytest
+
+from bloodcell.core.contract import SCHEMA_VERSION, ModelContract, parse_contract, read_contract, write_contract
+from bloodcell.core.errors import BloodcellError
+from bloodcell.inference import DEFAULT_MODEL_DIR
+
+OLD = {"model": "cnn", "class_names": ["a", "b"], "image_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3,
+       "framing": None, "cnn": {"channels": [8]}, "subclasses": None, "temperature": None}
+
+
+def test_a_contract_from_before_the_schema_loads_with_defaults():
+    contract = parse_contract(OLD)
+    assert contract.schema_version == SCHEMA_VERSION and contract.temperature == 1.0
+    assert contract.class_names == ["a", "b"] and contract.mean == (0.5, 0.5, 0.5)
+
+
+def test_write_then_read_is_the_same_contract(tmp_path):
+    contract = ModelContract(model="cnn", class_names=["a", "b"], image_size=32, mean=(0.5,) * 3, std=(0.25,) * 3,
+                             temperature=0.7, subclasses={"names": ["a", "b:x", "b"], "parents": [0, 1, 1]})
+    write_contract(tmp_path, contract)
+    assert json.loads((tmp_path / "model.json").read_text())["schema_version"] == SCHEMA_VERSION
+    assert read_contract(tmp_path) == contract
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"schema_version": SCHEMA_VERSION + 1}, "newer bloodcell"),
+    ({"image_size": "big"}, "image_size"),
+    ({"class_names": None}, "class_names"),
+])
+def test_bad_or_newer_contracts_are_one_clear_error(change, message):
+    with pytest.raises(BloodcellError, match=message):
+        parse_contract({**OLD, **change}, "run/model.json")
+
+
+def test_the_shipped_model_files_load_through_the_contract():
+    from bloodcell.inference import load_predictor
+
+    if not (DEFAULT_MODEL_DIR / "model.onnx").is_file():
+        pytest.skip("no default model in this checkout")
+    from_json = read_contract(DEFAULT_MODEL_DIR)
+    from_onnx = load_predictor("default").contract
+    assert from_json.class_names == from_onnx.class_names and from_json.image_size == from_onnx.image_size == 128
+    assert from_onnx.framing == from_json.framing and from_onnx.temperature == pytest.approx(from_json.temperature)
