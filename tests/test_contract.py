@@ -1,4 +1,5 @@
 """The model contract: typed, versioned, written once and read back everywhere; old files still load."""
+from pathlib import Path
 
 import json
 
@@ -45,3 +46,40 @@ def test_the_shipped_model_files_load_through_the_contract():
     from_onnx = load_predictor("default").contract
     assert from_json.class_names == from_onnx.class_names and from_json.image_size == from_onnx.image_size == 128
     assert from_onnx.framing == from_json.framing and from_onnx.temperature == pytest.approx(from_json.temperature)
+
+
+def test_weights_and_data_come_from_settings(tmp_path, monkeypatch):
+    from bloodcell.core.settings import default_weights, resolve_data, resolve_weights
+    from bloodcell.training import TrainConfig
+    from bloodcell.training.trainer import backbone_weights
+
+    (tmp_path / "w").mkdir()
+    wanted = tmp_path / "w" / "tf_mobilenetv3_small_100.from_tflite.safetensors"
+    wanted.write_bytes(b"")
+    (tmp_path / "w" / "mobilenetv2_100.pth").write_bytes(b"")
+    monkeypatch.setenv("BLOODCELL_WEIGHTS", str(tmp_path / "w"))
+    assert default_weights("tf_mobilenetv3_small_100") == wanted
+    assert default_weights("resnet18") is None
+    assert backbone_weights(TrainConfig(data=tmp_path)) == wanted  # no weights named: the model's file
+    assert backbone_weights(TrainConfig(data=tmp_path, weights=wanted.name)) == wanted  # a bare name is looked up
+    assert backbone_weights(TrainConfig(data=tmp_path, model="cnn")) is None
+    assert resolve_weights("elsewhere/missing.pth") == Path("elsewhere/missing.pth")  # a path is kept as given
+    monkeypatch.delenv("BLOODCELL_DATA", raising=False)
+    with pytest.raises(BloodcellError, match="doi:10.17632/snkd93bnjr.1"):
+        resolve_data(None)
+    monkeypatch.setenv("BLOODCELL_DATA", str(tmp_path))
+    with pytest.raises(BloodcellError, match="pbc224: no such file or folder.*get PBC"):
+        resolve_data(None)
+    (tmp_path / "pbc224").mkdir()
+    assert resolve_data(None) == tmp_path / "pbc224"
+
+
+def test_train_config_policy_is_the_libraries_not_the_clis():
+    from bloodcell.training import TrainConfig, build_train_config
+
+    cnn = TrainConfig(model="cnn")
+    assert [(p.name, p.trainable) for p in cnn.phases] == [("train", "all")]
+    assert build_train_config(model="cnn", data="d").phases == cnn.phases
+    assert [p.name for p in TrainConfig().phases] == ["head", "finetune"]
+    changed = build_train_config(overrides=["phases.1.lr=3e-4"], data="d")
+    assert changed.phases[1].lr == 3e-4

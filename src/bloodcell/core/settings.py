@@ -22,8 +22,6 @@ PBC_HELP = (
     "with the class folders basophil, eosinophil, erythroblast, ig, lymphocyte, monocyte, neutrophil, platelet; "
     f"then pass --data DIR or set {DATA_ENV}=PARENT_OF_DIR"
 )
-# The ImageNet weights the shipped recipe fine-tunes (see docs/training.md).
-DEFAULT_BACKBONE_WEIGHTS = "tf_mobilenetv3_small_100.from_tflite_int8ptq.safetensors"
 
 
 def data_root() -> Path | None:
@@ -51,13 +49,13 @@ def resolve_data(path: str | os.PathLike | None, default_name: str = "pbc224") -
     return path
 
 
-def default_weights(name: str = DEFAULT_BACKBONE_WEIGHTS) -> Path | None:
-    """``$BLOODCELL_WEIGHTS/<name>`` when it exists, else None."""
+def default_weights(model: str) -> Path | None:
+    """The first file in ``$BLOODCELL_WEIGHTS`` named after a timm model (``<model>.*.safetensors`` or ``.pth``)."""
     root = weights_root()
-    if root is None:
+    if root is None or not root.is_dir():
         return None
-    candidate = root / name
-    return candidate if candidate.is_file() else None
+    found = sorted(p for p in root.glob(f"{model}.*") if p.suffix in (".safetensors", ".pth") and p.is_file())
+    return found[0] if found else None
 
 
 def resolve_weights(path: str | os.PathLike | None) -> Path | None:

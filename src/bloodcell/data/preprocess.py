@@ -21,7 +21,7 @@ RESIZE_METHOD = "pil_bicubic"
 def preprocess(image: np.ndarray, size: int, framing: dict | None = None) -> np.ndarray:
     """A decoded RGB uint8 image as a model sees it: size x size (Pillow bicubic, antialiased).
 
-    ``framing`` (a model contract's ``framing`` entry, see :mod:`bloodcell.framing`) first
+    ``framing`` (a model contract's ``framing`` entry, see :mod:`bloodcell.data.framing`) first
     crops a standard window around the stained cell; None resizes the whole image.
     """
     if framing is not None:

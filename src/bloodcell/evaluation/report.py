@@ -22,7 +22,7 @@ def write_run_report(run_dir: Path, evaluation: dict, baseline: tuple[Path, dict
                      out: Path | None = None, worst: int = 16) -> Path:
     """One self-contained report.html for a trained and evaluated run.
 
-    ``evaluation`` is what :func:`bloodcell.evaluate.evaluate_model` returned (its
+    ``evaluation`` is what :func:`bloodcell.evaluation.evaluate_model` returned (its
     figures in ``evaluation_dir``); ``baseline`` an optional (run_dir, evaluation)
     shown beside it, e.g. the custom CNN before fine-tuning.
     """

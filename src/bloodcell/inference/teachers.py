@@ -60,7 +60,7 @@ def teacher_targets(teachers: Sequence[str | Path], source: Source, class_names:
         for predictor, columns in zip(predictors, order):
             contract = json.dumps([predictor.image_size, predictor.framing], sort_keys=True)
             if contract not in prepared:
-                prepared[contract] = np.stack([predictor.prepare(image) for image in images]).transpose(0, 3, 1, 2)
+                prepared[contract] = predictor.prepare_batch(images)
             total += predictor.prepared_probabilities(prepared[contract])[:, columns]
         keys += chunk_keys
         rows.append(total / len(predictors))

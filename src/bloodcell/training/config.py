@@ -122,10 +122,10 @@ class TrainConfig(BaseModel):
         "averaged", description="the EMA model's BatchNorm statistics: averaged like its weights (torchvision's "
         "references, timm), or copied from the live model (runs 13-15: EMA validation near chance until the weights settle)")
     augment: AugmentConfig = AugmentConfig()
-    framing: FramingConfig | None = Field(None, description="crop a window around the stained cell before the resize (bloodcell.framing)")
+    framing: FramingConfig | None = Field(None, description="crop a window around the stained cell before the resize (bloodcell.data.framing)")
     subclasses: SubclassConfig | None = Field(None, description="train on subclasses named in the file names (SubclassConfig)")
     progressive: ProgressiveConfig | None = Field(None, description="progressive resizing of the training crops (ProgressiveConfig)")
-    distill: DistillConfig | None = Field(None, description="learn from teachers' probabilities as well (bloodcell.distill)")
+    distill: DistillConfig | None = Field(None, description="learn from teachers' probabilities as well (bloodcell.training.distill)")
     cnn: CNNConfig = CNNConfig()
     workers: int = Field(0, ge=0, description="DataLoader worker processes; 0 augments in-process, faster on 2 cores (benchmarks/train_throughput.py)")
     recalibrate_images: int = Field(512, ge=1, description="training images used to recalibrate folded BatchNorm")

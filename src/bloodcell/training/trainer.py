@@ -117,10 +117,7 @@ def backbone_weights(config: TrainConfig) -> Path | None:
         return None
     if config.weights is not None:
         return resolve_weights(config.weights)
-    root = default_weights()
-    if root is not None and root.name.startswith(config.model + "."):
-        return root
-    return None
+    return default_weights(config.model)
 
 
 def build_model(config: TrainConfig, class_names: list[str], subclasses: Subclasses | None) -> tuple[nn.Module, ModelContract]:
