@@ -41,7 +41,7 @@ def resolve_data(path: str | os.PathLike | None, default_name: str = "pbc224") -
     if path is None:
         root = data_root()
         if root is None:
-            raise BloodcellError(f"no data given: pass --data DIR or set {DATA_ENV}; {PBC_HELP}")
+            raise BloodcellError(f"no data given: {PBC_HELP}")
         path = root / default_name
     path = Path(path)
     if not path.exists():
