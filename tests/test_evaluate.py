@@ -94,12 +94,16 @@ def test_evaluate_a_trained_run_end_to_end(tmp_path):
     header = (out / "predictions.csv").read_text().splitlines()[0].split(",")
     assert header[:4] == ["path", "label", "pred", "confidence"] and len(header) == 4 + 8
     assert result["count"] == 80
+    # The validation split set the out-of-distribution threshold at its 99th percentile: not flagged.
+    shift = written["domain_shift"]
+    assert shift["images"] == 80 and shift["flagged"] is False and shift["images_flagged"] <= 1
     # The same figures from the exported ONNX model, and test-time augmentation runs.
     from bloodcell.inference.export import export_onnx
 
     export_onnx(tmp_path / "run", tmp_path / "model.onnx")
     onnx_result = evaluate_model(tmp_path / "model.onnx", data / "val.npz", tmp_path / "eval-onnx")
     assert onnx_result["accuracy"] == pytest.approx(result["accuracy"], abs=1 / 80)
+    assert onnx_result["domain_shift"]["score"] == pytest.approx(shift["score"], rel=1e-3)
     tta = evaluate_model(tmp_path / "run", data / "val.npz", tmp_path / "eval-tta", tta=True)
     assert tta["tta"] is True and 0 <= tta["accuracy"] <= 1
 

@@ -168,11 +168,41 @@ def test_predict_command(onnx_model, original_files, tmp_path):
                                  "--model", onnx_model["onnx"], "--out", str(out)])
     assert result.exit_code == 0, result.output
     header = out.read_text().splitlines()[0].split(",")
-    assert header[:4] == ["path", "pred", "confidence", "abstained"] and len(header) == 12
+    assert header[:6] == ["path", "pred", "confidence", "abstained", "ood_score", "out_of_distribution"]
+    assert len(header) == 14
     assert "missing.jpg" in result.output and "Differential count" in result.output
     assert "skipped " in result.output and "[yellow]" not in result.output  # styled, not raw markup
     nothing = runner.invoke(cli, ["predict", str(tmp_path / "missing.jpg"), "--model", onnx_model["onnx"]])
     assert nothing.exit_code == 2 and "no image could be read" in nothing.output
+
+
+def test_out_of_distribution_scores_travel_with_the_model(run, onnx_model, cells):
+    """Training stores the training lab's statistics; ONNX (float and int8) scores as PyTorch does."""
+    contract = json.loads((run["run"] / "model.json").read_text())
+    assert contract["shift"]["method"] == "mahalanobis" and (run["run"] / "shift.safetensors").is_file()
+    assert onnx_model["outputs"] == ["logits", "ood_score"]
+    torch_probs, torch_scores = load_predictor(run["run"]).scores(cells)
+    for path in (onnx_model["onnx"], onnx_model["onnx_int8"]):
+        probs, scores = load_predictor(path).scores(cells)
+        assert scores.shape == (len(cells),) and np.all(scores >= 0)
+        np.testing.assert_allclose(scores, torch_scores, rtol=0.02, atol=0.02)
+    # Colour-inverted cells are nothing like the training images: they score higher.
+    _, inverted = load_predictor(onnx_model["onnx"]).scores([255 - c for c in cells])
+    assert np.median(inverted) > np.median(torch_scores)
+
+
+def test_cells_to_check_stay_out_of_the_differential():
+    from bloodcell.inference import prediction_row, shift_summary
+
+    names = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet"]
+    sure = np.eye(8)[6] * 0.95 + 0.05 / 8
+    rows = [prediction_row("a", sure, names, 0.7, 0.4), prediction_row("b", sure, names, 0.7, 3.0),
+            prediction_row("c", np.full(8, 1 / 8), names, 0.7, 0.2)]
+    assert [r["out_of_distribution"] for r in rows] == [False, True, False]
+    counts = differential_count(rows)
+    assert counts["white_cells"] == 1 and counts["to_check"] == 2 and counts["out_of_distribution"] == 1
+    assert shift_summary(rows) == {"flagged": False, "images_flagged": 1, "images": 3, "score": 0.4}
+    assert differential_count(rows, include_abstained=True)["white_cells"] == 3
 
 
 def test_unknown_model_is_a_clear_error(tmp_path):
@@ -222,6 +252,8 @@ def test_predict_many_images(client, cells):
     for r in body["results"]:
         assert r["class"] in r["probabilities"] and 0 < r["confidence"] <= 1
     assert "white_cell_percent" in body["differential"]
+    assert all(r["out_of_distribution"] == (r["ood_score"] > 1) for r in body["results"])
+    assert body["domain_shift"]["images"] == 3 and isinstance(body["domain_shift"]["flagged"], bool)
 
 
 def test_a_mixed_batch_answers_for_each_file(client, cells):

@@ -202,7 +202,28 @@ def evaluate(
             for family, value in result["corruptions"]["family_mean"].items():
                 table.add_row(f"  {family}", f"{value:.4f}")
         Console().print(table)
+        shift = result.get("domain_shift")
+        if shift:
+            verdict = "[bold yellow]flagged[/]: unlike the training lab's images" if shift["flagged"] else "not flagged"
+            Console().print(f"Domain shift: {verdict} ({shift['images_flagged']} of {shift['images']} images out of "
+                            f"distribution, median score {shift['score']:.2f}; threshold 1)", highlight=False)
         Console().print(f"Written to {out}")
+
+
+@app.command()
+def calibrate(
+    model: Path = typer.Option(..., "--model", "-m", help="A run directory."),
+    data: Path = typer.Option(..., "--data", "-d", help="The split dataset it was trained on (the output of `bloodcell curate`)."),
+    temperature: bool = typer.Option(True, help="Also refit the softmax temperature on the validation split."),
+):
+    """Refit a run's temperature and out-of-distribution statistics (training happens to do both)."""
+    from ..evaluation.shift import calibrate_from_data
+
+    with user_errors():
+        with console.status("calibrating"):
+            calibrate_from_data(model, data, log=lambda line: console.print(line, highlight=False, markup=False),
+                                temperature=temperature)
+        Console().print(f"Updated {model / 'model.json'}; export it again to carry the scores into ONNX")
 
 
 @app.command()
@@ -279,7 +300,7 @@ def predict(
     batch_size: int = typer.Option(64, "--batch-size"),
 ):
     """Classify images; print a differential count; exit non-zero only when nothing could be read."""
-    from ..inference import differential_count, load_predictor, predict_paths, write_predictions
+    from ..inference import differential_count, load_predictor, predict_paths, shift_summary, write_predictions
 
     with user_errors():
         if fmt not in ("csv", "json"):
@@ -313,7 +334,16 @@ def predict(
         table.add_row("platelets (count)", str(counts["platelets"]))
         table.add_row("erythroblasts (count)", str(counts["erythroblasts"]))
         table.add_row("to check (low confidence)", str(counts["abstained"]))
+        if predictor.has_shift:
+            table.add_row("to check (unlike the training lab)", str(counts["out_of_distribution"]))
         console.print(table)
+        shift = shift_summary(rows)
+        if shift and shift["flagged"]:
+            console.print(Text.assemble(
+                ("warning", "bold yellow"),
+                f": these images do not look like the lab the model was trained on ({shift['images_flagged']} of "
+                f"{shift['images']} out of distribution, median score {shift['score']:.2f} > 1). Its answers may be "
+                "wrong with high confidence; check them, or adapt the model (bloodcell adapt)."), highlight=False)
         console.print(f"{len(rows)} predicted, {len(bad)} skipped" + (f"; written to {out}" if out else ""))
 
 

@@ -48,6 +48,10 @@ class ModelContract(BaseModel):
     val_ece_after: float | None = None
     val_nll_before: float | None = None
     val_nll_after: float | None = None
+    shift: dict[str, Any] | None = Field(
+        None, description="out-of-distribution statistics stored beside the weights (bloodcell.models.shift), or None")
+    adapted: dict[str, Any] | None = Field(
+        None, description="what the model was adapted on (bloodcell adapt): mode, images, classes, source model")
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2)

@@ -23,6 +23,10 @@ class AugmentConfig(BaseModel):
     saturation: float = Field(0.15, ge=0)
     hue: float = Field(0.0, ge=0, le=0.5, description="hue jitter; costly on CPU (2.5x slower augmentation)")
     stain_shift: float = Field(0.08, ge=0, description="max per-channel gain change (stain colour)")
+    stain_matrix: float = Field(0.0, ge=0, le=1, description="random stain matrices: spread of a random mixing of optical densities; 0 disables")
+    stain_matrix_p: float = Field(0.8, ge=0, le=1, description="probability of a random stain matrix")
+    illuminant: float = Field(0.0, ge=0, le=0.5, description="max per-channel gain of the background light (yellow or blue lamps); 0 disables")
+    grayscale_p: float = Field(0.0, ge=0, le=1, description="probability of a grey image (shape cues only)")
     blur_p: float = Field(0.15, ge=0, le=1, description="defocus: Gaussian blur probability")
     blur_sigma: tuple[float, float] = (0.3, 2.0)
     pixelate_p: float = Field(0.1, ge=0, le=1)
@@ -45,6 +49,45 @@ class StainShift(torch.nn.Module):
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         gain = 1 + (torch.rand(3, 1, 1) * 2 - 1) * self.strength
         return (image.float() * gain).clamp_(0, 255).to(image.dtype)
+
+
+class StainMatrix(torch.nn.Module):
+    """A random stain: mix the image's optical densities with a random matrix near the identity.
+
+    Beer-Lambert: a stained pixel's optical density OD = -log(I / I0) is the sum of each dye's
+    density times its colour vector. Multiplying OD by a random matrix (identity plus Gaussian
+    noise of spread ``strength``, and a random overall dye strength) moves every dye's colour and
+    amount at once: HED jitter and stain-vector swapping are special cases. The unstained
+    background (OD near 0) stays where it is; the lamp is :class:`Illuminant`'s job.
+    """
+
+    def __init__(self, strength: float):
+        super().__init__()
+        self.strength = strength
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        od = -torch.log((image.float() + 1) / 256)  # (3, H, W), >= 0
+        mix = torch.eye(3) + self.strength * torch.randn(3, 3)
+        mix = mix * (1 + self.strength * (torch.rand(()) * 2 - 1))  # darker or paler staining overall
+        mixed = torch.einsum("ij,jhw->ihw", mix, od).clamp_(min=0)
+        return (torch.exp(-mixed) * 256 - 1).clamp_(0, 255).round_().to(image.dtype)
+
+
+class Illuminant(torch.nn.Module):
+    """A lamp of another colour: multiply each channel by its own gain, brightest one kept near 1.
+
+    Other labs' crops come on yellow (low blue), grey or blue-tinted backgrounds; gains of up to
+    ``strength`` below 1 per channel model that, renormalised so the image is not simply darker.
+    """
+
+    def __init__(self, strength: float):
+        super().__init__()
+        self.strength = strength
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        gain = 1 - torch.rand(3) * self.strength
+        gain = gain / gain.max() * (0.9 + 0.2 * torch.rand(()))
+        return (image.float() * gain.view(3, 1, 1)).clamp_(0, 255).round_().to(image.dtype)
 
 
 class Rot90(torch.nn.Module):
@@ -124,8 +167,14 @@ def build_transform(config: AugmentConfig, image_size: int, output_size: int | N
         steps.append(v2.RandomRotation(config.rotation_degrees))
     if config.brightness or config.contrast or config.saturation or config.hue:
         steps.append(v2.ColorJitter(config.brightness, config.contrast, config.saturation, config.hue))
+    if config.stain_matrix:
+        steps.append(v2.RandomApply([StainMatrix(config.stain_matrix)], p=config.stain_matrix_p))
     if config.stain_shift:
         steps.append(StainShift(config.stain_shift))
+    if config.illuminant:
+        steps.append(Illuminant(config.illuminant))
+    if config.grayscale_p:
+        steps.append(v2.RandomGrayscale(p=config.grayscale_p))
     if config.blur_p:
         steps.append(v2.RandomApply([v2.GaussianBlur(7, sigma=config.blur_sigma)], p=config.blur_p))
     if config.pixelate_p:

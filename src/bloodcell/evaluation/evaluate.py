@@ -21,7 +21,8 @@ from ..inference import Predictor, load_predictor
 from .metrics import abstain_table, compute_metrics
 from .plots import plot_confusion, plot_corruption_heatmap, plot_reliability
 from .robustness import corruption_accuracy
-from .scoring import backend_logits
+from ..models.shift import batch_shift
+from .scoring import backend_logits, backend_ood
 
 
 def load_eval_images(data: str | Path, predictor: Predictor) -> tuple[torch.Tensor, np.ndarray, list[str], Source]:
@@ -62,6 +63,14 @@ def evaluate_model(model_path: str | Path, data: str | Path, out: str | Path, co
     out.mkdir(parents=True, exist_ok=True)
     write_predictions_csv(out / "predictions.csv", paths, labels, probs, names)
     result["abstain"] = abstain_table(probs, labels)
+    ood = backend_ood(predictor, images)
+    if ood is not None:
+        # Is this data like the training lab's? The batch verdict, and accuracy on the images it calls familiar.
+        shift = batch_shift(ood)
+        familiar = ood <= 1.0
+        shift["accuracy_in_distribution"] = (float((probs[familiar].argmax(1) == labels[familiar]).mean())
+                                             if familiar.any() else None)
+        result["domain_shift"] = shift
     result["out"] = str(out)
     plot_confusion(np.array(result["confusion_matrix"]["matrix"]), names, out / "confusion_matrix.png")
     plot_reliability(probs, labels, out / "reliability.png")

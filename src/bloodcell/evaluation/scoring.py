@@ -20,3 +20,12 @@ def backend_logits(predictor: Predictor, images: torch.Tensor, batch_size: int =
         logits = [torch.from_numpy(predictor.run(np.ascontiguousarray(v.numpy()))) for v in views]
         outputs.append(torch.stack(logits).mean(0))
     return torch.cat(outputs)
+
+
+def backend_ood(predictor: Predictor, images: torch.Tensor, batch_size: int = 128) -> np.ndarray | None:
+    """Out-of-distribution scores of a prepared uint8 (N, 3, S, S) batch, or None when the model has no statistics."""
+    if not predictor.has_shift:
+        return None
+    parts = [predictor.prepared_scores(images[start : start + batch_size].numpy())[1]
+             for start in range(0, len(images), batch_size)]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)

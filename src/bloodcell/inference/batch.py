@@ -65,20 +65,51 @@ def predict_paths(predictor: Predictor, paths: Iterable[str | Path], batch_size:
             decoded = list(pool.map(load, [entry for _, entry in chunk]))
             good = [(name, image) for (name, _), image in zip(chunk, decoded) if not isinstance(image, Exception)]
             bad += [(name, str(image)) for (name, _), image in zip(chunk, decoded) if isinstance(image, Exception)]
-            probs = predictor.probabilities([image for _, image in good])
-            for (name, _), row in zip(good, probs):
-                confidence = float(row.max())
-                rows.append({"path": name, "pred": predictor.class_names[int(row.argmax())],
-                             "confidence": round(confidence, 6), "abstained": confidence < abstain_below,
-                             **{c: round(float(p), 6) for c, p in zip(predictor.class_names, row)}})
+            probs, ood = predictor.scores([image for _, image in good])
+            for index, ((name, _), row) in enumerate(zip(good, probs)):
+                rows.append(prediction_row(name, row, predictor.class_names, abstain_below,
+                                           None if ood is None else float(ood[index])))
             if progress:
                 progress(len(chunk))
     return rows, bad
 
 
+def prediction_row(name: str, probs: np.ndarray, class_names: list[str], abstain_below: float,
+                   ood_score: float | None) -> dict:
+    """One image's answer: class, confidence, whether a person should check it, and why.
+
+    ``abstained``: below ``abstain_below`` confidence. ``out_of_distribution``: the image lies
+    farther from the training lab's images than 99% of that lab's own (score above 1); empty
+    when the model carries no such statistics. Either one sends the cell to "to check".
+    """
+    confidence = float(probs.max())
+    row = {"path": name, "pred": class_names[int(probs.argmax())], "confidence": round(confidence, 6),
+           "abstained": confidence < abstain_below}
+    if ood_score is not None:
+        row["ood_score"] = round(ood_score, 4)
+        row["out_of_distribution"] = bool(ood_score > 1.0)
+    return {**row, **{c: round(float(p), 6) for c, p in zip(class_names, probs)}}
+
+
+def to_check(row: dict) -> bool:
+    """A cell a person should look at: low confidence or unlike the training lab's cells."""
+    return bool(row["abstained"] or row.get("out_of_distribution"))
+
+
+def shift_summary(rows: list[dict]) -> dict | None:
+    """The batch's out-of-distribution verdict (bloodcell.models.batch_shift), or None without scores."""
+    from ..models.shift import batch_shift
+
+    scores = [r["ood_score"] for r in rows if "ood_score" in r]
+    return batch_shift(np.array(scores)) if scores else None
+
+
 def differential_count(rows: list[dict], include_abstained: bool = False) -> dict:
-    """A hematologist's differential: white cells as percentages of white cells; platelets and erythroblasts apart."""
-    counts = Counter(r["pred"] for r in rows if include_abstained or not r["abstained"])
+    """A hematologist's differential: white cells as percentages of white cells; platelets and erythroblasts apart.
+
+    Cells to check (low confidence or out of distribution) are left out of the count unless
+    ``include_abstained``."""
+    counts = Counter(r["pred"] for r in rows if include_abstained or not to_check(r))
     white = sum(counts.get(c, 0) for c in WHITE_CELLS)
     return {
         "white_cells": white,
@@ -87,6 +118,8 @@ def differential_count(rows: list[dict], include_abstained: bool = False) -> dic
         "erythroblasts": counts.get("erythroblast", 0),
         "erythroblasts_per_100_white_cells": round(100 * counts.get("erythroblast", 0) / white, 1) if white else None,
         "abstained": sum(1 for r in rows if r["abstained"]),
+        "out_of_distribution": sum(1 for r in rows if r.get("out_of_distribution")),
+        "to_check": sum(1 for r in rows if to_check(r)),
         "counts": dict(counts),
     }
 
@@ -96,6 +129,7 @@ def write_predictions(rows: list[dict], class_names: list[str], out: Path, fmt: 
         out.write_text(json.dumps(rows, indent=1))
         return
     with open(out, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["path", "pred", "confidence", "abstained", *class_names])
+        shift = ["ood_score", "out_of_distribution"] if rows and "ood_score" in rows[0] else []
+        writer = csv.DictWriter(handle, fieldnames=["path", "pred", "confidence", "abstained", *shift, *class_names])
         writer.writeheader()
         writer.writerows(rows)

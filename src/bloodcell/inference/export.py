@@ -10,7 +10,7 @@ import numpy as np
 from ..core.errors import BloodcellError, ImageReadError
 from ..core.extras import require
 from ..data import check_source, load_item, preprocess
-from ..models import freeze_same_padding, load_model
+from ..models import ClassifierWithShift, freeze_same_padding, load_model, load_shift_head
 from .predictor import load_predictor
 
 
@@ -145,6 +145,35 @@ def nodes_after_classifier(model: Path) -> list[str]:
     return excluded
 
 
+def nodes_only_for(model: Path, output: str) -> list[str]:
+    """The nodes that feed ``output`` and no other output: the out-of-distribution score's own graph.
+
+    They stay in float under int8: the score is a Mahalanobis distance, a difference of large
+    quadratic terms that 8-bit ranges would swamp.
+    """
+    onnx = require("onnx", "int8 export")
+
+    graph = onnx.load(str(model)).graph
+    producer = {name: node for node in graph.node for name in node.output}
+
+    def ancestors(name: str) -> set[str]:
+        seen: set[str] = set()
+        pending = [name]
+        while pending:
+            node = producer.get(pending.pop())
+            if node is None or node.name in seen:
+                continue
+            seen.add(node.name)
+            pending.extend(node.input)
+        return seen
+
+    others: set[str] = set()
+    for other in graph.output:
+        if other.name != output:
+            others |= ancestors(other.name)
+    return sorted(ancestors(output) - others)
+
+
 def export_onnx(model: str | Path, out: str | Path, check_images: list[np.ndarray] | None = None,
                 quantize: bool | str = False, check_labels: list[str] | None = None) -> dict:
     """Export a trained run to ONNX (dynamic batch, uint8 input, contract in the metadata).
@@ -159,20 +188,27 @@ def export_onnx(model: str | Path, out: str | Path, check_images: list[np.ndarra
     import torch
 
     net, contract = load_model(model)
+    shift_head = load_shift_head(model)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     size = contract.image_size
     # The exported model has one input size, so timm's run-time 'SAME' padding becomes constant ...
     frozen = freeze_same_padding(net, size)
     example = torch.zeros(1, 3, size, size, dtype=torch.uint8)
+    exported, outputs = net, ["logits"]
+    if shift_head is not None:  # the out-of-distribution score travels in the same graph
+        exported, outputs = ClassifierWithShift(net, shift_head).eval(), ["logits", "ood_score"]
     with tempfile.TemporaryDirectory() as tmp:
         traced = Path(tmp) / "traced.onnx"
-        torch.onnx.export(net, (example,), str(traced), input_names=["images"], output_names=["logits"],
-                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False)
+        torch.onnx.export(exported, (example,), str(traced), input_names=["images"], output_names=outputs,
+                          dynamic_axes={"images": {0: "batch"}, **{name: {0: "batch"} for name in outputs}},
+                          opset_version=17, dynamo=False)
         graph, merged = fuse_zero_padding(traced, Path(tmp) / "folded.onnx")  # ... and merges into the convolutions
     graph.metadata_props.append(onnx.StringStringEntryProto(key="bloodcell", value=contract.model_dump_json()))
     onnx.save(graph, str(out))
-    report = {"onnx": str(out), "bytes": out.stat().st_size, "same_padding_frozen": frozen, "pads_merged": merged}
+    report = {"onnx": str(out), "bytes": out.stat().st_size, "same_padding_frozen": frozen, "pads_merged": merged,
+              "outputs": outputs}
+    float_only = nodes_only_for(out, "ood_score") if shift_head is not None else []
     mode = {False: None, None: None, True: "dynamic", "dynamic": "dynamic", "static": "static"}.get(quantize, "?")
     if mode == "?":
         raise BloodcellError(f"quantize={quantize!r}: use 'dynamic' or 'static'")
@@ -185,7 +221,7 @@ def export_onnx(model: str | Path, out: str | Path, check_images: list[np.ndarra
             # Only the fully connected layers: dynamic int8 convolutions (ConvInteger) were
             # measured here at 0% agreement with the float model and 9x slower on MobileNetV3.
             quantize_dynamic(str(out), str(quantized), weight_type=int8_weight_type(),
-                             op_types_to_quantize=["MatMul", "Gemm"])
+                             op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=float_only)
         else:
             if not check_images or len(check_images) < 16:
                 raise BloodcellError("static int8 needs calibration images: pass --check with 16 or more images")
@@ -193,7 +229,7 @@ def export_onnx(model: str | Path, out: str | Path, check_images: list[np.ndarra
             measured = measured[1::2]
             # A subclass model's merge stays float; a plain model is quantized whole, as before.
             _quantize_static(out, quantized, check_images[::2], size, contract.framing,
-                             nodes_after_classifier(out) if contract.subclasses else None)
+                             (nodes_after_classifier(out) if contract.subclasses else []) + float_only)
         report["int8_mode"] = mode
         report["onnx_int8"] = str(quantized)
         report["int8_bytes"] = quantized.stat().st_size

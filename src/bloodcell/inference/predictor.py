@@ -31,6 +31,14 @@ class Predictor:
     run: Callable[[np.ndarray], np.ndarray]  # uint8 (N, 3, S, S) -> logits (N, C)
     source: str
     torch_model: Any = None  # the PyTorch network, when the backend is torch (Grad-CAM needs it)
+    # uint8 (N, 3, S, S) -> (logits (N, C), out-of-distribution scores (N,)); None when the model
+    # carries no training-lab statistics (bloodcell.models.shift)
+    run_with_shift: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
+
+    @property
+    def has_shift(self) -> bool:
+        """True when every prediction carries an out-of-distribution score."""
+        return self.run_with_shift is not None
 
     @property
     def class_names(self) -> list[str]:
@@ -65,10 +73,31 @@ class Predictor:
 
     def prepared_probabilities(self, batch: np.ndarray) -> np.ndarray:
         """Class probabilities for a uint8 (N, 3, S, S) batch already prepared as this model sees it."""
-        logits = self.run(np.ascontiguousarray(batch)) / self.temperature
+        return self.softmax(self.run(np.ascontiguousarray(batch)))
+
+    def softmax(self, logits: np.ndarray) -> np.ndarray:
+        logits = logits / self.temperature
         logits = logits - logits.max(1, keepdims=True)
         exp = np.exp(logits)
         return exp / exp.sum(1, keepdims=True)
+
+    def scores(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+        """(class probabilities, out-of-distribution scores or None) for decoded RGB uint8 images.
+
+        A score above 1 means the image lies farther from the training lab's images, in the
+        network's feature space, than 99% of that lab's own held-out images (bloodcell.models.shift).
+        """
+        if not images:
+            empty = np.zeros((0, len(self.class_names)), dtype=np.float32)
+            return empty, (np.zeros(0, dtype=np.float32) if self.has_shift else None)
+        return self.prepared_scores(self.prepare_batch(images))
+
+    def prepared_scores(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        batch = np.ascontiguousarray(batch)
+        if self.run_with_shift is None:
+            return self.softmax(self.run(batch)), None
+        logits, ood = self.run_with_shift(batch)
+        return self.softmax(logits), ood
 
 
 def onnx_session(path: Path, threads: int = 1):
@@ -97,14 +126,20 @@ class ParallelRunner:
         self.chunk = chunk
         self.pool = ThreadPoolExecutor(max_workers=workers or max(os.cpu_count() or 1, 1))
 
-    def _run(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: batch})[0]
+    def _run(self, batch: np.ndarray, outputs: list[str] | None = None) -> list[np.ndarray]:
+        return self.session.run(outputs, {self.input_name: batch})
+
+    def run_outputs(self, batch: np.ndarray, outputs: list[str] | None = None) -> list[np.ndarray]:
+        """Every named output (default: all) of the whole batch."""
+        if len(batch) <= self.chunk:
+            return self._run(batch, outputs)
+        parts = [batch[i : i + self.chunk] for i in range(0, len(batch), self.chunk)]
+        results = list(self.pool.map(lambda part: self._run(part, outputs), parts))
+        return [np.concatenate(column) for column in zip(*results)]
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        if len(batch) <= self.chunk:
-            return self._run(batch)
-        parts = [batch[i : i + self.chunk] for i in range(0, len(batch), self.chunk)]
-        return np.concatenate(list(self.pool.map(self._run, parts)))
+        """The first output (logits) of the whole batch."""
+        return self.run_outputs(batch, [self.session.get_outputs()[0].name])[0]
 
 
 def resolve_model(model: str | Path) -> Path:
@@ -131,17 +166,32 @@ def load_predictor(model: str | Path) -> Predictor:
         if "bloodcell" not in meta:
             raise BloodcellError(f"{path}: no bloodcell metadata; export it with `bloodcell export`")
         contract = parse_contract(meta["bloodcell"], f"{path} (metadata)")
-        return Predictor(contract, "onnxruntime", ParallelRunner(session), str(path))
+        runner = ParallelRunner(session)
+        with_shift = None
+        names = [output.name for output in session.get_outputs()]
+        if "ood_score" in names:
+            def with_shift(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                logits, ood = runner.run_outputs(batch, [names[0], "ood_score"])
+                return logits, ood
+
+        return Predictor(contract, "onnxruntime", runner, str(path), run_with_shift=with_shift)
     import torch
 
-    from ..models import load_model
+    from ..models import load_model, load_shift_head
 
     net, contract = load_model(path)
     torch_model = net.eval()
+    shift_head = load_shift_head(path)
 
     def run(batch: np.ndarray) -> np.ndarray:
         with torch.no_grad():
             tensor = torch.from_numpy(batch).contiguous(memory_format=torch.channels_last)
             return torch_model(tensor).numpy()
 
-    return Predictor(contract, "torch", run, str(path), torch_model)
+    def run_with_shift(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with torch.no_grad():
+            features = torch_model.features(torch.from_numpy(batch).contiguous(memory_format=torch.channels_last))
+            return torch_model.classify(features).numpy(), shift_head(features).numpy()
+
+    return Predictor(contract, "torch", run, str(path), torch_model,
+                     run_with_shift=run_with_shift if shift_head is not None else None)

@@ -11,6 +11,7 @@ import torch
 from ..core.contract import ModelContract, read_contract
 from ..core.errors import BloodcellError
 from .factory import Classifier, CNNConfig, create_model
+from .shift import SHIFT_FILE, ShiftHead
 
 
 def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
@@ -67,3 +68,23 @@ def load_model(path: str | Path) -> tuple[Classifier, ModelContract]:
         raise BloodcellError(f"{checkpoint}: does not fit {contract.model} ({str(exc).splitlines()[1].strip()})") from None
     model.eval()
     return model, contract
+
+
+def load_shift_head(path: str | Path) -> ShiftHead | None:
+    """The out-of-distribution statistics stored beside a run's checkpoint, or None when it has none."""
+    path = Path(path)
+    file = (path if path.is_dir() else path.parent) / SHIFT_FILE
+    if not file.is_file():
+        return None
+    tensors, _ = load_checkpoint(file)
+    try:
+        return ShiftHead(tensors["means"], tensors["precision"], tensors["threshold"])
+    except KeyError as exc:
+        raise BloodcellError(f"{file}: not a bloodcell shift-statistics file (no {exc})") from None
+
+
+def save_shift_head(directory: str | Path, head: ShiftHead, meta: dict) -> Path:
+    """Write a run's out-of-distribution statistics beside its checkpoint."""
+    path = Path(directory) / SHIFT_FILE
+    save_checkpoint(path, head.tensors(), meta)
+    return path

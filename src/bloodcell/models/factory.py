@@ -70,6 +70,23 @@ class Classifier(nn.Module):
             return logits
         return merge_subclasses(logits, self.subclass_mask)
 
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Pre-logit features (N, D): what the last linear layer sees (out-of-distribution scores, adaptation)."""
+        x = images.float() * self.scale - self.shift
+        if isinstance(self.net, CustomCNN):
+            return self.net.head[:2](self.net.blocks(x))  # pool, flatten
+        return self.net.forward_head(self.net.forward_features(x), pre_logits=True)
+
+    def last_layer(self) -> nn.Linear:
+        return self.net.head[-1] if isinstance(self.net, CustomCNN) else self.net.get_classifier()
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """Class logits from pre-logit features, as :meth:`forward` gives them in eval mode."""
+        logits = self.last_layer()(features)
+        if self.subclass_mask is None or self.emit_subclasses:
+            return logits
+        return merge_subclasses(logits, self.subclass_mask)
+
 
 def subclass_merge_mask(parents) -> torch.Tensor:
     """Log of the class-by-subclass membership matrix (classes x subclasses), -inf made finite for ONNX."""

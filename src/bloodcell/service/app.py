@@ -28,6 +28,7 @@ from fastapi.responses import HTMLResponse, JSONResponse  # noqa: E402
 from ..core.errors import ImageReadError  # noqa: E402
 from ..data import decode_bytes  # noqa: E402
 from ..inference import differential_count, load_predictor  # noqa: E402
+from ..models.shift import batch_shift  # noqa: E402
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # a whole request
 MAX_IMAGE_PIXELS = 25_000_000  # one image
@@ -90,6 +91,7 @@ def create_app(model: str | Path, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_
         return {"model": predictor.contract.model, "classes": predictor.class_names,
                 "input_size": predictor.image_size, "framing": predictor.framing, "temperature": predictor.temperature,
                 "backend": predictor.backend, "abstain_below": abstain_below, "metrics": card,
+                "shift_scores": predictor.has_shift,
                 "explain": predictor.backend == "torch", "schema_version": predictor.contract.schema_version}
 
     # A plain (sync) endpoint: FastAPI runs it on its thread pool, so concurrent
@@ -118,15 +120,21 @@ def create_app(model: str | Path, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_
             return JSONResponse(status_code=422, content={
                 "error": first["error"] if len(errors) == 1 else f"none of the {len(errors)} files is a readable image",
                 "file": first["file"], "errors": errors})
-        probs = predictor.probabilities(images)
+        probs, ood = predictor.scores(images)
         results = []
-        for index, name, row in zip(indices, names, probs):
+        for position, (index, name, row) in enumerate(zip(indices, names, probs)):
             confidence = float(row.max())
-            results.append({"index": index, "file": name, "class": predictor.class_names[int(row.argmax())],
-                            "confidence": confidence, "abstained": confidence < abstain_below,
-                            "probabilities": {c: float(p) for c, p in zip(predictor.class_names, row)}})
-        rows = [{"pred": r["class"], "abstained": r["abstained"]} for r in results]
-        return {"results": results, "errors": errors, "differential": differential_count(rows)}
+            result = {"index": index, "file": name, "class": predictor.class_names[int(row.argmax())],
+                      "confidence": confidence, "abstained": confidence < abstain_below}
+            if ood is not None:
+                result["ood_score"] = float(ood[position])
+                result["out_of_distribution"] = bool(ood[position] > 1.0)
+            result["probabilities"] = {c: float(p) for c, p in zip(predictor.class_names, row)}
+            results.append(result)
+        rows = [{"pred": r["class"], "abstained": r["abstained"], "out_of_distribution": r.get("out_of_distribution")}
+                for r in results]
+        return {"results": results, "errors": errors, "differential": differential_count(rows),
+                "domain_shift": batch_shift(ood) if ood is not None else None}
 
     @app.post("/v1/explain")
     def explain(file: UploadFile = File(...)):

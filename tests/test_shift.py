@@ -1,0 +1,71 @@
+"""Out-of-distribution scores: the Mahalanobis head against scipy, its threshold, and the batch verdict."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.distance import mahalanobis
+
+from bloodcell.models import ShiftHead, batch_shift, fit_shift_head
+
+
+def gaussian_classes(rng, n=200, dim=6, classes=3, spread=4.0):
+    means = rng.normal(0, spread, (classes, dim))
+    labels = np.repeat(np.arange(classes), n)
+    features = means[labels] + rng.normal(0, 1, (len(labels), dim))
+    return features, labels, means
+
+
+def test_head_is_the_distance_to_the_nearest_class_mean_as_scipy_computes_it():
+    rng = np.random.default_rng(0)
+    means = rng.normal(0, 3, (4, 5))
+    a = rng.normal(0, 1, (5, 5))
+    precision = a @ a.T + np.eye(5)
+    head = ShiftHead(torch.from_numpy(means), torch.from_numpy(precision), 2.5)
+    queries = rng.normal(0, 3, (20, 5))
+    expected = [min(mahalanobis(q, m, precision) for m in means) / np.sqrt(2.5) for q in queries]
+    got = head(torch.from_numpy(queries).float()).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-3)
+
+
+def test_threshold_puts_the_chosen_quantile_of_held_out_images_below_one():
+    rng = np.random.default_rng(1)
+    features, labels, _ = gaussian_classes(rng)
+    held_out, _, _ = gaussian_classes(np.random.default_rng(1), n=400)  # same class means, new draws
+    head = fit_shift_head(features, labels, held_out, quantile=0.9)
+    scores = head(torch.from_numpy(held_out).float()).numpy()
+    assert abs((scores > 1).mean() - 0.1) < 0.01
+    # Another "lab": the same classes, shifted in feature space, scores far above 1.
+    shifted = held_out + 3.0
+    assert np.median(head(torch.from_numpy(shifted).float()).numpy()) > 2
+
+
+def test_batch_verdict_follows_the_median_image():
+    assert batch_shift(np.array([0.2, 0.5, 3.0]))["flagged"] is False  # one odd image does not flag a batch
+    verdict = batch_shift(np.array([1.5, 2.0, 0.4]))
+    assert verdict == {"flagged": True, "images_flagged": 2, "images": 3, "score": 1.5}
+    assert batch_shift(np.array([]))["flagged"] is False
+
+
+def test_added_class_centres_make_a_new_lab_familiar():
+    rng = np.random.default_rng(2)
+    features, labels, _ = gaussian_classes(rng)
+    head = fit_shift_head(features, labels, features)
+    other = features[:50] + 8.0
+    assert np.median(head(torch.from_numpy(other).float()).numpy()) > 1
+    adapted = head.with_means(torch.from_numpy(other.mean(0, keepdims=True)))
+    assert np.median(adapted(torch.from_numpy(other).float()).numpy()) < np.median(head(torch.from_numpy(other).float()).numpy())
+
+
+@pytest.mark.parametrize("bad", ["means", "precision"])
+def test_a_shift_file_without_its_tensors_is_refused_in_one_line(tmp_path, bad):
+    from bloodcell.core.errors import BloodcellError
+    from bloodcell.models import load_shift_head, save_checkpoint
+
+    tensors = {"means": torch.zeros(2, 3), "precision": torch.eye(3), "threshold": torch.tensor(1.0)}
+    del tensors[bad]
+    save_checkpoint(tmp_path / "shift.safetensors", tensors, {})
+    (tmp_path / "best.safetensors").write_bytes(b"")
+    with pytest.raises(BloodcellError, match="shift-statistics"):
+        load_shift_head(tmp_path)
