@@ -395,6 +395,51 @@ def test_web_page_end_to_end_in_a_browser(onnx_model, original_files, tmp_path):
         thread.join(timeout=10)
 
 
+@pytest.mark.browser
+def test_web_page_warns_when_images_are_unlike_the_training_lab(run, original_files, tmp_path):
+    """A model whose threshold every image exceeds: the banner shows, cells go to 'to check', the CSV says why."""
+    import shutil
+
+    import uvicorn
+
+    from bloodcell.models import load_shift_head, save_shift_head
+
+    from .browser import open_page
+
+    strict = tmp_path / "strict"
+    shutil.copytree(run["run"], strict)
+    head = load_shift_head(strict)
+    head.threshold.fill_(1e-12)
+    save_shift_head(strict, head, {})
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(strict), host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    try:
+        with open_page(f"http://127.0.0.1:{port}/") as (page, errors):
+            page.wait_for_function("document.getElementById('model').textContent.includes('classes')")
+            assert page.locator("#shift").is_hidden()
+            page.set_input_files("#files", [str(original_files[0]), str(original_files[1])])
+            page.wait_for_selector("#shift", state="visible", timeout=20000)
+            assert "do not look like the lab the model was trained on" in page.inner_text("#shift")
+            assert page.locator(".card", has_text="unfamiliar").count() == 2
+            assert "to check\t2" in page.inner_text("#differential")
+            with page.expect_download() as download_info:
+                page.click("#download")
+            csv_path = tmp_path / "download.csv"
+            download_info.value.save_as(csv_path)
+            lines = csv_path.read_text().splitlines()
+            assert lines[0].startswith("file,class,confidence,abstained,ood_score,out_of_distribution")
+            assert all(line.split(",")[5] == "true" for line in lines[1:])
+            assert errors == []
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
 @pytest.mark.slow
 def test_default_model_predicts_and_looks_at_the_cell(original_files):
     """The shipped model: Grad-CAM is higher on the stained cell than on the background for most real images."""

@@ -348,6 +348,28 @@ def predict(
 
 
 @app.command()
+def adapt(
+    model: str = typer.Option("default", "--model", "-m", help="A run directory (PyTorch weights) or 'default'."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Class folders of the lab's own labelled cells (5-20 per class; a subset of the classes is fine)."),
+    unlabelled: Optional[Path] = typer.Option(None, "--unlabelled", help="A folder (recursive) of the lab's unlabelled cell images."),
+    out: Path = typer.Option(..., "--out", "-o", help="The adapted model directory to write."),
+    steps: int = typer.Option(150, help="Fine-tuning steps."),
+    folds: int = typer.Option(3, help="Folds of the cross-validated estimate on the labelled cells."),
+    seed: int = typer.Option(0),
+    onnx: bool = typer.Option(True, "--onnx/--no-onnx", help="Also export OUT/model.onnx."),
+):
+    """Adapt a model to one lab's images; OUT works with every --model (evaluate, predict, serve, export)."""
+    from ..training.adapt import AdaptConfig
+    from ..workflows import adapt_model
+
+    with user_errors():
+        log = lambda line: console.print(line, highlight=False, markup=False)  # noqa: E731
+        with console.status("adapting"):
+            adapt_model(model, out, data, unlabelled, AdaptConfig(steps=steps, seed=seed), folds, onnx, log)
+        Console().print(f"Adapted model: {out}")
+
+
+@app.command()
 def export(
     model: Path = typer.Option(..., "--model", "-m", help="A run directory or a checkpoint in one."),
     out: Path = typer.Option(..., "--out", "-o", help="The .onnx file to write."),

@@ -33,10 +33,15 @@ def fit_run_shift(run_dir: str | Path, train_images: torch.Tensor, train_labels:
     """Write ``shift.safetensors`` beside a run's checkpoint and record it in its model.json."""
     run_dir = Path(run_dir)
     net, contract = load_model(run_dir)
-    head = fit_shift_head(model_features(net, train_images), np.asarray(train_labels),
-                          model_features(net, val_images), quantile)
+    val_features = model_features(net, val_images)
+    head = fit_shift_head(model_features(net, train_images), np.asarray(train_labels), val_features, quantile)
+    with torch.no_grad():
+        median = float(head.squared_distance(torch.from_numpy(val_features)).median())
     info = {"method": "mahalanobis", "file": SHIFT_FILE, "features": int(head.means.shape[1]),
-            "quantile": quantile, "train_images": len(train_images), "val_images": len(val_images)}
+            "quantile": quantile, "train_images": len(train_images), "val_images": len(val_images),
+            # The threshold over the median held-out distance (squared): how a lab's spread of distances is
+            # shaped. Adaptation estimates a new lab's threshold from its few cells' median times this.
+            "threshold_over_median": round(float(head.threshold) / max(median, 1e-12), 4)}
     save_shift_head(run_dir, head, info)
     write_contract(run_dir, read_contract(run_dir).model_copy(update={"shift": info}))
     log(f"out-of-distribution statistics: {info['features']} features, {len(train_images)} training images, "

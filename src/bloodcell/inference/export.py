@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -200,9 +201,12 @@ def export_onnx(model: str | Path, out: str | Path, check_images: list[np.ndarra
         exported, outputs = ClassifierWithShift(net, shift_head).eval(), ["logits", "ood_score"]
     with tempfile.TemporaryDirectory() as tmp:
         traced = Path(tmp) / "traced.onnx"
-        torch.onnx.export(exported, (example,), str(traced), input_names=["images"], output_names=outputs,
-                          dynamic_axes={"images": {0: "batch"}, **{name: {0: "batch"} for name in outputs}},
-                          opset_version=17, dynamo=False)
+        with warnings.catch_warnings():  # the TorchScript exporter's notes on constant folding and its own deprecation
+            warnings.filterwarnings("ignore", message=".*[Cc]onstant folding.*")
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            torch.onnx.export(exported, (example,), str(traced), input_names=["images"], output_names=outputs,
+                              dynamic_axes={"images": {0: "batch"}, **{name: {0: "batch"} for name in outputs}},
+                              opset_version=17, dynamo=False)
         graph, merged = fuse_zero_padding(traced, Path(tmp) / "folded.onnx")  # ... and merges into the convolutions
     graph.metadata_props.append(onnx.StringStringEntryProto(key="bloodcell", value=contract.model_dump_json()))
     onnx.save(graph, str(out))

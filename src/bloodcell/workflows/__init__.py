@@ -1,6 +1,7 @@
-"""Workflows: whole jobs built from the layers below (the demo pipeline, the default-model recipe)."""
+"""Workflows: whole jobs built from the layers below (the demo pipeline, the default-model recipe, adapting a model to a lab)."""
 
+from .adapt import adapt_model
 from .pipeline import PROFILES, packaged_config, run_pipeline
 from .recipe import ExportSettings, RecipeConfig, load_recipe, run_recipe
 
-__all__ = ["PROFILES", "packaged_config", "run_pipeline", "ExportSettings", "RecipeConfig", "load_recipe", "run_recipe"]
+__all__ = ["adapt_model", "PROFILES", "packaged_config", "run_pipeline", "ExportSettings", "RecipeConfig", "load_recipe", "run_recipe"]

@@ -1,0 +1,191 @@
+"""Cross-lab figures: a model on other labs' labelled cells, as shipped and after `bloodcell adapt`.
+
+    .venv/bin/python benchmarks/cross_lab.py [SETS...] [--model default] [--pbc-test CURATED]
+                                             [--draws 5] [--per-class 10] [--out benchmarks/results/cross_lab.json]
+
+SETS are class-folder sets (``DIR/<class>/*.png``), or folders holding such sets (each
+subfolder one lab); default: ``$BLOODCELL_DATA/foreign/jtsc``. For each set it reports:
+
+- the model as given: accuracy, balanced accuracy, macro-F1, ECE, and its domain-shift verdict;
+- after ``adapt`` with ``--per-class`` labelled cells per class (at most half of a class's
+  cells, so every class keeps some to score), over ``--draws`` random draws, scored on the
+  rest: mean and standard deviation of each figure;
+- after ``adapt --unlabelled`` on all of the set's images (labels unused), scored on the set;
+- the out-of-distribution AUROC of the PBC test split (``--pbc-test``: a curated PBC folder;
+  its ``images/test``) against the set, and how many random batches of 50 PBC test images
+  are flagged (the target: none).
+
+Writes JSON (the machine's CPU included) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+FIGURES = ("accuracy", "balanced_accuracy", "macro_f1", "ece")
+
+
+def class_folder_sets(paths: list[Path], class_names: list[str]) -> list[Path]:
+    """Each path that holds class folders; a path holding folders of such sets gives each of them."""
+    sets = []
+    for path in paths:
+        children = [p for p in sorted(path.iterdir()) if p.is_dir()]
+        if any(child.name in class_names for child in children):
+            sets.append(path)
+        else:
+            sets += [child for child in children if any((child / c).is_dir() for c in class_names)]
+    return sets
+
+
+def files_by_class(root: Path) -> dict[str, list[Path]]:
+    return {d.name: sorted(f for f in d.iterdir() if f.is_file()) for d in sorted(root.iterdir()) if d.is_dir()}
+
+
+def link_tree(target: Path, files: dict[str, list[Path]]) -> Path:
+    for name, paths in files.items():
+        if paths:
+            (target / name).mkdir(parents=True, exist_ok=True)
+            for path in paths:
+                (target / name / path.name).symlink_to(path.resolve())
+    return target
+
+
+def figures(result: dict) -> dict:
+    return {key: result[key] for key in FIGURES}
+
+
+def summarise(rows: list[dict]) -> dict:
+    return {key: {"mean": float(np.mean([r[key] for r in rows])), "sd": float(np.std([r[key] for r in rows]))}
+            for key in FIGURES}
+
+
+def ood_figures(model: str, pbc_test: Path | None, set_dir: Path) -> dict | None:
+    from sklearn.metrics import roc_auc_score
+
+    from bloodcell.data import decode_file
+    from bloodcell.inference import load_predictor
+    from bloodcell.models import batch_shift
+
+    predictor = load_predictor(model)
+    if not predictor.has_shift or pbc_test is None:
+        return None
+
+    def scores(root: Path) -> np.ndarray:
+        files = sorted(p for p in root.rglob("*") if p.is_file())
+        return predictor.scores([decode_file(f)[0] for f in files])[1]
+
+    inside, outside = scores(pbc_test), scores(set_dir)
+    rng = np.random.default_rng(0)
+    batches = [batch_shift(inside[rng.choice(len(inside), 50, replace=False)])["flagged"] for _ in range(1000)]
+    return {"auroc": float(roc_auc_score(np.r_[np.zeros(len(inside)), np.ones(len(outside))], np.r_[inside, outside])),
+            "pbc_test_images": len(inside), "set_flagged": batch_shift(outside),
+            "pbc_images_flagged": float((inside > 1).mean()), "pbc_batches_of_50_flagged": int(sum(batches)),
+            "pbc_batches_tried": len(batches)}
+
+
+def bench_set(set_dir: Path, args, work: Path) -> dict:
+    from bloodcell.evaluation import evaluate_model
+    from bloodcell.training.adapt import AdaptConfig
+    from bloodcell.workflows import adapt_model
+
+    quiet = lambda line: None  # noqa: E731
+    files = files_by_class(set_dir)
+    report: dict = {"set": str(set_dir), "images": {k: len(v) for k, v in files.items()}}
+    start = time.perf_counter()
+    report["as_given"] = evaluate_model(args.model, set_dir, work / "as_given")
+    report["as_given"] = {**figures(report["as_given"]), "domain_shift": report["as_given"].get("domain_shift")}
+    print(f"{set_dir.name}: as given {report['as_given']['accuracy']:.3f}", flush=True)
+    report["ood"] = ood_figures(args.model, args.pbc_test, set_dir)
+    draws = []
+    for draw in range(args.draws):
+        rng = random.Random(draw)
+        train, rest = {}, {}
+        for name, paths in files.items():
+            shuffled = paths[:]
+            rng.shuffle(shuffled)
+            k = min(args.per_class, len(shuffled) // 2)
+            train[name], rest[name] = shuffled[:k], shuffled[k:]
+        root = work / f"draw{draw}"
+        link_tree(root / "train", train)
+        link_tree(root / "rest", rest)
+        t0 = time.perf_counter()
+        summary = adapt_model(args.model, root / "model", root / "train", None, AdaptConfig(steps=args.steps, seed=draw),
+                              folds=0, export=False, log=quiet)
+        seconds = time.perf_counter() - t0
+        scored = figures(evaluate_model(root / "model", root / "rest", root / "eval"))
+        draws.append({**scored, "adapt_seconds": round(seconds, 1), "labelled": summary["labelled_per_class"]})
+        print(f"  draw {draw}: adapted {scored['accuracy']:.3f} ({seconds:.0f} s)", flush=True)
+    if draws:
+        report["labelled"] = {"per_class": args.per_class, "draws": draws, **summarise(draws)}
+    if args.unlabelled:
+        t0 = time.perf_counter()
+        adapt_model(args.model, work / "unlabelled", None, set_dir, AdaptConfig(steps=args.steps), folds=0,
+                    export=False, log=quiet)
+        report["unlabelled"] = {**figures(evaluate_model(work / "unlabelled", set_dir, work / "unlabelled-eval")),
+                                "adapt_seconds": round(time.perf_counter() - t0, 1)}
+        print(f"  unlabelled: {report['unlabelled']['accuracy']:.3f}", flush=True)
+    report["seconds"] = round(time.perf_counter() - start, 1)
+    return report
+
+
+def main() -> None:
+    data = Path(os.environ.get("BLOODCELL_DATA", HERE.parent.parent / "shared" / "data"))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sets", nargs="*", type=Path, default=[data / "foreign" / "jtsc"])
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--pbc-test", type=Path, default=None, help="a curated PBC folder (its images/test is used)")
+    parser.add_argument("--draws", type=int, default=5)
+    parser.add_argument("--per-class", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--unlabelled", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "cross_lab.json")
+    args = parser.parse_args()
+    if args.pbc_test is not None:
+        args.pbc_test = args.pbc_test / "images" / "test" if (args.pbc_test / "images" / "test").is_dir() else args.pbc_test
+
+    from bloodcell.core.classes import CLASS_NAMES
+
+    sets = class_folder_sets(args.sets, CLASS_NAMES)
+    if not sets:
+        sys.exit(f"no class-folder sets under {', '.join(map(str, args.sets))}")
+    results = {"model": args.model, "date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
+               "cpu": cpu_name(), "cores": os.cpu_count(), "command": " ".join(sys.argv), "sets": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for index, set_dir in enumerate(sets):
+            results["sets"].append(bench_set(set_dir, args, Path(tmp) / str(index)))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    print(f"\n{'set':<16}{'as given':>10}{'balanced':>10}{'ECE':>7}{'adapted(10/cl)':>18}{'unlabelled':>12}{'AUROC':>8}")
+    for r in results["sets"]:
+        labelled = r.get("labelled")
+        adapted = f"{labelled['accuracy']['mean']:.3f}±{labelled['accuracy']['sd']:.3f}" if labelled else "-"
+        unl = f"{r['unlabelled']['accuracy']:.3f}" if "unlabelled" in r else "-"
+        auroc = f"{r['ood']['auroc']:.3f}" if r.get("ood") else "-"
+        print(f"{Path(r['set']).name:<16}{r['as_given']['accuracy']:>10.3f}{r['as_given']['balanced_accuracy']:>10.3f}"
+              f"{r['as_given']['ece']:>7.3f}{adapted:>18}{unl:>12}{auroc:>8}")
+    print(f"written to {args.out}")
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""``bloodcell adapt``: a model adapted to one lab, from a few of its labelled cells or many unlabelled ones.
+
+The result is a model directory like any run's (best.safetensors, model.json, shift.safetensors,
+model.onnx), which every ``--model`` accepts. Its contract records what it was adapted on.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..core.contract import read_contract, write_contract
+from ..core.errors import BloodcellError, ImageReadError, MissingExtraError
+from ..data import decode_file, open_source, preprocess
+from ..data.splits import load_split
+from ..evaluation.calibration import fit_temperature
+from ..evaluation.metrics import expected_calibration_error
+from ..evaluation.shift import model_features
+from ..inference import DEFAULT_MODEL_DIR, collect_inputs
+from ..models import SHIFT_FILE, ShiftHead, load_model, load_shift_head, save_checkpoint, save_shift_head
+from ..training.adapt import AdaptConfig, finetune
+
+MIN_PER_CLASS = 5
+
+
+def model_directory(model: str | Path) -> Path:
+    """The run directory holding a model's PyTorch weights ('default': the shipped model)."""
+    path = DEFAULT_MODEL_DIR if str(model) == "default" else Path(model)
+    if path.suffix == ".onnx":
+        raise BloodcellError(f"{path}: adapting needs the PyTorch weights; pass the run directory beside it")
+    if path.is_file():
+        path = path.parent
+    if not (path / "model.json").is_file() or not (path / "best.safetensors").is_file():
+        raise BloodcellError(f"{path}: not a model directory (needs model.json and best.safetensors)")
+    return path
+
+
+def load_labelled(path: Path, class_names: list[str], size: int, framing: dict | None,
+                  log: Callable[[str], None]) -> tuple[torch.Tensor, np.ndarray, dict[str, int]]:
+    source = open_source(path)
+    unknown = [c for c in source.class_names if c not in class_names]
+    if unknown:
+        raise BloodcellError(f"{path}: class folder(s) {', '.join(unknown)} unknown to the model "
+                             f"(it knows {', '.join(class_names)})")
+    split = load_split(source, class_names, size, framing=framing)
+    labels = split.labels.numpy()
+    counts = {class_names[c]: int((labels == c).sum()) for c in np.unique(labels)}
+    for name, count in counts.items():
+        if count < MIN_PER_CLASS:
+            log(f"warning: only {count} labelled {name} cell(s) in {path}; {MIN_PER_CLASS} or more per class "
+                "make adaptation reliable")
+    missing = [c for c in class_names if c not in counts]
+    if missing:
+        log(f"not labelled here (kept as trained): {', '.join(missing)}")
+    return split.images, labels, counts
+
+
+def load_unlabelled(path: Path, size: int, framing: dict | None, log: Callable[[str], None]) -> torch.Tensor:
+    items, bad = collect_inputs([path])
+    images = []
+    for name, entry in items:
+        if isinstance(entry, tuple):
+            bad.append((name, "arrays are not read as unlabelled cells; pass a folder of images"))
+            continue
+        try:
+            images.append(preprocess(decode_file(entry)[0], size, framing))
+        except (ImageReadError, BloodcellError) as exc:
+            bad.append((name, str(exc)))
+    for name, reason in bad:
+        log(f"skipped {name}: {reason}")
+    if not images:
+        raise BloodcellError(f"{path}: no readable images")
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+
+
+@torch.no_grad()
+def logits_of(net, images: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
+    net.eval()
+    return torch.cat([net(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+
+
+def cross_validate(net, images: torch.Tensor, labels: np.ndarray, unlabelled: torch.Tensor | None,
+                   config: AdaptConfig, folds: int, log: Callable[[str], None]) -> tuple[dict, torch.Tensor] | None:
+    """Held-out logits for every labelled cell: adapt on the other folds, score this one."""
+    from sklearn.model_selection import StratifiedKFold
+
+    folds = min(folds, len(labels))
+    if folds < 2:
+        log("too few labelled cells for a cross-validated estimate")
+        return None
+    held_out = torch.zeros(len(labels), logits_of(net, images[:1]).shape[1])
+    with warnings.catch_warnings():  # classes with fewer cells than folds are allowed
+        warnings.simplefilter("ignore", UserWarning)
+        splitter = StratifiedKFold(folds, shuffle=True, random_state=config.seed)
+        for index, (train, test) in enumerate(splitter.split(np.zeros(len(labels)), labels), 1):
+            fold_net = copy.deepcopy(net)
+            finetune(fold_net, images[train], labels[train], unlabelled, config)
+            held_out[test] = logits_of(fold_net, images[test])
+            log(f"fold {index}/{folds}: {(held_out[test].argmax(1).numpy() == labels[test]).mean():.1%} "
+                f"on {len(test)} held-out cells")
+    predicted = held_out.argmax(1).numpy()
+    present = np.unique(labels)
+    estimate = {"folds": folds, "accuracy": float((predicted == labels).mean()),
+                "balanced_accuracy": float(np.mean([(predicted[labels == c] == c).mean() for c in present]))}
+    return estimate, held_out
+
+
+def adapt_model(model: str | Path, out: str | Path, labelled: str | Path | None = None,
+                unlabelled: str | Path | None = None, config: AdaptConfig | None = None, folds: int = 3,
+                export: bool = True, log: Callable[[str], None] = print) -> dict:
+    """Adapt ``model`` to a lab and write the adapted model directory ``out``; returns a summary."""
+    if labelled is None and unlabelled is None:
+        raise BloodcellError("adapt needs --data (class folders of the lab's labelled cells) or --unlabelled DIR")
+    config = config or AdaptConfig()
+    start = time.perf_counter()
+    source_dir = model_directory(model)
+    out = Path(out)
+    if out.resolve() == source_dir.resolve():
+        raise BloodcellError(f"{out}: choose another folder; adapt never overwrites the model it starts from")
+    net, contract = load_model(source_dir)
+    size, framing, names = contract.image_size, contract.framing, contract.class_names
+    images = labels = None
+    counts: dict[str, int] = {}
+    if labelled is not None:
+        images, labels, counts = load_labelled(Path(labelled), names, size, framing, log)
+    pool = load_unlabelled(Path(unlabelled), size, framing, log) if unlabelled is not None else None
+    log(f"adapting {source_dir} on " + " and ".join(
+        part for part in (f"{len(labels)} labelled cells ({', '.join(f'{k} {v}' for k, v in counts.items())})"
+                          if labels is not None else "", f"{len(pool)} unlabelled cells" if pool is not None else "")
+        if part))
+    summary: dict = {"source_model": str(source_dir), "labelled": str(labelled) if labelled else None,
+                     "unlabelled": str(unlabelled) if unlabelled else None, "labelled_per_class": counts,
+                     "unlabelled_images": len(pool) if pool is not None else 0, "config": config.model_dump(mode="json")}
+    temperature = contract.temperature
+    if labels is not None:
+        before = logits_of(net, images).argmax(1).numpy()
+        summary["before"] = {"accuracy": float((before == labels).mean())}
+        validated = cross_validate(net, images, labels, pool, config, folds, log)
+        if validated is not None:
+            estimate, held_out = validated
+            # The temperature of the adapted model, fitted on cells it had not seen.
+            temperature = fit_temperature(held_out, torch.from_numpy(labels))
+            probs = torch.softmax(held_out / temperature, 1).numpy()
+            estimate["ece"] = float(expected_calibration_error(probs, labels))
+            summary["cross_validated"] = estimate
+            log(f"cross-validated estimate on this lab's labelled cells: accuracy {estimate['accuracy']:.1%}, "
+                f"balanced {estimate['balanced_accuracy']:.1%} ({estimate['folds']} folds; before adapting "
+                f"{summary['before']['accuracy']:.1%})")
+    summary["fit"] = finetune(net, images, labels, pool, config)
+    out.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(out / "best.safetensors", net.state_dict(), {"adapted_from": str(source_dir)})
+    adapted = {key: summary[key] for key in ("source_model", "labelled", "unlabelled", "labelled_per_class",
+                                              "unlabelled_images")}
+    adapted["mode"] = "+".join(m for m, given in (("labelled", labelled), ("unlabelled", unlabelled)) if given)
+    if "cross_validated" in summary:
+        adapted["cross_validated_accuracy"] = summary["cross_validated"]["accuracy"]
+    write_contract(out, contract.model_copy(update={"temperature": float(temperature), "adapted": adapted}))
+    summary["shift"] = adapt_shift(source_dir, out, net, images, labels, pool)
+    summary["seconds"] = round(time.perf_counter() - start, 1)
+    if export:
+        from ..inference.export import export_onnx
+
+        try:
+            check = [image.permute(1, 2, 0).numpy() for image in (images if images is not None else pool)[:64]]
+            summary["export"] = export_onnx(out, out / "model.onnx", check)
+        except MissingExtraError as exc:
+            log(f"not exported to ONNX: {exc}")
+    (out / "adapt.json").write_text(json.dumps(summary, indent=2))
+    log(f"adapted model written to {out} in {summary['seconds']:.0f} s")
+    return summary
+
+
+def adapt_shift(source_dir: Path, out: Path, net, images, labels, pool) -> dict | None:
+    """The adapted model's out-of-distribution statistics: the training lab's, plus this lab's cells.
+
+    This lab's labelled classes (and the unlabelled cells, grouped by the adapted model's answer)
+    become familiar centres, and the threshold rises, if need be, to what this lab's own cells
+    need: the median of their leave-one-out distances times the training lab's ratio of threshold
+    to median (a few dozen cells give a steady median but no steady 99th percentile).
+    """
+    head = load_shift_head(source_dir)
+    if head is None:
+        return None
+    features, groups = [], []
+    for cells, classes, tag in ((images, labels, "labelled"), (pool, None, "unlabelled")):
+        if cells is None or len(cells) == 0:
+            continue
+        features.append(model_features(net, cells))
+        if classes is None:
+            classes = logits_of(net, cells).argmax(1).numpy()
+        groups += [f"{tag}:{c}" for c in classes]
+    if not features:
+        return None
+    features = np.concatenate(features)
+    groups = np.array(groups)
+    names = sorted(set(groups))
+    centres = np.stack([features[groups == g].mean(0) for g in names])
+    adapted = head.with_means(torch.from_numpy(centres))
+    with torch.no_grad():
+        f = torch.from_numpy(features).float()
+        projected = f @ adapted.precision
+        d2 = ((projected * f).sum(1, keepdim=True) - 2 * projected @ adapted.means.T + adapted.mean_norms).numpy()
+    # Leave-one-out: a cell's own centre without it is n/(n-1) times farther away (in Mahalanobis terms, squared).
+    own = len(head.means) + np.searchsorted(names, groups)
+    sizes = np.array([np.sum(groups == g) for g in names])[np.searchsorted(names, groups)]
+    rows = np.arange(len(features))
+    d2[rows, own] = np.where(sizes > 1, d2[rows, own] * (sizes / np.maximum(sizes - 1, 1)) ** 2, np.inf)
+    ratio = (read_contract(source_dir).shift or {}).get("threshold_over_median")
+    nearest = d2.min(1)
+    lab_threshold = float(np.median(nearest) * ratio) if ratio else float(np.quantile(nearest, 0.99))
+    threshold = max(float(head.threshold), lab_threshold)
+    adapted = ShiftHead(adapted.means, adapted.precision, threshold)
+    info = {"method": "mahalanobis", "file": SHIFT_FILE, "features": int(adapted.means.shape[1]),
+            "lab_centres": len(names), "lab_cells": len(features),
+            "threshold_raised_by": round(threshold / float(head.threshold), 4)}
+    save_shift_head(out, adapted, info)
+    write_contract(out, read_contract(out).model_copy(update={"shift": {**(read_contract(source_dir).shift or {}), **info}}))
+    return info

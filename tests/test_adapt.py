@@ -1,0 +1,133 @@
+"""`bloodcell adapt`: a model adapted to a lab's labelled or unlabelled cells is a model like any other."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from bloodcell.cli.main import app as cli
+from bloodcell.core.errors import BloodcellError
+from bloodcell.inference import load_predictor
+from bloodcell.training import TrainConfig, train
+from bloodcell.training.adapt import AdaptConfig, finetune
+from bloodcell.workflows import adapt_model
+
+from .conftest import PBC224, require
+from .test_train import make_tiny_data
+
+LAB_CLASSES = ("eosinophil", "lymphocyte", "neutrophil")
+
+
+def other_lab(image: np.ndarray) -> np.ndarray:
+    """Another lab's look: a yellow lamp (less blue) and a paler stain."""
+    out = image.astype(np.float32) * np.array([1.0, 0.97, 0.7]) * 0.85 + 30
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapt")
+    data = make_tiny_data(root / "data")
+    config = TrainConfig(data=data, out=root / "run", model="cnn", image_size=32, batch_size=32, seed=0,
+                         phases=[{"name": "t", "epochs": 2, "lr": 3e-3}], cnn={"channels": [16, 32], "convs_per_block": 1})
+    train(config, log=lambda line: None)
+    return root
+
+
+@pytest.fixture(scope="module")
+def lab(run):
+    """Class folders of a 'lab': 8 cells each of three classes, one class with only 3; plus unlabelled cells."""
+    require(PBC224)
+    folder, pool = run / "lab", run / "pool"
+    for name, count in zip(LAB_CLASSES, (8, 8, 3)):
+        (folder / name).mkdir(parents=True)
+        for k, file in enumerate(sorted((PBC224 / name).glob("*.jpg"))[-count - 10 :][:count + 10]):
+            image = other_lab(np.asarray(Image.open(file).convert("RGB").resize((48, 48))))
+            target = folder / name if k < count else pool
+            target.mkdir(exist_ok=True)
+            Image.fromarray(image).save(target / f"{name}{k}.png")
+    (pool / "broken.png").write_bytes(b"not an image")
+    return {"labelled": folder, "unlabelled": pool}
+
+
+def test_labelled_adaptation_writes_a_model_every_command_accepts(run, lab):
+    lines = []
+    summary = adapt_model(run / "run", run / "adapted", lab["labelled"], config=AdaptConfig(steps=20), folds=2,
+                          log=lines.append)
+    out = run / "adapted"
+    for name in ("best.safetensors", "model.json", "shift.safetensors", "model.onnx", "adapt.json"):
+        assert (out / name).is_file(), name
+    contract = json.loads((out / "model.json").read_text())
+    assert contract["adapted"]["mode"] == "labelled"
+    assert contract["adapted"]["labelled_per_class"] == {"eosinophil": 8, "lymphocyte": 8, "neutrophil": 3}
+    assert len(contract["class_names"]) == 8  # every class kept
+    assert any("only 3 labelled neutrophil" in line for line in lines)
+    assert any("cross-validated estimate" in line for line in lines)
+    assert 0 <= summary["cross_validated"]["accuracy"] <= 1 and summary["cross_validated"]["folds"] == 2
+    # The adapted directory and its ONNX file answer alike, with out-of-distribution scores.
+    cells = [np.asarray(Image.open(f).convert("RGB")) for f in sorted(lab["labelled"].rglob("*.png"))]
+    torch_probs, torch_ood = load_predictor(out).scores(cells)
+    onnx_probs, onnx_ood = load_predictor(out / "model.onnx").scores(cells)
+    assert torch_probs.shape == (19, 8) and np.abs(torch_probs - onnx_probs).max() < 1e-4
+    np.testing.assert_allclose(onnx_ood, torch_ood, rtol=1e-3, atol=1e-3)
+    # The source model is untouched.
+    assert "adapted" not in json.loads((run / "run" / "model.json").read_text()) or \
+        json.loads((run / "run" / "model.json").read_text())["adapted"] is None
+
+
+def test_adaptation_learns_the_labelled_cells():
+    """Fine-tuning moves an untrained model to a lab's labels (here: one colour per class)."""
+    torch.manual_seed(0)
+    from bloodcell.models import CNNConfig, create_model
+
+    model, _ = create_model("cnn", 8, pretrained=False, cnn=CNNConfig(channels=[8, 16], convs_per_block=1))
+    labels = np.repeat([1, 4, 6], 8)
+    tint = torch.tensor([[200, 60, 60], [60, 200, 60], [60, 60, 200]])[np.repeat([0, 1, 2], 8)]  # a colour per class
+    images = (tint[:, :, None, None] + torch.randint(-40, 40, (24, 3, 32, 32))).clamp(0, 255).to(torch.uint8)
+    with torch.no_grad():
+        model.eval()
+        before = (model(images).argmax(1).numpy() == labels).mean()
+    finetune(model, images, labels, None, AdaptConfig(steps=60, lr=3e-3, to_source=0.0,
+                                                      augment={"enabled": False}))
+    with torch.no_grad():
+        after = (model(images).argmax(1).numpy() == labels).mean()
+    assert after > max(before, 0.6)
+
+
+def test_unlabelled_adaptation_skips_unreadable_files(run, lab):
+    lines = []
+    adapt_model(run / "run", run / "adapted-unl", None, lab["unlabelled"], AdaptConfig(steps=5, pseudo_threshold=0.2),
+                export=False, log=lines.append)
+    contract = json.loads((run / "adapted-unl" / "model.json").read_text())
+    assert contract["adapted"]["mode"] == "unlabelled" and contract["adapted"]["unlabelled_images"] == 30
+    assert any("broken.png" in line and line.startswith("skipped") for line in lines)
+
+
+@pytest.mark.parametrize("case", ["unknown class", "onnx model", "same folder", "nothing"])
+def test_adapt_refuses_in_one_clear_line(run, lab, tmp_path, case):
+    args = {"model": run / "run", "out": tmp_path / "out", "labelled": lab["labelled"]}
+    message = {"unknown class": "unknown to the model", "onnx model": "needs the PyTorch weights",
+               "same folder": "never overwrites", "nothing": "needs --data"}[case]
+    if case == "unknown class":
+        bad = tmp_path / "bad"
+        (bad / "blast").mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(bad / "blast" / "a.png")
+        args["labelled"] = bad
+    elif case == "onnx model":
+        args["model"] = tmp_path / "model.onnx"
+    elif case == "same folder":
+        args["out"] = run / "run"
+    else:
+        args["labelled"] = None
+    with pytest.raises(BloodcellError, match=message):
+        adapt_model(args["model"], args["out"], args["labelled"], None, AdaptConfig(steps=1), export=False,
+                    log=lambda line: None)
+    if case == "unknown class":  # the CLI prints the same line, no traceback
+        result = CliRunner().invoke(cli, ["adapt", "--model", str(args["model"]), "--data", str(args["labelled"]),
+                                          "--out", str(args["out"]), "--steps", "1"])
+        assert result.exit_code == 2 and "blast" in result.output and "Traceback" not in result.output
