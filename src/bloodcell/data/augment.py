@@ -27,6 +27,8 @@ class AugmentConfig(BaseModel):
     stain_matrix_p: float = Field(0.8, ge=0, le=1, description="probability of a random stain matrix")
     illuminant: float = Field(0.0, ge=0, le=0.5, description="max per-channel gain of the background light (yellow or blue lamps); 0 disables")
     grayscale_p: float = Field(0.0, ge=0, le=1, description="probability of a grey image (shape cues only)")
+    magnify_p: float = Field(0.0, ge=0, le=1, description="probability of a centred zoom: the whole cell larger in the frame")
+    magnify_side: tuple[float, float] = Field((0.5, 0.9), description="side of the centred crop, as a fraction of the image's")
     blur_p: float = Field(0.15, ge=0, le=1, description="defocus: Gaussian blur probability")
     blur_sigma: tuple[float, float] = (0.3, 2.0)
     pixelate_p: float = Field(0.1, ge=0, le=1)
@@ -88,6 +90,25 @@ class Illuminant(torch.nn.Module):
         gain = 1 - torch.rand(3) * self.strength
         gain = gain / gain.max() * (0.9 + 0.2 * torch.rand(()))
         return (image.float() * gain.view(3, 1, 1)).clamp_(0, 255).round_().to(image.dtype)
+
+
+class Magnify(torch.nn.Module):
+    """Crop a square around the centre (where framing put the cell) and resize it back: a higher
+    magnification, with the whole cell kept in view, as other labs' tight crops show it."""
+
+    def __init__(self, side: tuple[float, float]):
+        super().__init__()
+        self.side = side
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        size = image.shape[-1]
+        fraction = self.side[0] + float(torch.rand(())) * (self.side[1] - self.side[0])
+        crop = max(int(round(size * fraction)), 8)
+        slack = size - crop
+        top = slack // 2 + int(torch.randint(-(slack // 8), slack // 8 + 1, ()))
+        left = slack // 2 + int(torch.randint(-(slack // 8), slack // 8 + 1, ()))
+        window = image[..., top : top + crop, left : left + crop]
+        return v2.functional.resize(window, [size, size], antialias=True)
 
 
 class Rot90(torch.nn.Module):
@@ -155,6 +176,8 @@ def build_transform(config: AugmentConfig, image_size: int, output_size: int | N
     if not config.enabled:
         return v2.Resize(output_size, antialias=True) if output_size != image_size else None
     steps: list = []
+    if config.magnify_p:
+        steps.append(v2.RandomApply([Magnify(config.magnify_side)], p=config.magnify_p))
     if config.zoom_scale:
         steps.append(v2.RandomResizedCrop(output_size, scale=config.zoom_scale, ratio=(0.9, 1.1), antialias=True))
     elif output_size != image_size:
