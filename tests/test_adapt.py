@@ -92,8 +92,7 @@ def test_adaptation_learns_the_labelled_cells():
     with torch.no_grad():
         model.eval()
         before = (model(images).argmax(1).numpy() == labels).mean()
-    finetune(model, images, labels, None, AdaptConfig(steps=60, lr=3e-3, to_source=0.0,
-                                                      augment={"enabled": False}))
+    finetune(model, images, labels, AdaptConfig(steps=60, lr=3e-3, to_source=0.0, augment={"enabled": False}))
     with torch.no_grad():
         after = (model(images).argmax(1).numpy() == labels).mean()
     assert after > max(before, 0.6)
@@ -101,11 +100,33 @@ def test_adaptation_learns_the_labelled_cells():
 
 def test_unlabelled_adaptation_skips_unreadable_files(run, lab):
     lines = []
-    adapt_model(run / "run", run / "adapted-unl", None, lab["unlabelled"], AdaptConfig(steps=5, pseudo_threshold=0.2),
+    adapt_model(run / "run", run / "adapted-unl", None, lab["unlabelled"], AdaptConfig(steps=5),
                 export=False, log=lines.append)
     contract = json.loads((run / "adapted-unl" / "model.json").read_text())
     assert contract["adapted"]["mode"] == "unlabelled" and contract["adapted"]["unlabelled_images"] == 30
     assert any("broken.png" in line and line.startswith("skipped") for line in lines)
+
+
+def test_mean_alignment_moves_the_labs_mean_feature_onto_the_source_mean():
+    """The last layer's answer on a lab cell becomes its answer on the cell's features shifted by the
+    difference of the labs' means; nothing else in the network changes."""
+    from bloodcell.models import CNNConfig, create_model
+    from bloodcell.training.adapt import align_feature_mean
+
+    torch.manual_seed(0)
+    model, _ = create_model("cnn", 8, pretrained=False, cnn=CNNConfig(channels=[8, 16], convs_per_block=1))
+    model.eval()
+    images = torch.randint(0, 255, (10, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        features = model.features(images)
+        source_mean = torch.randn(features.shape[1])
+        expected = model.classify(features - features.mean(0) + source_mean)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+    align_feature_mean(model, images, source_mean)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), expected, rtol=1e-4, atol=1e-4)
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed == ["net.head.3.bias"]
 
 
 @pytest.mark.parametrize("case", ["unknown class", "onnx model", "same folder", "nothing"])

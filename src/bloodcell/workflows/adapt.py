@@ -1,5 +1,9 @@
 """``bloodcell adapt``: a model adapted to one lab, from a few of its labelled cells or many unlabelled ones.
 
+Labelled cells fine-tune the network (:func:`bloodcell.training.adapt.finetune`); unlabelled
+cells alone shift its last layer's bias so the lab's mean feature meets the training lab's
+(:func:`bloodcell.training.adapt.align_feature_mean`).
+
 The result is a model directory like any run's (best.safetensors, model.json, shift.safetensors,
 model.onnx), which every ``--model`` accepts. Its contract records what it was adapted on.
 """
@@ -25,7 +29,7 @@ from ..evaluation.metrics import expected_calibration_error
 from ..evaluation.shift import model_features
 from ..inference import DEFAULT_MODEL_DIR, collect_inputs
 from ..models import SHIFT_FILE, ShiftHead, load_model, load_shift_head, save_checkpoint, save_shift_head
-from ..training.adapt import AdaptConfig, finetune
+from ..training.adapt import AdaptConfig, align_feature_mean, finetune
 
 MIN_PER_CLASS = 5
 
@@ -86,8 +90,8 @@ def logits_of(net, images: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
     return torch.cat([net(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
 
 
-def cross_validate(net, images: torch.Tensor, labels: np.ndarray, unlabelled: torch.Tensor | None,
-                   config: AdaptConfig, folds: int, log: Callable[[str], None]) -> tuple[dict, torch.Tensor] | None:
+def cross_validate(net, images: torch.Tensor, labels: np.ndarray, config: AdaptConfig, folds: int,
+                   log: Callable[[str], None]) -> tuple[dict, torch.Tensor] | None:
     """Held-out logits for every labelled cell: adapt on the other folds, score this one."""
     from sklearn.model_selection import StratifiedKFold
 
@@ -101,7 +105,7 @@ def cross_validate(net, images: torch.Tensor, labels: np.ndarray, unlabelled: to
         splitter = StratifiedKFold(folds, shuffle=True, random_state=config.seed)
         for index, (train, test) in enumerate(splitter.split(np.zeros(len(labels)), labels), 1):
             fold_net = copy.deepcopy(net)
-            finetune(fold_net, images[train], labels[train], unlabelled, config)
+            finetune(fold_net, images[train], labels[train], config)
             held_out[test] = logits_of(fold_net, images[test])
             log(f"fold {index}/{folds}: {(held_out[test].argmax(1).numpy() == labels[test]).mean():.1%} "
                 f"on {len(test)} held-out cells")
@@ -142,7 +146,7 @@ def adapt_model(model: str | Path, out: str | Path, labelled: str | Path | None 
     if labels is not None:
         before = logits_of(net, images).argmax(1).numpy()
         summary["before"] = {"accuracy": float((before == labels).mean())}
-        validated = cross_validate(net, images, labels, pool, config, folds, log)
+        validated = cross_validate(net, images, labels, config, folds, log)
         if validated is not None:
             estimate, held_out = validated
             # The temperature of the adapted model, fitted on cells it had not seen.
@@ -153,7 +157,17 @@ def adapt_model(model: str | Path, out: str | Path, labelled: str | Path | None 
             log(f"cross-validated estimate on this lab's labelled cells: accuracy {estimate['accuracy']:.1%}, "
                 f"balanced {estimate['balanced_accuracy']:.1%} ({estimate['folds']} folds; before adapting "
                 f"{summary['before']['accuracy']:.1%})")
-    summary["fit"] = finetune(net, images, labels, pool, config)
+    if labels is not None:
+        summary["fit"] = finetune(net, images, labels, config)
+        if pool is not None:
+            log("the unlabelled cells are used as this lab's familiar cells for the shift warning; the labelled ones "
+                "teach the classes")
+    else:
+        head = load_shift_head(source_dir)
+        if head is None:
+            raise BloodcellError(f"{source_dir}: adapting on unlabelled cells needs the training lab's statistics "
+                                 "(shift.safetensors); run `bloodcell calibrate` on the model first")
+        summary["fit"] = align_feature_mean(net, pool, head.means.mean(0))
     out.mkdir(parents=True, exist_ok=True)
     save_checkpoint(out / "best.safetensors", net.state_dict(), {"adapted_from": str(source_dir)})
     adapted = {key: summary[key] for key in ("source_model", "labelled", "unlabelled", "labelled_per_class",
