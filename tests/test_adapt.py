@@ -152,3 +152,21 @@ def test_adapt_refuses_in_one_clear_line(run, lab, tmp_path, case):
         result = CliRunner().invoke(cli, ["adapt", "--model", str(args["model"]), "--data", str(args["labelled"]),
                                           "--out", str(args["out"]), "--steps", "1"])
         assert result.exit_code == 2 and "blast" in result.output and "Traceback" not in result.output
+
+
+def test_calibrate_gives_an_older_run_its_shift_statistics(run, tmp_path):
+    """A run without shift.safetensors (trained before it existed) gets it from `bloodcell calibrate`."""
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(run / "run", old)
+    (old / "shift.safetensors").unlink()
+    contract = json.loads((old / "model.json").read_text())
+    contract.pop("shift")
+    (old / "model.json").write_text(json.dumps(contract))
+    assert not load_predictor(old).has_shift
+    result = CliRunner().invoke(cli, ["calibrate", "--model", str(old), "--data", str(run / "data")])
+    assert result.exit_code == 0, result.output
+    shift = json.loads((old / "model.json").read_text())["shift"]
+    assert shift["train_images"] == 320 and shift["val_images"] == 80 and shift["threshold_over_median"] > 1
+    assert load_predictor(old).has_shift
