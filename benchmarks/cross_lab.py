@@ -9,7 +9,8 @@ subfolder one lab); default: ``$BLOODCELL_DATA/foreign/jtsc``. For each set it r
 - the model as given: accuracy, balanced accuracy, macro-F1, ECE, and its domain-shift verdict;
 - after ``adapt`` with ``--per-class`` labelled cells per class (at most half of a class's
   cells, so every class keeps some to score), over ``--draws`` random draws, scored on the
-  rest: mean and standard deviation of each figure;
+  rest: mean and standard deviation of each figure, and adapt's own cross-validated estimate
+  (``--folds``, as the command does by default);
 - after ``adapt --unlabelled`` on all of the set's images (labels unused), scored on the set;
 - the out-of-distribution AUROC of the PBC test split (``--pbc-test``: a curated PBC folder;
   its ``images/test``) against the set, and how many random batches of 50 PBC test images
@@ -99,7 +100,7 @@ def bench_set(set_dir: Path, args, work: Path) -> dict:
     from bloodcell.training.adapt import AdaptConfig
     from bloodcell.workflows import adapt_model
 
-    quiet = lambda line: None  # noqa: E731
+    quiet = lambda line: None
     files = files_by_class(set_dir)
     report: dict = {"set": str(set_dir), "images": {k: len(v) for k, v in files.items()}}
     start = time.perf_counter()
@@ -121,17 +122,18 @@ def bench_set(set_dir: Path, args, work: Path) -> dict:
         link_tree(root / "rest", rest)
         t0 = time.perf_counter()
         summary = adapt_model(args.model, root / "model", root / "train", None, AdaptConfig(steps=args.steps, seed=draw),
-                              folds=0, export=False, log=quiet)
+                              folds=args.folds, export=False, log=quiet)
         seconds = time.perf_counter() - t0
         scored = figures(evaluate_model(root / "model", root / "rest", root / "eval"))
-        draws.append({**scored, "adapt_seconds": round(seconds, 1), "labelled": summary["labelled_per_class"]})
+        draws.append({**scored, "adapt_seconds": round(seconds, 1), "labelled": summary["labelled_per_class"],
+                      "cross_validated": summary.get("cross_validated")})
         print(f"  draw {draw}: adapted {scored['accuracy']:.3f} ({seconds:.0f} s)", flush=True)
     if draws:
         report["labelled"] = {"per_class": args.per_class, "draws": draws, **summarise(draws)}
     if args.unlabelled:
         t0 = time.perf_counter()
-        adapt_model(args.model, work / "unlabelled", None, set_dir, AdaptConfig(steps=args.steps), folds=0,
-                    export=False, log=quiet)
+        adapt_model(args.model, work / "unlabelled", None, set_dir, AdaptConfig(steps=args.steps), export=False,
+                    log=quiet)
         report["unlabelled"] = {**figures(evaluate_model(work / "unlabelled", set_dir, work / "unlabelled-eval")),
                                 "adapt_seconds": round(time.perf_counter() - t0, 1)}
         print(f"  unlabelled: {report['unlabelled']['accuracy']:.3f}", flush=True)
@@ -148,6 +150,7 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=5)
     parser.add_argument("--per-class", type=int, default=10)
     parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--folds", type=int, default=3, help="adapt's cross-validation (its estimate and temperature); 0: none")
     parser.add_argument("--unlabelled", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "cross_lab.json")
     args = parser.parse_args()

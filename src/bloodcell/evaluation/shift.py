@@ -32,7 +32,7 @@ def fit_run_shift(run_dir: str | Path, train_images: torch.Tensor, train_labels:
                   val_images: torch.Tensor, log: Callable[[str], None] = print, quantile: float = QUANTILE) -> dict:
     """Write ``shift.safetensors`` beside a run's checkpoint and record it in its model.json."""
     run_dir = Path(run_dir)
-    net, contract = load_model(run_dir)
+    net, _ = load_model(run_dir)
     val_features = model_features(net, val_images)
     head = fit_shift_head(model_features(net, train_images), np.asarray(train_labels), val_features, quantile)
     with torch.no_grad():

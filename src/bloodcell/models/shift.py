@@ -100,5 +100,5 @@ def batch_shift(scores: np.ndarray) -> dict:
     if len(scores) == 0:
         return {"flagged": False, "images_flagged": 0, "images": 0, "score": None}
     median = float(np.median(scores))
-    return {"flagged": bool(median > 1.0), "images_flagged": int((scores > 1.0).sum()), "images": int(len(scores)),
+    return {"flagged": bool(median > 1.0), "images_flagged": int((scores > 1.0).sum()), "images": len(scores),
             "score": round(median, 4)}

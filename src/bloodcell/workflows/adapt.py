@@ -28,7 +28,14 @@ from ..evaluation.calibration import fit_temperature
 from ..evaluation.metrics import expected_calibration_error
 from ..evaluation.shift import model_features
 from ..inference import DEFAULT_MODEL_DIR, collect_inputs
-from ..models import SHIFT_FILE, ShiftHead, load_model, load_shift_head, save_checkpoint, save_shift_head
+from ..models import (
+    SHIFT_FILE,
+    ShiftHead,
+    load_model,
+    load_shift_head,
+    save_checkpoint,
+    save_shift_head,
+)
 from ..training.adapt import AdaptConfig, align_feature_mean, finetune
 
 MIN_PER_CLASS = 5
