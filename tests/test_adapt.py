@@ -170,3 +170,28 @@ def test_calibrate_gives_an_older_run_its_shift_statistics(run, tmp_path):
     shift = json.loads((old / "model.json").read_text())["shift"]
     assert shift["train_images"] == 320 and shift["val_images"] == 80 and shift["threshold_over_median"] > 1
     assert load_predictor(old).has_shift
+
+
+def test_class_prior_is_recovered_from_unlabelled_answers():
+    """EM on a calibrated model's posteriors finds a lab's class frequencies (Saerens et al. 2002)."""
+    from bloodcell.training.adapt import estimate_class_prior
+
+    rng = np.random.default_rng(0)
+    true_prior = np.array([0.7, 0.2, 0.1])
+    labels = rng.choice(3, 3000, p=true_prior)
+    # A calibrated model trained under a uniform prior: likelihoods from Gaussian scores.
+    scores = rng.normal(0, 1, (3000, 3)) + 1.5 * np.eye(3)[labels]
+    likelihood = np.exp(-0.5 * (scores[:, :, None] - 1.5 * np.eye(3)[None]) ** 2).prod(1)
+    posteriors = likelihood / likelihood.sum(1, keepdims=True)
+    estimate = estimate_class_prior(posteriors, np.full(3, 1 / 3))
+    np.testing.assert_allclose(estimate, true_prior, atol=0.03)
+    assert np.abs(posteriors.mean(0) - true_prior).max() > 0.05  # the plain average is biased
+
+
+def test_both_kinds_of_cells_set_the_labs_class_frequencies(run, lab):
+    lines = []
+    adapt_model(run / "run", run / "adapted-both", lab["labelled"], lab["unlabelled"], AdaptConfig(steps=5), folds=0,
+                export=False, log=lines.append)
+    prior = json.loads((run / "adapted-both" / "model.json").read_text())["adapted"]["class_prior"]
+    assert len(prior) == 8 and abs(sum(prior.values()) - 1) < 1e-3 and min(prior.values()) > 0
+    assert any("class frequencies" in line for line in lines)

@@ -109,3 +109,33 @@ def align_feature_mean(model: nn.Module, unlabelled: torch.Tensor, source_mean: 
     shift = source_mean.to(features.dtype) - features.mean(0)
     layer.bias += layer.weight @ shift
     return {"method": "feature mean alignment", "cells": len(unlabelled), "shift_norm": float(shift.norm())}
+
+
+def estimate_class_prior(probabilities: np.ndarray, trained_prior: np.ndarray, iterations: int = 100,
+                         floor: float = 0.005) -> np.ndarray:
+    """A lab's class frequencies from a model's answers on its unlabelled cells (EM, Saerens et al. 2002).
+
+    ``probabilities`` (N, C) are the model's posteriors under ``trained_prior``; each step
+    re-weights them by the current prior estimate over the trained one and averages. Classes
+    are kept at ``floor`` at least, so a class the sample lacks stays possible.
+    """
+    trained_prior = np.asarray(trained_prior, dtype=np.float64)
+    prior = trained_prior.copy()
+    for _ in range(iterations):
+        weighted = probabilities * (prior / trained_prior)
+        weighted /= weighted.sum(1, keepdims=True)
+        prior = weighted.mean(0)
+    prior = np.maximum(prior, floor)
+    return prior / prior.sum()
+
+
+@torch.no_grad()
+def shift_class_prior(model: nn.Module, prior: np.ndarray, trained_prior: np.ndarray, parents: list[int] | None) -> None:
+    """Put log(prior / trained prior) into the last layer's bias: the label-shift correction.
+
+    ``parents`` maps a subclass model's outputs to their classes (each subclass gets its class's term).
+    """
+    correction = torch.from_numpy(np.log(np.asarray(prior) / np.asarray(trained_prior))).float()
+    if parents is not None:
+        correction = correction[torch.as_tensor(parents)]
+    model.last_layer().bias += correction

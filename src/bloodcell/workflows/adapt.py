@@ -1,7 +1,9 @@
 """``bloodcell adapt``: a model adapted to one lab, from a few of its labelled cells or many unlabelled ones.
 
 Labelled cells fine-tune the network (:func:`bloodcell.training.adapt.finetune`); unlabelled
-cells alone shift its last layer's bias so the lab's mean feature meets the training lab's
+cells beside them give the lab's class frequencies (label shift: neutrophils far more common
+than the balanced draws of labelled cells), and unlabelled cells alone shift the last layer's
+bias so the lab's mean feature meets the training lab's
 (:func:`bloodcell.training.adapt.align_feature_mean`).
 
 The result is a model directory like any run's (best.safetensors, model.json, shift.safetensors,
@@ -36,7 +38,13 @@ from ..models import (
     save_checkpoint,
     save_shift_head,
 )
-from ..training.adapt import AdaptConfig, align_feature_mean, finetune
+from ..training.adapt import (
+    AdaptConfig,
+    align_feature_mean,
+    estimate_class_prior,
+    finetune,
+    shift_class_prior,
+)
 
 MIN_PER_CLASS = 5
 
@@ -167,8 +175,15 @@ def adapt_model(model: str | Path, out: str | Path, labelled: str | Path | None 
     if labels is not None:
         summary["fit"] = finetune(net, images, labels, config)
         if pool is not None:
-            log("the unlabelled cells are used as this lab's familiar cells for the shift warning; the labelled ones "
-                "teach the classes")
+            # The labelled cells were drawn class-balanced; the unlabelled ones say how often each class
+            # comes in this lab (label shift, Saerens et al. 2002): neutrophils far more than basophils.
+            uniform = np.full(len(names), 1 / len(names))
+            probs = torch.softmax(logits_of(net, pool) / temperature, 1).numpy()
+            prior = estimate_class_prior(probs, uniform)
+            shift_class_prior(net, prior, uniform, contract.subclasses.parents if contract.subclasses else None)
+            summary["class_prior"] = {name: round(float(p), 4) for name, p in zip(names, prior)}
+            log("class frequencies estimated on the unlabelled cells: " + ", ".join(
+                f"{name} {p:.0%}" for name, p in zip(names, prior) if p > 0.01))
     else:
         head = load_shift_head(source_dir)
         if head is None:
@@ -182,6 +197,8 @@ def adapt_model(model: str | Path, out: str | Path, labelled: str | Path | None 
     adapted["mode"] = "+".join(m for m, given in (("labelled", labelled), ("unlabelled", unlabelled)) if given)
     if "cross_validated" in summary:
         adapted["cross_validated_accuracy"] = summary["cross_validated"]["accuracy"]
+    if "class_prior" in summary:
+        adapted["class_prior"] = summary["class_prior"]
     write_contract(out, contract.model_copy(update={"temperature": float(temperature), "adapted": adapted}))
     summary["shift"] = adapt_shift(source_dir, out, net, images, labels, pool)
     summary["seconds"] = round(time.perf_counter() - start, 1)
