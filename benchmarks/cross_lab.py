@@ -12,7 +12,7 @@ subfolder one lab); default: ``$BLOODCELL_DATA/foreign/jtsc``. For each set it r
   rest: mean and standard deviation of each figure, and adapt's own cross-validated estimate
   (``--folds``, as the command does by default);
 - the same draws with the rest of the set given as unlabelled cells too (``adapt --data
-  --unlabelled``: the lab's class frequencies), without cross-validation;
+  --unlabelled --lab-frequencies``: the lab's class frequencies), without cross-validation;
 - after ``adapt --unlabelled`` on all of the set's images (labels unused), scored on the set;
 - the out-of-distribution AUROC of the PBC test split (``--pbc-test``: a curated PBC folder;
   its ``images/test``) against the set, and how many random batches of 50 PBC test images
@@ -132,8 +132,8 @@ def bench_set(set_dir: Path, args, work: Path) -> dict:
         # The same labelled cells, with the rest of the set as the lab's unlabelled cells (their class
         # frequencies); without cross-validation, to keep the benchmark's time.
         t0 = time.perf_counter()
-        adapt_model(args.model, root / "model-both", root / "train", root / "rest", AdaptConfig(steps=args.steps, seed=draw),
-                    folds=0, export=False, log=quiet)
+        adapt_model(args.model, root / "model-both", root / "train", root / "rest",
+                    AdaptConfig(steps=args.steps, seed=draw, lab_frequencies=True), folds=0, export=False, log=quiet)
         both = figures(evaluate_model(root / "model-both", root / "rest", root / "eval-both"))
         combined.append({**both, "adapt_seconds": round(time.perf_counter() - t0, 1)})
         print(f"  draw {draw}: adapted {scored['accuracy']:.3f} ({seconds:.0f} s); with the rest unlabelled "

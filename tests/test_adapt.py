@@ -190,8 +190,8 @@ def test_class_prior_is_recovered_from_unlabelled_answers():
 
 def test_both_kinds_of_cells_set_the_labs_class_frequencies(run, lab):
     lines = []
-    adapt_model(run / "run", run / "adapted-both", lab["labelled"], lab["unlabelled"], AdaptConfig(steps=5), folds=0,
-                export=False, log=lines.append)
+    adapt_model(run / "run", run / "adapted-both", lab["labelled"], lab["unlabelled"],
+                AdaptConfig(steps=5, lab_frequencies=True), folds=0, export=False, log=lines.append)
     prior = json.loads((run / "adapted-both" / "model.json").read_text())["adapted"]["class_prior"]
     assert len(prior) == 8 and abs(sum(prior.values()) - 1) < 1e-3 and min(prior.values()) > 0
     assert any("class frequencies" in line for line in lines)

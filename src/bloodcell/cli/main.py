@@ -357,6 +357,7 @@ def adapt(
     folds: int = typer.Option(3, help="Folds of the cross-validated estimate on the labelled cells."),
     seed: int = typer.Option(0),
     onnx: bool = typer.Option(True, "--onnx/--no-onnx", help="Also export OUT/model.onnx."),
+    lab_frequencies: bool = typer.Option(False, "--lab-frequencies", help="With --data and --unlabelled: correct for the lab's class frequencies, estimated on the unlabelled cells."),
 ):
     """Adapt a model to one lab's images; OUT works with every --model (evaluate, predict, serve, export)."""
     from ..training.adapt import AdaptConfig
@@ -365,7 +366,8 @@ def adapt(
     with user_errors():
         log = lambda line: console.print(line, highlight=False, markup=False)  # noqa: E731
         with console.status("adapting"):
-            adapt_model(model, out, data, unlabelled, AdaptConfig(steps=steps, seed=seed), folds, onnx, log)
+            adapt_model(model, out, data, unlabelled, AdaptConfig(steps=steps, seed=seed, lab_frequencies=lab_frequencies),
+                        folds, onnx, log)
         Console().print(f"Adapted model: {out}")
 
 

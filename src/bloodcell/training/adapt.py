@@ -41,6 +41,8 @@ class AdaptConfig(BaseModel):
     to_source: float = Field(1e-2, ge=0, description="L2-SP: weight of the squared distance to the trained weights")
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     seed: int = 0
+    lab_frequencies: bool = Field(False, description="with unlabelled cells beside labelled ones: estimate the lab's class "
+                                  "frequencies on them (EM) and correct for them; measured neutral on Jiangxi Tecom")
     augment: AugmentConfig = Field(default_factory=light_augment)
 
 

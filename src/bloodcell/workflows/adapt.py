@@ -1,10 +1,10 @@
 """``bloodcell adapt``: a model adapted to one lab, from a few of its labelled cells or many unlabelled ones.
 
 Labelled cells fine-tune the network (:func:`bloodcell.training.adapt.finetune`); unlabelled
-cells beside them give the lab's class frequencies (label shift: neutrophils far more common
-than the balanced draws of labelled cells), and unlabelled cells alone shift the last layer's
-bias so the lab's mean feature meets the training lab's
-(:func:`bloodcell.training.adapt.align_feature_mean`).
+cells beside them become the lab's familiar cells for the shift warning, and on request
+(``lab_frequencies``) give the lab's class frequencies (label shift; measured neutral so far);
+unlabelled cells alone shift the last layer's bias so the lab's mean feature meets the
+training lab's (:func:`bloodcell.training.adapt.align_feature_mean`).
 
 The result is a model directory like any run's (best.safetensors, model.json, shift.safetensors,
 model.onnx), which every ``--model`` accepts. Its contract records what it was adapted on.
@@ -174,7 +174,10 @@ def adapt_model(model: str | Path, out: str | Path, labelled: str | Path | None 
                 f"{summary['before']['accuracy']:.1%})")
     if labels is not None:
         summary["fit"] = finetune(net, images, labels, config)
-        if pool is not None:
+        if pool is not None and not config.lab_frequencies:
+            log("the unlabelled cells become this lab's familiar cells for the shift warning; the labelled ones teach "
+                "the classes")
+        if pool is not None and config.lab_frequencies:
             # The labelled cells were drawn class-balanced; the unlabelled ones say how often each class
             # comes in this lab (label shift, Saerens et al. 2002): neutrophils far more than basophils.
             uniform = np.full(len(names), 1 / len(names))
