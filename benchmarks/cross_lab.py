@@ -180,7 +180,7 @@ def main() -> None:
             results["sets"].append(bench_set(set_dir, args, Path(tmp) / str(index)))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
-    print(f"\n{'set':<16}{'as given':>10}{'balanced':>10}{'ECE':>7}{'adapted(10/cl)':>18}{'+ rest unl.':>14}"
+    print(f"\n{'set':<16}{'as given':>10}{'balanced':>10}{'ECE':>7}{f'adapted({args.per_class}/cl)':>18}{'+ rest unl.':>14}"
           f"{'unlabelled':>12}{'AUROC':>8}")
     for r in results["sets"]:
         labelled = r.get("labelled")
