@@ -5,6 +5,7 @@ import json
 import socket
 import threading
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -356,51 +357,55 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.browser
-def test_web_page_end_to_end_in_a_browser(onnx_model, original_files, tmp_path):
+@contextmanager
+def serving(app):
+    """Run ``app`` with uvicorn on a free loopback port in a thread; yield its URL, stop it after."""
     import uvicorn
 
-    from .browser import open_page
-
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(onnx_model["onnx"]), host="127.0.0.1", port=port, log_level="error"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 20
     while not server.started and time.time() < deadline:
         time.sleep(0.05)
     try:
-        with open_page(f"http://127.0.0.1:{port}/") as (page, errors):
-            page.wait_for_function("document.getElementById('model').textContent.includes('classes')")
-            broken = tmp_path / "broken.jpg"
-            broken.write_bytes(b"\xff\xd8 not a whole JPEG")
-            page.set_input_files("#files", [str(original_files[0]), str(broken), str(original_files[1])])
-            page.wait_for_selector(".card .pred b", timeout=20000)
-            assert "broken.jpg" in page.inner_text("#errors")  # the bad file is named, the good ones classified
-            predicted = page.inner_text(".card .pred b")
-            classes = json.loads(page.evaluate("JSON.stringify(classes)"))
-            assert predicted in classes
-            assert page.locator(".card").count() == 2
-            assert "% of white cells" in page.inner_text("#differential")
-            with page.expect_download() as download_info:
-                page.click("#download")
-            csv_path = tmp_path / "download.csv"
-            download_info.value.save_as(csv_path)
-            lines = csv_path.read_text().splitlines()
-            assert lines[0].startswith("file,class,confidence,abstained") and len(lines) == 3
-            assert original_files[0].name in lines[1]
-            assert errors == []
+        yield f"http://127.0.0.1:{port}/"
     finally:
         server.should_exit = True
         thread.join(timeout=10)
 
 
 @pytest.mark.browser
+def test_web_page_end_to_end_in_a_browser(onnx_model, original_files, tmp_path):
+    from .browser import open_page
+
+    with serving(create_app(onnx_model["onnx"])) as url, open_page(url) as (page, errors):
+        page.wait_for_function("document.getElementById('model').textContent.includes('classes')")
+        broken = tmp_path / "broken.jpg"
+        broken.write_bytes(b"\xff\xd8 not a whole JPEG")
+        page.set_input_files("#files", [str(original_files[0]), str(broken), str(original_files[1])])
+        page.wait_for_selector(".card .pred b", timeout=20000)
+        assert "broken.jpg" in page.inner_text("#errors")  # the bad file is named, the good ones classified
+        predicted = page.inner_text(".card .pred b")
+        classes = json.loads(page.evaluate("JSON.stringify(classes)"))
+        assert predicted in classes
+        assert page.locator(".card").count() == 2
+        assert "% of white cells" in page.inner_text("#differential")
+        with page.expect_download() as download_info:
+            page.click("#download")
+        csv_path = tmp_path / "download.csv"
+        download_info.value.save_as(csv_path)
+        lines = csv_path.read_text().splitlines()
+        assert lines[0].startswith("file,class,confidence,abstained") and len(lines) == 3
+        assert original_files[0].name in lines[1]
+        assert errors == []
+
+
+@pytest.mark.browser
 def test_web_page_warns_when_images_are_unlike_the_training_lab(run, original_files, tmp_path):
     """A model whose threshold every image exceeds: the banner shows, cells go to 'to check', the CSV says why."""
     import shutil
-
-    import uvicorn
 
     from bloodcell.models import load_shift_head, save_shift_head
 
@@ -411,33 +416,22 @@ def test_web_page_warns_when_images_are_unlike_the_training_lab(run, original_fi
     head = load_shift_head(strict)
     head.threshold.fill_(1e-12)
     save_shift_head(strict, head, {})
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(strict), host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
-    try:
-        with open_page(f"http://127.0.0.1:{port}/") as (page, errors):
-            page.wait_for_function("document.getElementById('model').textContent.includes('classes')")
-            assert page.locator("#shift").is_hidden()
-            page.set_input_files("#files", [str(original_files[0]), str(original_files[1])])
-            page.wait_for_selector("#shift", state="visible", timeout=20000)
-            assert "do not look like the lab the model was trained on" in page.inner_text("#shift")
-            assert page.locator(".card", has_text="unfamiliar").count() == 2
-            assert "to check\t2" in page.inner_text("#differential")
-            with page.expect_download() as download_info:
-                page.click("#download")
-            csv_path = tmp_path / "download.csv"
-            download_info.value.save_as(csv_path)
-            lines = csv_path.read_text().splitlines()
-            assert lines[0].startswith("file,class,confidence,abstained,ood_score,out_of_distribution")
-            assert all(line.split(",")[5] == "true" for line in lines[1:])
-            assert errors == []
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with serving(create_app(strict)) as url, open_page(url) as (page, errors):
+        page.wait_for_function("document.getElementById('model').textContent.includes('classes')")
+        assert page.locator("#shift").is_hidden()
+        page.set_input_files("#files", [str(original_files[0]), str(original_files[1])])
+        page.wait_for_selector("#shift", state="visible", timeout=20000)
+        assert "do not look like the lab the model was trained on" in page.inner_text("#shift")
+        assert page.locator(".card", has_text="unfamiliar").count() == 2
+        assert "to check\t2" in page.inner_text("#differential")
+        with page.expect_download() as download_info:
+            page.click("#download")
+        csv_path = tmp_path / "download.csv"
+        download_info.value.save_as(csv_path)
+        lines = csv_path.read_text().splitlines()
+        assert lines[0].startswith("file,class,confidence,abstained,ood_score,out_of_distribution")
+        assert all(line.split(",")[5] == "true" for line in lines[1:])
+        assert errors == []
 
 
 @pytest.mark.slow

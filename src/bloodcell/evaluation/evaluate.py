@@ -18,11 +18,11 @@ from ..core.errors import BloodcellError
 from ..data import Source, evaluation_source
 from ..data.splits import load_split
 from ..inference import Predictor, load_predictor
+from ..models.shift import batch_shift
 from .metrics import abstain_table, compute_metrics
 from .plots import plot_confusion, plot_corruption_heatmap, plot_reliability
 from .robustness import corruption_accuracy
-from ..models.shift import batch_shift
-from .scoring import backend_logits, backend_ood
+from .scoring import backend_scores
 
 
 def load_eval_images(data: str | Path, predictor: Predictor) -> tuple[torch.Tensor, np.ndarray, list[str], Source]:
@@ -54,7 +54,7 @@ def evaluate_model(model_path: str | Path, data: str | Path, out: str | Path, co
     predictor = load_predictor(model_path)  # a run, a checkpoint, an .onnx file or 'default'
     images, labels, paths, source = load_eval_images(data, predictor)
     temperature = float(predictor.temperature)
-    logits = backend_logits(predictor, images, tta=tta)
+    logits, ood = backend_scores(predictor, images, tta=tta)
     probs = torch.softmax(logits / temperature, dim=1).numpy()
     names = predictor.class_names
     result = compute_metrics(labels, probs, names)
@@ -63,7 +63,6 @@ def evaluate_model(model_path: str | Path, data: str | Path, out: str | Path, co
     out.mkdir(parents=True, exist_ok=True)
     write_predictions_csv(out / "predictions.csv", paths, labels, probs, names)
     result["abstain"] = abstain_table(probs, labels)
-    ood = backend_ood(predictor, images)
     if ood is not None:
         # Is this data like the training lab's? The batch verdict, and accuracy on the images it calls familiar.
         shift = batch_shift(ood)

@@ -202,8 +202,10 @@ def adapt_model(model: str | Path, out: str | Path, labelled: str | Path | None 
         adapted["cross_validated_accuracy"] = summary["cross_validated"]["accuracy"]
     if "class_prior" in summary:
         adapted["class_prior"] = summary["class_prior"]
-    write_contract(out, contract.model_copy(update={"temperature": float(temperature), "adapted": adapted}))
     summary["shift"] = adapt_shift(source_dir, out, net, images, labels, pool)
+    shift = {**(contract.shift or {}), **summary["shift"]} if summary["shift"] else contract.shift
+    write_contract(out, contract.model_copy(update={"temperature": float(temperature), "adapted": adapted,
+                                                    "shift": shift}))
     summary["seconds"] = round(time.perf_counter() - start, 1)
     if export:
         from ..inference.export import export_onnx
@@ -221,7 +223,8 @@ def adapt_model(model: str | Path, out: str | Path, labelled: str | Path | None 
 def adapt_shift(source_dir: Path, out: Path, net, images, labels, pool) -> dict | None:
     """The adapted model's out-of-distribution statistics: the training lab's, plus this lab's cells.
 
-    This lab's labelled classes (and the unlabelled cells, grouped by the adapted model's answer)
+    Writes ``out/shift.safetensors`` and returns its record for the contract. This lab's labelled
+    classes (and the unlabelled cells, grouped by the adapted model's answer)
     become familiar centres, and the threshold rises, if need be, to what this lab's own cells
     need: the median of their leave-one-out distances times the training lab's ratio of threshold
     to median (a few dozen cells give a steady median but no steady 99th percentile).
@@ -253,7 +256,7 @@ def adapt_shift(source_dir: Path, out: Path, net, images, labels, pool) -> dict 
     sizes = np.array([np.sum(groups == g) for g in names])[np.searchsorted(names, groups)]
     rows = np.arange(len(features))
     d2[rows, own] = np.where(sizes > 1, d2[rows, own] * (sizes / np.maximum(sizes - 1, 1)) ** 2, np.inf)
-    ratio = (read_contract(source_dir).shift or {}).get("threshold_over_median")
+    ratio = (read_contract(source_dir).shift or {}).get("threshold_over_median")  # the training lab's
     nearest = d2.min(1)
     lab_threshold = float(np.median(nearest) * ratio) if ratio else float(np.quantile(nearest, 0.99))
     threshold = max(float(head.threshold), lab_threshold)
@@ -262,5 +265,4 @@ def adapt_shift(source_dir: Path, out: Path, net, images, labels, pool) -> dict 
             "lab_centres": len(names), "lab_cells": len(features),
             "threshold_raised_by": round(threshold / float(head.threshold), 4)}
     save_shift_head(out, adapted, info)
-    write_contract(out, read_contract(out).model_copy(update={"shift": {**(read_contract(source_dir).shift or {}), **info}}))
     return info
