@@ -376,6 +376,14 @@ def serving(app):
         thread.join(timeout=10)
 
 
+def downloaded_csv(page, path) -> list[str]:
+    """Click the page's CSV download and return the file's lines."""
+    with page.expect_download() as download_info:
+        page.click("#download")
+    download_info.value.save_as(path)
+    return path.read_text().splitlines()
+
+
 @pytest.mark.browser
 def test_web_page_end_to_end_in_a_browser(onnx_model, original_files, tmp_path):
     from .browser import open_page
@@ -392,11 +400,7 @@ def test_web_page_end_to_end_in_a_browser(onnx_model, original_files, tmp_path):
         assert predicted in classes
         assert page.locator(".card").count() == 2
         assert "% of white cells" in page.inner_text("#differential")
-        with page.expect_download() as download_info:
-            page.click("#download")
-        csv_path = tmp_path / "download.csv"
-        download_info.value.save_as(csv_path)
-        lines = csv_path.read_text().splitlines()
+        lines = downloaded_csv(page, tmp_path / "download.csv")
         assert lines[0].startswith("file,class,confidence,abstained") and len(lines) == 3
         assert original_files[0].name in lines[1]
         assert errors == []
@@ -424,11 +428,7 @@ def test_web_page_warns_when_images_are_unlike_the_training_lab(run, original_fi
         assert "do not look like the lab the model was trained on" in page.inner_text("#shift")
         assert page.locator(".card", has_text="unfamiliar").count() == 2
         assert "to check\t2" in page.inner_text("#differential")
-        with page.expect_download() as download_info:
-            page.click("#download")
-        csv_path = tmp_path / "download.csv"
-        download_info.value.save_as(csv_path)
-        lines = csv_path.read_text().splitlines()
+        lines = downloaded_csv(page, tmp_path / "download.csv")
         assert lines[0].startswith("file,class,confidence,abstained,ood_score,out_of_distribution")
         assert all(line.split(",")[5] == "true" for line in lines[1:])
         assert errors == []
