@@ -18,7 +18,7 @@ from ..core.errors import BloodcellError
 from ..data import Source, evaluation_source
 from ..data.splits import load_split
 from ..inference import Predictor, load_predictor
-from ..models.shift import batch_shift
+from ..models.shift import batch_shift, out_of_distribution
 from .metrics import abstain_table, compute_metrics
 from .plots import plot_confusion, plot_corruption_heatmap, plot_reliability
 from .robustness import corruption_accuracy
@@ -66,7 +66,7 @@ def evaluate_model(model_path: str | Path, data: str | Path, out: str | Path, co
     if ood is not None:
         # Is this data like the training lab's? The batch verdict, and accuracy on the images it calls familiar.
         shift = batch_shift(ood)
-        familiar = ood <= 1.0
+        familiar = ~out_of_distribution(ood)
         shift["accuracy_in_distribution"] = (float((probs[familiar].argmax(1) == labels[familiar]).mean())
                                              if familiar.any() else None)
         result["domain_shift"] = shift

@@ -14,6 +14,7 @@ import numpy as np
 from ..core.classes import WHITE_CELLS
 from ..core.errors import BloodcellError, ImageReadError
 from ..data import IMAGE_EXTENSIONS, decode_file, load_item, open_source
+from ..models.shift import batch_shift, out_of_distribution
 from .predictor import Predictor
 
 
@@ -87,7 +88,7 @@ def prediction_row(name: str, probs: np.ndarray, class_names: list[str], abstain
            "abstained": confidence < abstain_below}
     if ood_score is not None:
         row["ood_score"] = round(ood_score, 4)
-        row["out_of_distribution"] = bool(ood_score > 1.0)
+        row["out_of_distribution"] = bool(out_of_distribution(ood_score))
     return {**row, **{c: round(float(p), 6) for c, p in zip(class_names, probs)}}
 
 
@@ -98,8 +99,6 @@ def to_check(row: dict) -> bool:
 
 def shift_summary(rows: list[dict]) -> dict | None:
     """The batch's out-of-distribution verdict (bloodcell.models.batch_shift), or None without scores."""
-    from ..models.shift import batch_shift
-
     scores = [r["ood_score"] for r in rows if "ood_score" in r]
     return batch_shift(np.array(scores)) if scores else None
 

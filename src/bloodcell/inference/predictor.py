@@ -124,6 +124,7 @@ class ParallelRunner:
         self.session = session
         self.input_name = session.get_inputs()[0].name
         self.chunk = chunk
+        self.first_output = session.get_outputs()[0].name
         self.pool = ThreadPoolExecutor(max_workers=workers or max(os.cpu_count() or 1, 1))
 
     def _run(self, batch: np.ndarray, outputs: list[str] | None = None) -> list[np.ndarray]:
@@ -139,7 +140,7 @@ class ParallelRunner:
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         """The first output (logits) of the whole batch."""
-        return self.run_outputs(batch, [self.session.get_outputs()[0].name])[0]
+        return self.run_outputs(batch, [self.first_output])[0]
 
 
 def resolve_model(model: str | Path) -> Path:

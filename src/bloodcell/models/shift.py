@@ -22,6 +22,13 @@ import torch
 from torch import nn
 
 SHIFT_FILE = "shift.safetensors"
+# A score above this is out of distribution: the threshold is folded into the score itself.
+OOD_THRESHOLD = 1.0
+
+
+def out_of_distribution(scores: np.ndarray | float) -> np.ndarray | bool:
+    """Whether each score lies beyond the training lab's threshold."""
+    return np.asarray(scores) > OOD_THRESHOLD
 
 
 class ShiftHead(nn.Module):
@@ -38,11 +45,16 @@ class ShiftHead(nn.Module):
         self.register_buffer("mean_norms", (self.projected_means * means).sum(1))  # (C,)
         self.register_buffer("threshold", torch.as_tensor(threshold, dtype=torch.float32).reshape(()))
 
-    def squared_distance(self, features: torch.Tensor) -> torch.Tensor:
+    def squared_distances(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, C): the squared Mahalanobis distance of each feature vector to each class mean."""
         features = features.float()
         quadratic = ((features @ self.precision) * features).sum(1, keepdim=True)  # (N, 1)
         cross = features @ self.projected_means.T  # (N, C)
-        return (quadratic - 2 * cross + self.mean_norms).clamp(min=0).min(1).values
+        return (quadratic - 2 * cross + self.mean_norms).clamp(min=0)
+
+    def squared_distance(self, features: torch.Tensor) -> torch.Tensor:
+        """(N,): the squared distance to the nearest class mean."""
+        return self.squared_distances(features).min(1).values
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return torch.sqrt(self.squared_distance(features) / self.threshold)
@@ -100,5 +112,6 @@ def batch_shift(scores: np.ndarray) -> dict:
     if len(scores) == 0:
         return {"flagged": False, "images_flagged": 0, "images": 0, "score": None}
     median = float(np.median(scores))
-    return {"flagged": bool(median > 1.0), "images_flagged": int((scores > 1.0).sum()), "images": len(scores),
+    return {"flagged": bool(out_of_distribution(median)), "images_flagged": int(out_of_distribution(scores).sum()),
+            "images": len(scores),
             "score": round(median, 4)}

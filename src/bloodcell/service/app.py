@@ -28,7 +28,7 @@ from fastapi.responses import HTMLResponse, JSONResponse  # noqa: E402
 from ..core.errors import ImageReadError  # noqa: E402
 from ..data import decode_bytes  # noqa: E402
 from ..inference import differential_count, load_predictor  # noqa: E402
-from ..models.shift import batch_shift  # noqa: E402
+from ..models.shift import batch_shift, out_of_distribution  # noqa: E402
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # a whole request
 MAX_IMAGE_PIXELS = 25_000_000  # one image
@@ -128,7 +128,7 @@ def create_app(model: str | Path, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_
                       "confidence": confidence, "abstained": confidence < abstain_below}
             if ood is not None:
                 result["ood_score"] = float(ood[position])
-                result["out_of_distribution"] = bool(ood[position] > 1.0)
+                result["out_of_distribution"] = bool(out_of_distribution(ood[position]))
             result["probabilities"] = {c: float(p) for c, p in zip(predictor.class_names, row)}
             results.append(result)
         rows = [{"pred": r["class"], "abstained": r["abstained"], "out_of_distribution": r.get("out_of_distribution")}

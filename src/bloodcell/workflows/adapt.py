@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..core.contract import read_contract, write_contract
+from ..core.contract import write_contract
 from ..core.errors import BloodcellError, ImageReadError, MissingExtraError
 from ..data import decode_file, open_source, preprocess
 from ..data.splits import load_split
@@ -110,6 +110,8 @@ def cross_validate(net, images: torch.Tensor, labels: np.ndarray, config: AdaptC
     """Held-out logits for every labelled cell: adapt on the other folds, score this one."""
     from sklearn.model_selection import StratifiedKFold
 
+    if folds < 2:  # not asked for
+        return None
     folds = min(folds, len(labels))
     if folds < 2:
         log("too few labelled cells for a cross-validated estimate")
@@ -172,7 +174,6 @@ def adapt_model(model: str | Path, out: str | Path, labelled: str | Path | None 
             log(f"cross-validated estimate on this lab's labelled cells: accuracy {estimate['accuracy']:.1%}, "
                 f"balanced {estimate['balanced_accuracy']:.1%} ({estimate['folds']} folds; before adapting "
                 f"{summary['before']['accuracy']:.1%})")
-    if labels is not None:
         summary["fit"] = finetune(net, images, labels, config)
         if pool is not None and not config.lab_frequencies:
             log("the unlabelled cells become this lab's familiar cells for the shift warning; the labelled ones teach "
@@ -202,7 +203,7 @@ def adapt_model(model: str | Path, out: str | Path, labelled: str | Path | None 
         adapted["cross_validated_accuracy"] = summary["cross_validated"]["accuracy"]
     if "class_prior" in summary:
         adapted["class_prior"] = summary["class_prior"]
-    summary["shift"] = adapt_shift(source_dir, out, net, images, labels, pool)
+    summary["shift"] = adapt_shift(source_dir, contract.shift, out, net, images, labels, pool)
     shift = {**(contract.shift or {}), **summary["shift"]} if summary["shift"] else contract.shift
     write_contract(out, contract.model_copy(update={"temperature": float(temperature), "adapted": adapted,
                                                     "shift": shift}))
@@ -211,6 +212,7 @@ def adapt_model(model: str | Path, out: str | Path, labelled: str | Path | None 
         from ..inference.export import export_onnx
 
         try:
+            # Already framed and resized; the check only compares ONNX Runtime with PyTorch on the same input.
             check = [image.permute(1, 2, 0).numpy() for image in (images if images is not None else pool)[:64]]
             summary["export"] = export_onnx(out, out / "model.onnx", check)
         except MissingExtraError as exc:
@@ -220,7 +222,7 @@ def adapt_model(model: str | Path, out: str | Path, labelled: str | Path | None 
     return summary
 
 
-def adapt_shift(source_dir: Path, out: Path, net, images, labels, pool) -> dict | None:
+def adapt_shift(source_dir: Path, source_shift: dict | None, out: Path, net, images, labels, pool) -> dict | None:
     """The adapted model's out-of-distribution statistics: the training lab's, plus this lab's cells.
 
     Writes ``out/shift.safetensors`` and returns its record for the contract. This lab's labelled
@@ -248,15 +250,13 @@ def adapt_shift(source_dir: Path, out: Path, net, images, labels, pool) -> dict 
     centres = np.stack([features[groups == g].mean(0) for g in names])
     adapted = head.with_means(torch.from_numpy(centres))
     with torch.no_grad():
-        f = torch.from_numpy(features).float()
-        projected = f @ adapted.precision
-        d2 = ((projected * f).sum(1, keepdim=True) - 2 * projected @ adapted.means.T + adapted.mean_norms).numpy()
+        d2 = adapted.squared_distances(torch.from_numpy(features)).numpy()
     # Leave-one-out: a cell's own centre without it is n/(n-1) times farther away (in Mahalanobis terms, squared).
     own = len(head.means) + np.searchsorted(names, groups)
     sizes = np.array([np.sum(groups == g) for g in names])[np.searchsorted(names, groups)]
     rows = np.arange(len(features))
     d2[rows, own] = np.where(sizes > 1, d2[rows, own] * (sizes / np.maximum(sizes - 1, 1)) ** 2, np.inf)
-    ratio = (read_contract(source_dir).shift or {}).get("threshold_over_median")  # the training lab's
+    ratio = (source_shift or {}).get("threshold_over_median")  # the training lab's
     nearest = d2.min(1)
     lab_threshold = float(np.median(nearest) * ratio) if ratio else float(np.quantile(nearest, 0.99))
     threshold = max(float(head.threshold), lab_threshold)
