@@ -333,9 +333,11 @@ def predict(
             table.add_row(name, f"{value:.1f}")
         table.add_row("platelets (count)", str(counts["platelets"]))
         table.add_row("erythroblasts (count)", str(counts["erythroblasts"]))
-        table.add_row("to check (low confidence)", str(counts["abstained"]))
-        if predictor.has_shift:
-            table.add_row("to check (unlike the training lab)", str(counts["out_of_distribution"]))
+        if predictor.has_shift:  # a cell may be both; each is counted once in the total
+            table.add_row("to check (low confidence / unlike the training lab)",
+                          f"{counts['to_check']} ({counts['abstained']} / {counts['out_of_distribution']})")
+        else:
+            table.add_row("to check (low confidence)", str(counts["abstained"]))
         console.print(table)
         shift = shift_summary(rows)
         if shift and shift["flagged"]:
