@@ -422,18 +422,102 @@ def distill_targets(
 
 
 @app.command()
+def count(
+    paths: list[Path] = typer.Argument(..., help="Whole fields: image files or folders (recursive)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for cells.csv, counts.csv, summary.json and overlays/."),
+    model: str = typer.Option("default", "--model", "-m", help="The classifier: model.onnx, a run directory, or 'default'."),
+    detector: str = typer.Option("default", "--detector", help="The cell detector: a train-detector run, or 'default'."),
+    abstain_below: float = typer.Option(0.7, help="White cells below this confidence go to 'to check'."),
+    overlays: bool = typer.Option(True, "--overlays/--no-overlays", help="Draw OUT/overlays/<image>.png."),
+    batch_size: int = typer.Option(8, "--batch-size"),
+):
+    """Find every cell in whole smear fields, type the white cells, and count them."""
+    from ..workflows import count_fields
+    from ..inference.batch import collect_inputs
+
+    with user_errors():
+        total = len(collect_inputs([str(p) for p in paths])[0])
+        with progress_bar() as bar:
+            summary = count_fields([str(p) for p in paths], out, model, detector, abstain_below, batch_size,
+                                   overlays=overlays, progress=item_progress(bar)("counting", total))
+        for skipped in summary["skipped"]:
+            console.print(Text.assemble(("skipped", "yellow"), f" {skipped['image']}: {skipped['reason']}"), highlight=False)
+        diff = summary["differential"]
+        table = Table(title=f"{diff['fields']} fields: {diff['white_cell_boxes']} white cells, "
+                            f"{diff['red_cells']} red cells, {diff['platelets']} platelets")
+        table.add_column("white cell type")
+        table.add_column("%", justify="right")
+        for name, value in diff["white_cell_percent"].items():
+            table.add_row(name, f"{value:.1f}")
+        table.add_row("counted (white cells)", str(diff["white_cells"]))
+        table.add_row("erythroblasts (count)", str(diff["erythroblasts"]))
+        table.add_row("to check (low confidence / unlike the training lab)", str(diff["to_check"]))
+        table.add_row("fields without white cells", str(diff["fields_without_white_cells"]))
+        console.print(table)
+        if diff["white_cell_boxes"] and diff["to_check"] > diff["white_cell_boxes"] / 2:
+            console.print(Text.assemble(
+                ("warning", "bold yellow"),
+                f": {diff['to_check']} of {diff['white_cell_boxes']} white cells are to check: these fields do not look "
+                "like the lab the classifier was trained on. Check them, or adapt the model (bloodcell adapt)."), highlight=False)
+        console.print(f"Written to {out}: cells.csv, counts.csv, summary.json" + (", overlays/" if overlays else ""))
+
+
+@app.command("train-detector")
+def train_detector(
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Fields in YOLO layout (images/, labels/, classes.txt); default $BLOODCELL_DATA/fields."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="The run directory (default runs/det-<time>)."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="A YAML file of settings (see DetectorTrainConfig)."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs (default 60)."),
+    seed: Optional[int] = typer.Option(None),
+    resume: Optional[Path] = typer.Option(None, help="Resume this run directory where it stopped."),
+):
+    """Train the cell detector (white cells, red cells, platelets) on whole fields."""
+    import yaml
+
+    from ..core.settings import resolve_data
+    from ..training.detector import DetectorTrainConfig, train_detector as run_training
+
+    with user_errors():
+        log = lambda line: console.print(line, highlight=False, markup=False)  # noqa: E731
+        if resume is not None:
+            run_training(resume=resume, log=log)
+            return
+        settings = yaml.safe_load(config.read_text()) if config else {}
+        if not isinstance(settings, dict):
+            raise BloodcellError(f"{config}: expected a mapping of settings")
+        settings["data"] = str(resolve_data(data if data is not None else settings.get("data"), "fields"))
+        settings.update({k: v for k, v in {"out": out, "epochs": epochs, "seed": seed}.items() if v is not None})
+        run_training(DetectorTrainConfig(**settings), log=log)
+
+
+@app.command("export-detector")
+def export_detector(
+    detector: Path = typer.Option(..., "--detector", help="A train-detector run directory."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="The .onnx file (default RUN/detector.onnx)."),
+):
+    """Export a trained detector to ONNX and check it against PyTorch."""
+    from ..inference.detect import export_detector as run_export
+
+    with user_errors():
+        report = run_export(detector, out)
+        console.print(f"{report['onnx']} ({report['bytes'] / 1e6:.1f} MB; largest box difference from PyTorch "
+                      f"{report['max_box_diff']:.2g} px, score {report['max_score_diff']:.2g})")
+
+
+@app.command()
 def serve(
     model: str = typer.Option("default", "--model", "-m", help="model.onnx, a run directory, or 'default'."),
     host: str = typer.Option("127.0.0.1", help="Address to bind (loopback by default)."),
     port: int = typer.Option(8000),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="BLOODCELL_API_KEY",
                                           help="Ask every /v1 request for this key (X-API-Key header)."),
+    detector: str = typer.Option("default", "--detector", help="The cell detector for whole fields (/v1/count): a train-detector run, or 'default'."),
 ):
     """Serve the web page at / and the API at /v1 (OpenAPI docs at /docs)."""
     with user_errors():
         from ..service.app import serve as run_server
 
-        run_server(model, host, port, api_key=api_key,
+        run_server(model, host, port, api_key=api_key, detector=detector,
                    warn=lambda line: console.print(Text.assemble(("warning:", "yellow"), f" {line}"), highlight=False))
 
 

@@ -25,7 +25,7 @@ require("python_multipart", "bloodcell serve")
 from fastapi import FastAPI, File, Request, UploadFile  # noqa: E402 - after the extra is checked
 from fastapi.responses import HTMLResponse, JSONResponse  # noqa: E402
 
-from ..core.errors import ImageReadError  # noqa: E402
+from ..core.errors import BloodcellError, ImageReadError  # noqa: E402
 from ..data import decode_bytes  # noqa: E402
 from ..inference import differential_count, load_predictor  # noqa: E402
 from ..models.shift import batch_shift, out_of_distribution  # noqa: E402
@@ -59,9 +59,23 @@ def is_loopback(host: str) -> bool:
 
 
 def create_app(model: str | Path, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_IMAGE_PIXELS,
-               abstain_below: float = 0.7, api_key: str | None = None) -> FastAPI:
-    """The app for one model; ``api_key`` (or ``BLOODCELL_API_KEY``) makes every /v1 route but health ask for it."""
+               abstain_below: float = 0.7, api_key: str | None = None, detector: str | Path | None = "default") -> FastAPI:
+    """The app for one model (and one cell detector for whole fields, None for none).
+
+    ``api_key`` (or ``BLOODCELL_API_KEY``) makes every /v1 route but health ask for it.
+    """
     predictor = load_predictor(model)
+    counter, no_counter = None, "this service has no cell detector: start it with --detector RUN"
+    if detector is not None:
+        from ..inference.count import FieldCounter
+        from ..inference.detect import load_detector
+
+        try:
+            counter = FieldCounter(load_detector(detector), predictor, abstain_below)
+        except BloodcellError as exc:
+            if str(detector) != "default":
+                raise
+            no_counter = str(exc)
     api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
     app = FastAPI(title="bloodcell", version="1", description="Peripheral blood cell classification")
     card = _model_card(predictor.source)
@@ -91,13 +105,11 @@ def create_app(model: str | Path, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_
         return {"model": predictor.contract.model, "classes": predictor.class_names,
                 "input_size": predictor.image_size, "framing": predictor.framing, "temperature": predictor.temperature,
                 "backend": predictor.backend, "abstain_below": abstain_below, "metrics": card,
-                "shift_scores": predictor.has_shift,
+                "shift_scores": predictor.has_shift, "count": counter is not None,
                 "explain": predictor.backend == "torch", "schema_version": predictor.contract.schema_version}
 
-    # A plain (sync) endpoint: FastAPI runs it on its thread pool, so concurrent
-    # requests share the one loaded session, which is thread-safe.
-    @app.post("/v1/predict")
-    def predict(files: list[UploadFile] = File(..., description="one or more images")):
+    def read_uploads(files: list[UploadFile]):
+        """(images, names, indices, errors), or the error response that refuses the whole request."""
         if len(files) > MAX_FILES:
             return error(413, f"{len(files)} files in one request; at most {MAX_FILES}")
         images, names, indices, errors, total = [], [], [], [], 0
@@ -120,6 +132,16 @@ def create_app(model: str | Path, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_
             return JSONResponse(status_code=422, content={
                 "error": first["error"] if len(errors) == 1 else f"none of the {len(errors)} files is a readable image",
                 "file": first["file"], "errors": errors})
+        return images, names, indices, errors
+
+    # Plain (sync) endpoints: FastAPI runs them on its thread pool, so concurrent
+    # requests share the one loaded session, which is thread-safe.
+    @app.post("/v1/predict")
+    def predict(files: list[UploadFile] = File(..., description="one or more images")):
+        read = read_uploads(files)
+        if isinstance(read, JSONResponse):
+            return read
+        images, names, indices, errors = read
         probs, ood = predictor.scores(images)
         results = []
         for position, (index, name, row) in enumerate(zip(indices, names, probs)):
@@ -135,6 +157,22 @@ def create_app(model: str | Path, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_
                 for r in results]
         return {"results": results, "errors": errors, "differential": differential_count(rows),
                 "domain_shift": batch_shift(ood) if ood is not None else None}
+
+    @app.post("/v1/count")
+    def count(files: list[UploadFile] = File(..., description="one or more whole fields")):
+        if counter is None:
+            return error(503, no_counter)
+        read = read_uploads(files)
+        if isinstance(read, JSONResponse):
+            return read
+        images, names, indices, errors = read
+        from ..inference.count import run_differential
+
+        fields = counter.count(images, names)
+        results = [{"index": index, "file": name, "width": f.width, "height": f.height, "cells": f.cells,
+                    "counts": {k: v for k, v in f.counts(predictor.class_names).items() if k != "image"}}
+                   for index, name, f in zip(indices, names, fields)]
+        return {"results": results, "errors": errors, "summary": run_differential(fields)}
 
     @app.post("/v1/explain")
     def explain(file: UploadFile = File(...)):
@@ -161,10 +199,10 @@ def create_app(model: str | Path, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_
 
 
 def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          warn=log.warning, **limits) -> None:
+          warn=log.warning, detector: str | Path | None = "default", **limits) -> None:
     uvicorn = require("uvicorn", "bloodcell serve")
     api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
     if not api_key and not is_loopback(host):
         warn(f"listening on {host}, reachable from other machines, with no API key: anyone who can reach it can "
              f"use it; pass --api-key or set {API_KEY_ENV}")
-    uvicorn.run(create_app(model, api_key=api_key, **limits), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(model, api_key=api_key, detector=detector, **limits), host=host, port=port, log_level="info")

@@ -1,0 +1,244 @@
+"""Whole fields: the cell detector's AP50 per kind, a classical baseline beside it, speed, and crop framing.
+
+    .venv/bin/python benchmarks/fields.py [--detector default] [--model default] [--data FIELDS]
+                                          [--split test] [--pbc-test CURATED] [--speed-fields 100]
+                                          [--out benchmarks/results/fields.json]
+
+Reports, on the ``--split`` fields of ``--data`` (default ``$BLOODCELL_DATA/fields``):
+
+- the detector: AP50 per kind (PASCAL VOC, all points, IoU 0.5) from detections down to a
+  score of 0.05, and recall and precision at its own threshold;
+- the classical baseline: stain thresholding, distance transform and watershed (scipy only),
+  scored the same way;
+- fields/s of ``bloodcell count``'s path (decode, detect, crop and classify every white cell,
+  no overlays) on fields resized to 640x480 JPEGs, with ONNX Runtime on this machine's cores;
+- crop framing: the median ratio of a PBC image's side to the white-cell box the detector finds
+  in it (``CROP_CONTEXT`` in ``bloodcell.inference.count``), and, on the PBC test split
+  (``--pbc-test``: a curated folder, its ``images/test``) used as one-cell "fields", the class
+  accuracy through ``count`` against ``predict`` on the same images.
+
+Writes JSON (the machine's CPU included) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "src"))
+
+from bloodcell.data.fields import KINDS, Boxes, load_field, open_fields, read_kinds
+from bloodcell.data.framing import stain_score
+from bloodcell.evaluation.detection import detection_metrics
+from bloodcell.inference.detect import Detections, load_detector
+
+
+def otsu(values: np.ndarray) -> float:
+    hist, edges = np.histogram(values, bins=256)
+    centres = (edges[:-1] + edges[1:]) / 2
+    weight = np.cumsum(hist)
+    mean = np.cumsum(hist * centres)
+    total_w, total_m = weight[-1], mean[-1]
+    between = (total_m * weight / total_w - mean) ** 2 / np.maximum(weight * (total_w - weight), 1)
+    return float(centres[np.argmax(between)])
+
+
+def classical_detect(image: np.ndarray) -> Detections:
+    """Stain thresholding + distance-transform watershed: the textbook pipeline, at the field's own scale.
+
+    - cells: the foreground (green channel below Otsu's threshold), holes filled; the red-cell
+      radius r is the median height of its distance transform's local maxima;
+    - white cells: blobs of the purple stain score above median + 0.6 x (99.5th percentile -
+      median), larger than a third of a red cell; the box is the nucleus's grown by a third;
+    - platelets: smaller purple blobs (down to a fiftieth of a red cell);
+    - red cells: the foreground minus white cells, split by a watershed on its distance
+      transform from one marker per local maximum at least r apart.
+    Scores: nucleus area against a red cell's (white cells), roundness of area (red cells),
+    stain strength (platelets).
+    """
+    height, width = image.shape[:2]
+    step = max(1, round(max(height, width) / 400))  # work near 400 px
+    small = image[::step, ::step]
+    score = ndimage.uniform_filter(stain_score(small), 3)
+    median, top = np.percentile(score, [50, 99.5])
+    purple = ndimage.binary_opening(score > median + 0.6 * (top - median))
+    green = small[..., 1].astype(np.float32)
+    fg = ndimage.binary_fill_holes(ndimage.binary_opening(green < otsu(green.ravel()), iterations=2))
+    distance = ndimage.distance_transform_edt(fg)
+    maxima = (distance == ndimage.maximum_filter(distance, size=5)) & (distance > 2)
+    radius = float(np.median(distance[maxima])) if maxima.any() else 10.0
+    typical = np.pi * radius**2
+    boxes, kinds, scores = [], [], []
+    plabels, _ = ndimage.label(purple)
+    white_mask = np.zeros_like(fg)
+    for index, sl in enumerate(ndimage.find_objects(plabels), 1):
+        if sl is None:
+            continue
+        blob = plabels[sl] == index
+        area = blob.sum()
+        y0, y1, x0, x1 = sl[0].start, sl[0].stop, sl[1].start, sl[1].stop
+        if area > typical / 3:  # a nucleus
+            grow = 0.33 * max(y1 - y0, x1 - x0)
+            box = [max(0, x0 - grow), max(0, y0 - grow), min(small.shape[1], x1 + grow), min(small.shape[0], y1 + grow)]
+            boxes.append(box)
+            kinds.append(0)
+            scores.append(min(1.0, area / typical))
+            white_mask[int(box[1]):int(box[3]), int(box[0]):int(box[2])] = True
+        elif area > typical / 50:
+            boxes.append([x0, y0, x1, y1])
+            kinds.append(2)
+            scores.append(float(np.clip((score[sl][blob].mean() - median) / max(top - median, 1e-6), 0, 1)))
+    red = fg & ~white_mask
+    distance = ndimage.distance_transform_edt(red)
+    peaks = (distance == ndimage.maximum_filter(distance, size=2 * int(radius) + 1)) & (distance > 0.5 * radius)
+    markers, _ = ndimage.label(peaks)
+    markers = markers.astype(np.int32)
+    markers[~red] = -1  # background marker
+    relief = (255 - np.clip(distance * 255 / max(distance.max(), 1), 0, 255)).astype(np.uint8)
+    regions = ndimage.watershed_ift(relief, markers)
+    regions[~red] = 0
+    for index, sl in enumerate(ndimage.find_objects(np.clip(regions, 0, None)), 1):
+        if sl is None:
+            continue
+        area = (regions[sl] == index).sum()
+        if area < 0.25 * typical:
+            continue
+        boxes.append([sl[1].start, sl[0].start, sl[1].stop, sl[0].stop])
+        kinds.append(1)
+        scores.append(float(np.exp(-abs(np.log(area / typical)))))
+    xyxy = np.asarray(boxes, np.float32).reshape(-1, 4) * step
+    return Detections(Boxes(xyxy, np.asarray(kinds, np.int64)), np.asarray(scores, np.float32))
+
+
+def speed(detector_name: str, model: str, fields: list[Path], count: int) -> dict:
+    from bloodcell.workflows import count_fields
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "fields"
+        folder.mkdir()
+        for i in range(count):
+            Image.open(fields[i % len(fields)]).convert("RGB").resize((640, 480), Image.Resampling.BILINEAR).save(
+                folder / f"f{i:04d}.jpg", quality=90)
+        count_fields([folder], Path(tmp) / "warm", model, detector_name, overlays=False)  # load and warm up
+        started = time.perf_counter()
+        summary = count_fields([folder], Path(tmp) / "out", model, detector_name, overlays=False)
+        seconds = time.perf_counter() - started
+    return {"fields": count, "size": "640x480", "seconds": seconds, "fields_per_s": count / seconds,
+            "white_cells": summary["differential"]["white_cell_boxes"]}
+
+
+def pbc_framing(detector_name: str, model: str, curated: Path, limit: int) -> dict:
+    """Context ratio on PBC train images; accuracy through count vs predict on PBC test images."""
+    from bloodcell.data import decode_file
+    from bloodcell.inference.count import CROP_CONTEXT, FieldCounter
+    from bloodcell.inference.predictor import load_predictor
+
+    detector = load_detector(detector_name)
+    predictor = load_predictor(model)
+    rng = np.random.default_rng(0)
+    ratios = []
+    train = [p for p in sorted((curated / "images" / "train").rglob("*.jpg")) if p.parent.name != "platelet"]
+    for path in [train[i] for i in rng.permutation(len(train))[:limit]]:
+        image = decode_file(path)[0]
+        det = detector.detect(image)
+        white = det.boxes.kinds == KINDS.index("white_cell")
+        if white.any():
+            box = det.boxes.xyxy[white][np.argmax(det.scores[white])]
+            ratios.append(min(image.shape[:2]) / max(box[2] - box[0], box[3] - box[1]))
+    counter = FieldCounter(detector, predictor)
+    test = [p for p in sorted((curated / "images" / "test").rglob("*.jpg")) if p.parent.name != "platelet"]
+    test = [test[i] for i in rng.permutation(len(test))[:limit]]
+    hits_count = hits_predict = found = 0
+    for start in range(0, len(test), 16):
+        chunk = test[start : start + 16]
+        images = [decode_file(p)[0] for p in chunk]
+        labels = [p.parent.name for p in chunk]
+        direct = predictor.probabilities(images).argmax(1)
+        results = counter.count(images, [str(p) for p in chunk])
+        for label, d, result in zip(labels, direct, results):
+            hits_predict += predictor.class_names[d] == label
+            white = [c for c in result.cells if c["kind"] == "white_cell"]
+            if white:
+                found += 1
+                best = max(white, key=lambda c: c["score"])
+                hits_count += best["class"] == label
+    return {"context_median": float(np.median(ratios)) if ratios else None, "context_used": CROP_CONTEXT,
+            "context_images": len(ratios), "test_images": len(test), "white_cell_found": found / len(test),
+            "accuracy_predict": hits_predict / len(test), "accuracy_count": hits_count / len(test)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--detector", default="default")
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--data", type=Path, default=None)
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--pbc-test", type=Path, default=None)
+    parser.add_argument("--pbc-images", type=int, default=400)
+    parser.add_argument("--speed-fields", type=int, default=100)
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "fields.json")
+    args = parser.parse_args()
+    root = args.data or Path(os.environ.get("BLOODCELL_DATA", HERE.parent.parent / "shared" / "data")) / "fields"
+    kinds = read_kinds(root)
+    items = open_fields(root, args.split)
+    fields = [load_field(item, kinds) for item in items]
+    truth = [boxes for _, boxes in fields]
+
+    detector = load_detector(args.detector)
+    low = detector.contract.model_copy(update={"score_threshold": 0.05})
+    operating = detector.contract.score_threshold
+    detector.contract, saved = low, detector.contract
+    learned = detection_metrics([detector.detect(image) for image, _ in fields], truth, operating=operating)
+    detector.contract = saved
+    started = time.perf_counter()
+    classical_found = [classical_detect(image) for image, _ in fields]
+    classical_s = (time.perf_counter() - started) / len(fields)
+    classical = detection_metrics(classical_found, truth)
+
+    result = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                          "python": platform.python_version()},
+              "data": str(root), "split": args.split, "fields": len(fields), "detector": args.detector,
+              "learned": learned, "classical": classical, "classical_s_per_field": classical_s}
+    try:
+        with open("/proc/cpuinfo") as handle:
+            result["machine"]["cpu"] = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    if args.speed_fields:
+        result["speed"] = speed(args.detector, args.model, [item.image for item in items], args.speed_fields)
+    if args.pbc_test:
+        result["pbc_framing"] = pbc_framing(args.detector, args.model, args.pbc_test, args.pbc_images)
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"{len(fields)} {args.split} fields of {root}")
+    print(f"{'kind':<12}{'boxes':>7}{'AP50':>8}{'recall':>8}{'prec.':>8}   {'classical AP50':>14}{'recall':>8}")
+    for name in KINDS:
+        a, b = learned[name], classical[name]
+        fmt = lambda v: f"{v:.3f}" if v is not None else "-"
+        print(f"{name:<12}{a['boxes']:>7}{fmt(a['ap50']):>8}{fmt(a['recall']):>8}{fmt(a['precision']):>8}   "
+              f"{fmt(b['ap50']):>14}{fmt(b['recall']):>8}")
+    if "speed" in result:
+        s = result["speed"]
+        print(f"count: {s['fields_per_s']:.1f} fields/s at {s['size']} ({s['fields']} fields, {s['white_cells']} white cells)")
+    if "pbc_framing" in result:
+        p = result["pbc_framing"]
+        print(f"PBC framing: context median {p['context_median']:.2f} (used {p['context_used']}); "
+              f"accuracy through count {p['accuracy_count']:.4f} vs predict {p['accuracy_predict']:.4f} "
+              f"({p['test_images']} test images, white cell found in {p['white_cell_found']:.3f})")
+    print(f"written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,330 @@
+"""Whole smear fields: YOLO-format box sets, the detector's letterbox, and field augmentation.
+
+A field set is laid out as YOLO does it (the layout of ``$BLOODCELL_DATA/fields``)::
+
+    ROOT/classes.txt                 one kind per line: white_cell, red_cell, platelet
+    ROOT/images/<split>/<name>.jpg
+    ROOT/labels/<split>/<name>.txt   one line per box: kind x_centre y_centre width height (normalised)
+
+The detector sees a field through one path, :func:`letterbox`: the field is scaled so its
+longer side is the detector's ``image_size`` and centred on a square canvas filled with the
+field's own median colour. Training crops come from the same scaling, zoomed in or out, so
+train and predict frame alike.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+from ..core.errors import BloodcellError, ImageReadError
+from .framing import locate_cell, stain_score
+from .sources import IMAGE_EXTENSIONS, decode_file
+
+KINDS = ("white_cell", "red_cell", "platelet")
+
+
+@dataclass
+class Boxes:
+    """Boxes in pixels (x0, y0, x1, y1) with a kind index each (into :data:`KINDS`)."""
+
+    xyxy: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
+    kinds: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+    def __len__(self) -> int:
+        return len(self.kinds)
+
+    def select(self, keep: np.ndarray) -> Boxes:
+        return Boxes(self.xyxy[keep], self.kinds[keep])
+
+
+@dataclass(frozen=True)
+class FieldItem:
+    image: Path
+    labels: Path | None
+
+
+def read_kinds(root: Path) -> list[str]:
+    path = root / "classes.txt"
+    if not path.is_file():
+        raise BloodcellError(f"{root}: not a field set (no classes.txt listing {', '.join(KINDS)})")
+    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    unknown = [n for n in names if n not in KINDS]
+    if unknown:
+        raise BloodcellError(f"{path}: unknown kind {unknown[0]!r}; the kinds are {', '.join(KINDS)}")
+    return names
+
+
+def open_fields(root: str | os.PathLike, split: str) -> list[FieldItem]:
+    """The fields of one split, each with its label file (None where a field has none: no cells)."""
+    root = Path(root)
+    read_kinds(root)
+    images = root / "images" / split
+    if not images.is_dir():
+        raise BloodcellError(f"{root}: no images/{split} folder")
+    items = []
+    for path in sorted(images.iterdir()):
+        if path.suffix.lower() in IMAGE_EXTENSIONS:
+            label = root / "labels" / split / f"{path.stem}.txt"
+            items.append(FieldItem(path, label if label.is_file() else None))
+    if not items:
+        raise BloodcellError(f"{images}: no images")
+    return items
+
+
+def read_boxes(item: FieldItem, width: int, height: int, kind_names: list[str]) -> Boxes:
+    """A YOLO label file as pixel boxes; a bad line names the file and the line."""
+    if item.labels is None:
+        return Boxes()
+    xyxy, kinds = [], []
+    for number, line in enumerate(item.labels.read_text().splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        try:
+            index, cx, cy, w, h = int(parts[0]), *map(float, parts[1:5])
+        except (ValueError, TypeError):
+            raise BloodcellError(f"{item.labels}:{number}: expected 'kind x_centre y_centre width height'") from None
+        if not 0 <= index < len(kind_names):
+            raise BloodcellError(f"{item.labels}:{number}: kind {index} is not in classes.txt")
+        xyxy.append([(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height])
+        kinds.append(KINDS.index(kind_names[index]))
+    if not kinds:
+        return Boxes()
+    return Boxes(np.asarray(xyxy, np.float32), np.asarray(kinds, np.int64))
+
+
+def load_field(item: FieldItem, kind_names: list[str]) -> tuple[np.ndarray, Boxes]:
+    image, _ = decode_file(item.image)
+    return image, read_boxes(item, image.shape[1], image.shape[0], kind_names)
+
+
+def fill_colour(image: np.ndarray) -> np.ndarray:
+    """The colour a field's canvas is padded with: its median pixel (the smear's background, mostly)."""
+    return np.median(image[::4, ::4].reshape(-1, 3), axis=0).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    scale: float  # canvas pixels per original pixel
+    left: float
+    top: float
+
+    def to_original(self, xyxy: np.ndarray, width: int, height: int) -> np.ndarray:
+        out = (np.asarray(xyxy, np.float32) - [self.left, self.top, self.left, self.top]) / self.scale
+        return np.clip(out, 0, [width, height, width, height]).astype(np.float32)
+
+
+def letterbox(image: np.ndarray, size: int) -> tuple[np.ndarray, Letterbox]:
+    """The field scaled so its longer side is ``size``, centred on a size x size canvas of its median colour."""
+    height, width = image.shape[:2]
+    scale = size / max(height, width)
+    new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
+    canvas = np.empty((size, size, 3), np.uint8)
+    canvas[:] = fill_colour(image)
+    left, top = (size - new_w) // 2, (size - new_h) // 2
+    resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BILINEAR))
+    canvas[top : top + new_h, left : left + new_w] = resized
+    return canvas, Letterbox(new_w / width, left, top)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training samples
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PastePatch:
+    """A platelet cut out of a PBC crop: RGB, a soft alpha mask, and the stained blob's box in the patch."""
+
+    rgb: np.ndarray
+    alpha: np.ndarray
+    blob: tuple[float, float, float, float]
+
+
+def platelet_patches(paths: list[Path], limit: int = 400, seed: int = 0) -> list[PastePatch]:
+    """Platelets cut from PBC's platelet crops (the stained blob at the centre, with a soft edge).
+
+    The fields hold only a few platelets; pasting these into training fields (copy-paste
+    augmentation, Ghiasi et al. 2021) gives the detector many more.
+    """
+    rng = np.random.default_rng(seed)
+    chosen = [paths[i] for i in rng.permutation(len(paths))[:limit]]
+    patches = []
+    for path in chosen:
+        try:
+            image, _ = decode_file(path)
+        except ImageReadError:
+            continue
+        found = locate_cell(image)
+        if found is None:
+            continue
+        height, width = image.shape[:2]
+        score = ndimage.uniform_filter(stain_score(image), size=5)
+        low, high = np.percentile(score, [50, 99.5])
+        mask = score > low + 0.45 * (high - low)
+        labels, _ = ndimage.label(mask)
+        centre = labels[int(found.cy * height), int(found.cx * width)]
+        if centre == 0:
+            ys, xs = np.nonzero(labels)
+            if len(ys) == 0:
+                continue
+            nearest = np.argmin((ys - found.cy * height) ** 2 + (xs - found.cx * width) ** 2)
+            centre = labels[ys[nearest], xs[nearest]]
+        blob = labels == centre
+        ys, xs = np.nonzero(blob)
+        y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+        side = max(y1 - y0, x1 - x0)
+        if side < 6 or side > 0.5 * min(height, width):
+            continue  # a speck, or a clump too large to be one platelet
+        pad = int(math.ceil(0.25 * side)) + 2
+        py0, px0 = max(0, y0 - pad), max(0, x0 - pad)
+        py1, px1 = min(height, y1 + pad), min(width, x1 + pad)
+        alpha = ndimage.gaussian_filter(ndimage.binary_dilation(blob, iterations=2).astype(np.float32), 1.5)
+        patches.append(PastePatch(image[py0:py1, px0:px1].copy(), alpha[py0:py1, px0:px1],
+                                  (float(x0 - px0), float(y0 - py0), float(x1 - px0), float(y1 - py0))))
+    return patches
+
+
+def _iou_any(box: np.ndarray, others: np.ndarray) -> float:
+    if len(others) == 0:
+        return 0.0
+    x0 = np.maximum(box[0], others[:, 0])
+    y0 = np.maximum(box[1], others[:, 1])
+    x1 = np.minimum(box[2], others[:, 2])
+    y1 = np.minimum(box[3], others[:, 3])
+    inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
+    return float((inter / ((box[2] - box[0]) * (box[3] - box[1]))).max())
+
+
+def paste_platelets(image: np.ndarray, boxes: Boxes, patches: list[PastePatch], count: int,
+                    rng: np.random.Generator) -> tuple[np.ndarray, Boxes]:
+    """Paste ``count`` platelets where no cell is, sized against the field's red cells."""
+    if not patches or count == 0:
+        return image, boxes
+    red = boxes.xyxy[boxes.kinds == KINDS.index("red_cell")]
+    red_side = float(np.median(np.maximum(red[:, 2] - red[:, 0], red[:, 3] - red[:, 1]))) if len(red) else 0.2 * min(image.shape[:2])
+    image = image.copy()
+    xyxy, kinds = list(boxes.xyxy), list(boxes.kinds)
+    height, width = image.shape[:2]
+    for _ in range(count):
+        patch = patches[rng.integers(len(patches))]
+        bx0, by0, bx1, by1 = patch.blob
+        scale = red_side * rng.uniform(0.2, 0.45) / max(bx1 - bx0, by1 - by0)
+        ph, pw = patch.rgb.shape[:2]
+        new_w, new_h = max(2, round(pw * scale)), max(2, round(ph * scale))
+        if new_w >= width or new_h >= height:
+            continue
+        for _attempt in range(10):
+            left, top = int(rng.integers(0, width - new_w)), int(rng.integers(0, height - new_h))
+            box = np.array([left + bx0 * scale, top + by0 * scale, left + bx1 * scale, top + by1 * scale], np.float32)
+            if _iou_any(box, np.asarray(xyxy, np.float32).reshape(-1, 4)) < 0.05:
+                break
+        else:
+            continue
+        rgb = np.asarray(Image.fromarray(patch.rgb).resize((new_w, new_h), Image.Resampling.BILINEAR), np.float32)
+        alpha = np.asarray(Image.fromarray(patch.alpha).resize((new_w, new_h), Image.Resampling.BILINEAR))[..., None]
+        region = image[top : top + new_h, left : left + new_w].astype(np.float32)
+        image[top : top + new_h, left : left + new_w] = np.clip(alpha * rgb + (1 - alpha) * region, 0, 255).astype(np.uint8)
+        xyxy.append(box)
+        kinds.append(KINDS.index("platelet"))
+    return image, Boxes(np.asarray(xyxy, np.float32).reshape(-1, 4), np.asarray(kinds, np.int64))
+
+
+def scaled(image: np.ndarray, boxes: Boxes, scale: float) -> tuple[np.ndarray, Boxes]:
+    height, width = image.shape[:2]
+    new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
+    image = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BILINEAR))
+    return image, Boxes(boxes.xyxy * np.array([new_w / width, new_h / height] * 2, np.float32), boxes.kinds)
+
+
+def clip_boxes(boxes: Boxes, left: float, top: float, width: int, height: int, min_visible: float = 0.35,
+               min_side: float = 3.0) -> Boxes:
+    """Boxes moved into a crop's frame; cells mostly outside the crop are dropped."""
+    xyxy = boxes.xyxy - np.array([left, top, left, top], np.float32)
+    clipped = np.clip(xyxy, 0, [width, height, width, height]).astype(np.float32)
+    area = (xyxy[:, 2] - xyxy[:, 0]) * (xyxy[:, 3] - xyxy[:, 1])
+    kept = (clipped[:, 2] - clipped[:, 0]) * (clipped[:, 3] - clipped[:, 1])
+    keep = (kept >= min_visible * np.maximum(area, 1e-6)) & (clipped[:, 2] - clipped[:, 0] >= min_side) & (
+        clipped[:, 3] - clipped[:, 1] >= min_side)
+    return Boxes(clipped[keep], boxes.kinds[keep])
+
+
+def mosaic(fields: list[tuple[np.ndarray, Boxes]], size: int, crop: int, zoom: float,
+           rng: np.random.Generator) -> tuple[np.ndarray, Boxes]:
+    """A crop x crop training sample at ``zoom`` times the letterbox scale of ``size``.
+
+    Zoomed in, one field is cropped; zoomed out, fields are tiled side by side until the crop
+    is full, so small cells come with a full frame of neighbours rather than empty canvas.
+    """
+    first = fields[0][0]
+    tiles = []
+    for image, boxes in fields:
+        tiles.append(scaled(image, boxes, zoom * size / max(image.shape[:2])))
+    tile_h, tile_w = tiles[0][0].shape[:2]
+    rows, cols = max(1, math.ceil(crop / tile_h)), max(1, math.ceil(crop / tile_w))
+    canvas_h, canvas_w = max(crop, rows * tile_h), max(crop, cols * tile_w)
+    canvas = np.empty((canvas_h, canvas_w, 3), np.uint8)
+    canvas[:] = fill_colour(first)
+    xyxy, kinds = [], []
+    for index in range(rows * cols):
+        image, boxes = tiles[index % len(tiles)]
+        r, c = divmod(index, cols)
+        h, w = min(image.shape[0], canvas_h - r * tile_h), min(image.shape[1], canvas_w - c * tile_w)
+        canvas[r * tile_h : r * tile_h + h, c * tile_w : c * tile_w + w] = image[:h, :w]
+        placed = clip_boxes(boxes, -c * tile_w, -r * tile_h, c * tile_w + w, r * tile_h + h)
+        placed = clip_boxes(placed, c * tile_w, r * tile_h, w, h)
+        xyxy.append(placed.xyxy + np.array([c * tile_w, r * tile_h] * 2, np.float32))
+        kinds.append(placed.kinds)
+    top, left = int(rng.integers(0, canvas_h - crop + 1)), int(rng.integers(0, canvas_w - crop + 1))
+    out = canvas[top : top + crop, left : left + crop]
+    boxes = clip_boxes(Boxes(np.concatenate(xyxy), np.concatenate(kinds)), left, top, crop, crop)
+    return np.ascontiguousarray(out), boxes
+
+
+def flip_rotate(image: np.ndarray, boxes: Boxes, rng: np.random.Generator) -> tuple[np.ndarray, Boxes]:
+    """A random one of the 8 flips and quarter turns (a smear has no up or left)."""
+    size = image.shape[0]
+    xyxy = boxes.xyxy.copy()
+    if rng.random() < 0.5:
+        image = image[:, ::-1]
+        xyxy[:, [0, 2]] = size - xyxy[:, [2, 0]]
+    for _ in range(rng.integers(4)):
+        image = np.rot90(image)  # counter-clockwise: (x, y) -> (y, size - x)
+        xyxy = np.stack([xyxy[:, 1], size - xyxy[:, 2], xyxy[:, 3], size - xyxy[:, 0]], axis=1)
+    return np.ascontiguousarray(image), Boxes(xyxy.astype(np.float32), boxes.kinds)
+
+
+def colour_jitter(image: np.ndarray, rng: np.random.Generator, strength: float = 1.0) -> np.ndarray:
+    """Other labs' stains, lamps and cameras: per-channel gain and offset, saturation, gamma, blur, noise."""
+    x = image.astype(np.float32) / 255.0
+    grey = x.mean(axis=2, keepdims=True)
+    x = grey + (x - grey) * rng.uniform(1 - 0.5 * strength, 1 + 0.5 * strength)  # saturation
+    x = x * rng.uniform(1 - 0.15 * strength, 1 + 0.15 * strength, 3) + rng.uniform(-0.08, 0.08, 3) * strength
+    x = np.clip(x, 0, 1) ** rng.uniform(1 - 0.3 * strength, 1 + 0.3 * strength)
+    if rng.random() < 0.3:
+        x = ndimage.gaussian_filter(x, sigma=(rng.uniform(0.5, 1.5),) * 2 + (0,))
+    if rng.random() < 0.3:
+        x = x + rng.normal(0, rng.uniform(0.005, 0.03), x.shape).astype(np.float32)
+    return (np.clip(x, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+def training_sample(fields: list[tuple[np.ndarray, Boxes]], size: int, crop: int, rng: np.random.Generator,
+                    patches: list[PastePatch] | None = None, zoom: tuple[float, float] = (0.3, 1.5),
+                    platelets: tuple[int, int] = (0, 4)) -> tuple[np.ndarray, Boxes]:
+    """One augmented crop: pasted platelets, zoom (log-uniform), tiling, flips, turns and colour."""
+    pasted = []
+    for image, boxes in fields:
+        if patches:
+            image, boxes = paste_platelets(image, boxes, patches, int(rng.integers(platelets[0], platelets[1] + 1)), rng)
+        pasted.append((image, boxes))
+    z = float(np.exp(rng.uniform(np.log(zoom[0]), np.log(zoom[1]))))
+    image, boxes = mosaic(pasted, size, crop, z, rng)
+    image, boxes = flip_rotate(image, boxes, rng)
+    return colour_jitter(image, rng), boxes

@@ -1,0 +1,76 @@
+"""Detection metrics: average precision per kind at IoU 0.5 (PASCAL VOC, all points), recall, counts.
+
+VOC's rule (Everingham et al. 2010, the ``VOC2010+`` all-points variant): detections of a
+kind are ranked by score over the whole set; each is a true positive when it overlaps a
+not-yet-matched true box of that kind in its field by IoU >= 0.5, else a false positive;
+AP is the area under the precision-recall curve after precision is made monotone
+(each point takes the best precision at any higher recall).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..data.fields import KINDS, Boxes
+from ..inference.detect import Detections, box_iou
+
+
+def voc_ap(recall: np.ndarray, precision: np.ndarray) -> float:
+    """Area under the monotone precision envelope, over all recall points (VOC 2010+)."""
+    r = np.concatenate([[0.0], recall, [1.0]])
+    p = np.concatenate([[0.0], precision, [0.0]])
+    p = np.maximum.accumulate(p[::-1])[::-1]
+    changed = np.nonzero(r[1:] != r[:-1])[0]
+    return float(np.sum((r[changed + 1] - r[changed]) * p[changed + 1]))
+
+
+def match_kind(found: list[Detections], truth: list[Boxes], kind: int, iou: float = 0.5
+               ) -> tuple[np.ndarray, np.ndarray, int]:
+    """(scores, true-positive flags) of every detection of ``kind``, ranked, and the number of true boxes."""
+    entries = []  # (score, field, box)
+    for field, det in enumerate(found):
+        mine = det.boxes.kinds == kind
+        entries += [(s, field, b) for s, b in zip(det.scores[mine], det.boxes.xyxy[mine])]
+    entries.sort(key=lambda e: -e[0])
+    truth_boxes = [t.xyxy[t.kinds == kind] for t in truth]
+    used = [np.zeros(len(t), bool) for t in truth_boxes]
+    hits = np.zeros(len(entries), bool)
+    for i, (_, field, box) in enumerate(entries):
+        candidates = truth_boxes[field]
+        if not len(candidates):
+            continue
+        overlaps = box_iou(box[None], candidates)[0]
+        overlaps[used[field]] = -1
+        best = int(np.argmax(overlaps))
+        if overlaps[best] >= iou:
+            used[field][best] = True
+            hits[i] = True
+    return np.asarray([e[0] for e in entries], np.float32), hits, int(sum(len(t) for t in truth_boxes))
+
+
+def detection_metrics(found: list[Detections], truth: list[Boxes], iou: float = 0.5, operating: float = 0.0) -> dict:
+    """Per kind: AP50 over every detection given, and recall and precision of those scoring >= ``operating``.
+
+    Give detections from a low threshold (AP needs the whole ranking) and the detector's own
+    threshold as ``operating``.
+    """
+    out = {}
+    for kind, name in enumerate(KINDS):
+        scores, hits, total = match_kind(found, truth, kind, iou)
+        if total == 0:
+            out[name] = {"ap50": None, "recall": None, "precision": None, "boxes": 0, "detections": len(hits)}
+            continue
+        tp = np.cumsum(hits)
+        recall = tp / total
+        precision = tp / np.arange(1, len(hits) + 1)
+        at = int(np.sum(scores >= operating))  # ranked: the first `at` detections pass the threshold
+        out[name] = {
+            "ap50": voc_ap(recall, precision) if len(hits) else 0.0,
+            "recall": float(recall[at - 1]) if at else 0.0,
+            "precision": float(precision[at - 1]) if at else 0.0,
+            "boxes": total,
+            "detections": at,
+        }
+    aps = [v["ap50"] for v in out.values() if v["ap50"] is not None]
+    out["map50"] = float(np.mean(aps)) if aps else None
+    return out

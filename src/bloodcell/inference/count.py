@@ -1,0 +1,138 @@
+"""Counting whole fields: find every cell, classify each white cell on a crop framed as in training.
+
+The classifier was trained on analyser crops where the white cell sits at the centre with a
+ring of red cells around it. A white cell found in a field is cut out the same way: a square
+``context`` times the box's longer side, centred on the box (padded with the field's median
+colour at the field's edge), then passed through the classifier's own preprocessing (its
+framing and resize, :func:`bloodcell.data.preprocess`). ``context`` is measured: the median
+ratio of a PBC training image's side to the white-cell box the detector finds in it
+(``benchmarks/fields.py`` prints it).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from ..core.classes import WHITE_CELLS
+from ..data.fields import KINDS, fill_colour
+from .batch import differential_count, prediction_row, to_check
+from .detect import CellDetector
+from .predictor import Predictor
+
+# PBC image side / detected white-cell box side, median over PBC training images (benchmarks/fields.py).
+CROP_CONTEXT = 2.2
+KIND_COLOURS = {"white_cell": (123, 44, 191), "red_cell": (214, 40, 40), "platelet": (0, 150, 80)}
+
+
+@dataclass
+class FieldResult:
+    """One field's cells (rows of cells.csv, without the image column) and counts."""
+
+    name: str
+    width: int
+    height: int
+    cells: list[dict] = field(default_factory=list)
+
+    def counts(self, class_names: list[str]) -> dict:
+        white = [c for c in self.cells if c["kind"] == "white_cell"]
+        by_class = Counter(c["class"] for c in white if not c["to_check"])
+        row = {"image": self.name, "white_cells": len(white)}
+        row.update({name: by_class.get(name, 0) for name in class_names})
+        row["red_cells"] = sum(1 for c in self.cells if c["kind"] == "red_cell")
+        row["platelets"] = sum(1 for c in self.cells if c["kind"] == "platelet")
+        row["to_check"] = sum(1 for c in white if c["to_check"])
+        return row
+
+
+def square_crop(image: np.ndarray, box: np.ndarray, context: float) -> np.ndarray:
+    """A square of ``context`` x the box's longer side around the box's centre; outside the field, its median colour."""
+    height, width = image.shape[:2]
+    x0, y0, x1, y1 = (float(v) for v in box)
+    side = max(2, round(max(x1 - x0, y1 - y0) * context))
+    left, top = round((x0 + x1) / 2 - side / 2), round((y0 + y1) / 2 - side / 2)
+    crop = np.empty((side, side, 3), np.uint8)
+    crop[:] = fill_colour(image)
+    sx0, sy0 = max(left, 0), max(top, 0)
+    sx1, sy1 = min(left + side, width), min(top + side, height)
+    if sx1 > sx0 and sy1 > sy0:
+        crop[sy0 - top : sy1 - top, sx0 - left : sx1 - left] = image[sy0:sy1, sx0:sx1]
+    return crop
+
+
+class FieldCounter:
+    """Detector + classifier: every cell of a field, white cells typed, as rows and counts."""
+
+    def __init__(self, detector: CellDetector, predictor: Predictor, abstain_below: float = 0.7,
+                 context: float = CROP_CONTEXT):
+        self.detector = detector
+        self.predictor = predictor
+        self.abstain_below = abstain_below
+        self.context = context
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.predictor.class_names
+
+    def count(self, images: list[np.ndarray], names: list[str]) -> list[FieldResult]:
+        found = self.detector.detect_batch(images)
+        crops, owners = [], []
+        results = []
+        for index, (image, name, det) in enumerate(zip(images, names, found)):
+            result = FieldResult(name, int(image.shape[1]), int(image.shape[0]))
+            for box, kind, score in zip(det.boxes.xyxy, det.boxes.kinds, det.scores):
+                cell = {"kind": KINDS[kind], "x0": round(float(box[0]), 1), "y0": round(float(box[1]), 1),
+                        "x1": round(float(box[2]), 1), "y1": round(float(box[3]), 1), "score": round(float(score), 4),
+                        "class": "", "confidence": "", "ood_score": "", "to_check": False}
+                if KINDS[kind] == "white_cell":
+                    crops.append(square_crop(image, box, self.context))
+                    owners.append(cell)
+                result.cells.append(cell)
+            results.append(result)
+        if crops:
+            probs, ood = self.predictor.scores(crops)
+            for i, cell in enumerate(owners):
+                row = prediction_row("", probs[i], self.class_names, self.abstain_below,
+                                     None if ood is None else float(ood[i]))
+                cell["class"], cell["confidence"] = row["pred"], row["confidence"]
+                cell["ood_score"] = row.get("ood_score", "")
+                cell["to_check"] = to_check(row)
+        return results
+
+
+def run_differential(results: list[FieldResult]) -> dict:
+    """The whole run's differential over its white cells (cells to check left out), plus red cells and platelets."""
+    rows = [{"pred": c["class"], "abstained": c["to_check"], "out_of_distribution": False}
+            for r in results for c in r.cells if c["kind"] == "white_cell"]
+    counts = differential_count(rows)
+    counts.pop("abstained", None)
+    counts.pop("out_of_distribution", None)
+    counts.pop("platelets", None)  # white-cell boxes the classifier calls platelets are in counts; the detector's are below
+    counts["fields"] = len(results)
+    counts["fields_without_white_cells"] = sum(1 for r in results if not any(c["kind"] == "white_cell" for c in r.cells))
+    counts["white_cell_boxes"] = len(rows)
+    counts["red_cells"] = sum(1 for r in results for c in r.cells if c["kind"] == "red_cell")
+    counts["platelets"] = sum(1 for r in results for c in r.cells if c["kind"] == "platelet")
+    counts["white_cell_types"] = list(WHITE_CELLS)
+    return counts
+
+
+def draw_overlay(image: np.ndarray, result: FieldResult) -> Image.Image:
+    """The field with each box drawn in its kind's colour and each white cell labelled with its class."""
+    canvas = Image.fromarray(image)
+    draw = ImageDraw.Draw(canvas)
+    width = max(2, round(max(image.shape[:2]) / 300))
+    for cell in sorted(result.cells, key=lambda c: c["kind"] == "white_cell"):  # white cells on top
+        colour = KIND_COLOURS[cell["kind"]]
+        box = [cell["x0"], cell["y0"], cell["x1"], cell["y1"]]
+        draw.rectangle(box, outline=colour, width=width)
+        if cell["kind"] == "white_cell":
+            label = f"{cell['class']} {float(cell['confidence']):.2f}" + (" ?" if cell["to_check"] else "")
+            text_box = draw.textbbox((box[0], box[1]), label)
+            top = max(0, box[1] - (text_box[3] - text_box[1]) - 4)
+            draw.rectangle([box[0], top, box[0] + text_box[2] - text_box[0] + 4, top + text_box[3] - text_box[1] + 4], fill=colour)
+            draw.text((box[0] + 2, top + 1), label, fill=(255, 255, 255))
+    return canvas

@@ -1,0 +1,336 @@
+"""Whole fields: box sets, the detector's letterbox and augmentation, post-processing against
+torchvision, AP50, export, training and resume, `bloodcell count`, and /v1/count."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bloodcell.core.errors import BloodcellError
+from bloodcell.data.fields import (
+    KINDS,
+    Boxes,
+    FieldItem,
+    clip_boxes,
+    flip_rotate,
+    letterbox,
+    mosaic,
+    read_boxes,
+    training_sample,
+)
+from bloodcell.evaluation.detection import detection_metrics, voc_ap
+from bloodcell.inference.detect import Detections, box_iou, nms, postprocess
+from bloodcell.models.detector import DetectorContract, DetectorGraph, build_detector
+
+from .conftest import SHARED, require
+
+FIELDS = SHARED / "fields"
+TINY = DetectorContract(image_size=128, fpn_channels=32, head_convs=1, score_threshold=0.05, cross_kind_iou=1.0)
+
+
+def random_boxes(rng, n, size=200):
+    xy = rng.uniform(0, size, (n, 2))
+    wh = rng.uniform(5, 60, (n, 2))
+    return np.concatenate([xy, xy + wh], 1).astype(np.float32)
+
+
+# --- boxes, letterbox, augmentation -----------------------------------------------------------
+
+
+def test_yolo_labels_become_pixel_boxes_and_a_bad_line_is_named(tmp_path):
+    label = tmp_path / "f.txt"
+    label.write_text("0 0.5 0.5 0.2 0.4\n1 0.1 0.1 0.1 0.1\n")
+    boxes = read_boxes(FieldItem(tmp_path / "f.jpg", label), 200, 100, ["white_cell", "red_cell", "platelet"])
+    np.testing.assert_allclose(boxes.xyxy[0], [80, 30, 120, 70])
+    assert boxes.kinds.tolist() == [0, 1]
+    # classes.txt in another order maps onto the same kinds
+    boxes = read_boxes(FieldItem(tmp_path / "f.jpg", label), 200, 100, ["platelet", "white_cell", "red_cell"])
+    assert boxes.kinds.tolist() == [KINDS.index("platelet"), KINDS.index("white_cell")]
+    label.write_text("0 0.5 0.5 0.2\n")
+    with pytest.raises(BloodcellError, match=r"f.txt:1: expected"):
+        read_boxes(FieldItem(tmp_path / "f.jpg", label), 200, 100, list(KINDS))
+    label.write_text("7 0.5 0.5 0.2 0.2\n")
+    with pytest.raises(BloodcellError, match="kind 7"):
+        read_boxes(FieldItem(tmp_path / "f.jpg", label), 200, 100, list(KINDS))
+
+
+def test_letterbox_maps_boxes_back_to_the_field():
+    image = np.full((300, 600, 3), 200, np.uint8)
+    image[100:150, 400:500] = 20  # a dark box
+    canvas, frame = letterbox(image, 256)
+    assert canvas.shape == (256, 256, 3) and frame.scale == pytest.approx(256 / 600, rel=1e-3)
+    ys, xs = np.nonzero(canvas[..., 0] < 100)
+    found = np.array([[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]], np.float32)
+    np.testing.assert_allclose(frame.to_original(found, 600, 300)[0], [400, 100, 500, 150], atol=3)
+    assert tuple(canvas[0, 0]) == (200, 200, 200)  # padded with the field's own background
+
+
+def test_flips_and_turns_keep_each_box_on_its_cell():
+    rng = np.random.default_rng(0)
+    for _ in range(12):
+        image = np.zeros((64, 64, 3), np.uint8)
+        image[10:20, 30:50] = 255
+        out, boxes = flip_rotate(image, Boxes(np.array([[30, 10, 50, 20]], np.float32), np.array([0])), rng)
+        ys, xs = np.nonzero(out[..., 0])
+        np.testing.assert_allclose(boxes.xyxy[0], [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+
+
+def test_crops_drop_cells_mostly_outside_and_clip_the_rest():
+    boxes = Boxes(np.array([[0, 0, 10, 10], [85, 85, 105, 105], [95, 0, 130, 10]], np.float32), np.array([0, 1, 2]))
+    kept = clip_boxes(boxes, 0, 0, 100, 100)
+    assert kept.kinds.tolist() == [0, 1]  # the third is 14% inside: dropped
+    np.testing.assert_allclose(kept.xyxy[1], [85, 85, 100, 100])
+
+
+def test_zoomed_out_samples_tile_fields_and_keep_boxes_inside():
+    rng = np.random.default_rng(1)
+    image = np.full((200, 200, 3), 220, np.uint8)
+    image[50:100, 50:100] = (120, 40, 160)
+    field = (image, Boxes(np.array([[50, 50, 100, 100]], np.float32), np.array([0])))
+    out, boxes = mosaic([field] * 4, size=128, crop=128, zoom=0.4, rng=rng)
+    assert out.shape == (128, 128, 3)
+    assert len(boxes) >= 4  # a 51 px tile: at least 2 x 2 copies of the cell in view
+    assert (boxes.xyxy >= 0).all() and (boxes.xyxy <= 128).all()
+    for box in boxes.xyxy.astype(int):  # every box lies on the purple cell
+        assert out[(box[1] + box[3]) // 2, (box[0] + box[2]) // 2, 1] < 100
+    sample, boxes = training_sample([field], 128, 96, rng)
+    assert sample.shape == (96, 96, 3) and sample.dtype == np.uint8
+    assert set(boxes.kinds.tolist()) <= {0}
+
+
+# --- post-processing and metrics against the libraries ------------------------------------------
+
+
+def test_nms_matches_torchvision():
+    from torchvision.ops import nms as tv_nms
+
+    rng = np.random.default_rng(2)
+    for _ in range(5):
+        boxes = random_boxes(rng, 80)
+        scores = rng.uniform(0, 1, 80).astype(np.float32)
+        for iou in (0.3, 0.5, 0.7):
+            expected = tv_nms(torch.from_numpy(boxes), torch.from_numpy(scores), iou).numpy()
+            np.testing.assert_array_equal(nms(boxes, scores, iou), expected)
+    from torchvision.ops import box_iou as tv_iou
+
+    a, b = random_boxes(rng, 7), random_boxes(rng, 9)
+    np.testing.assert_allclose(box_iou(a, b), tv_iou(torch.from_numpy(a), torch.from_numpy(b)).numpy(), atol=1e-6)
+
+
+def test_exported_graph_and_postprocess_give_torchvisions_fcos_detections():
+    torch.manual_seed(0)
+    model = build_detector(TINY).eval()
+    with torch.no_grad():  # a head that fires: raise the class logits' bias so many locations pass the threshold
+        model.head.classification_head.cls_logits.bias.fill_(0.0)
+    graph = DetectorGraph(model, TINY).eval()
+    image = np.random.default_rng(3).integers(0, 256, (1, 3, 128, 128), dtype=np.uint8)
+    with torch.no_grad():
+        boxes, scores = graph(torch.from_numpy(image))
+        reference = model([torch.from_numpy(image[0]).float() / 255])[0]
+    kept, kinds, values = postprocess(boxes[0].numpy(), scores[0].numpy(), TINY)
+    assert len(values) > 10
+    order = np.lexsort((kinds, -values))
+    ref_order = np.lexsort((reference["labels"].numpy(), -reference["scores"].numpy()))
+    np.testing.assert_allclose(values[order], reference["scores"].numpy()[ref_order], atol=1e-5)
+    np.testing.assert_array_equal(kinds[order], reference["labels"].numpy()[ref_order])
+    np.testing.assert_allclose(kept[order], reference["boxes"].numpy()[ref_order], atol=1e-3)
+
+
+def test_one_cell_is_counted_once_across_kinds():
+    contract = DetectorContract(score_threshold=0.1, cross_kind_iou=0.7)
+    boxes = np.array([[0, 0, 10, 10], [0, 0, 10, 10.5], [50, 50, 60, 60]], np.float32)
+    scores = np.array([[0.9, 0.0, 0.0], [0.0, 0.6, 0.0], [0.0, 0.8, 0.0]], np.float32)
+    _, kinds, values = postprocess(boxes, scores, contract)
+    assert sorted(zip(np.round(values.astype(float), 2).tolist(), kinds.tolist())) == [(0.8, 1), (0.9, 0)]
+
+
+def test_voc_ap_by_hand_and_detection_metrics():
+    # ranked: a false positive, then both true boxes; the envelope makes precision 2/3 at every recall
+    assert voc_ap(np.array([0.0, 0.5, 1.0]), np.array([0.0, 0.5, 2 / 3])) == pytest.approx(2 / 3)
+    truth = [Boxes(np.array([[0, 0, 10, 10], [20, 20, 30, 30]], np.float32), np.array([0, 0]))]
+    found = [Detections(Boxes(np.array([[50, 50, 60, 60], [0, 0, 10, 9], [21, 21, 30, 30], [0, 0, 10, 10]], np.float32),
+                              np.array([0, 0, 0, 0])), np.array([0.9, 0.8, 0.7, 0.6], np.float32))]
+    metrics = detection_metrics(found, truth, operating=0.75)
+    white = metrics["white_cell"]
+    assert white["ap50"] == pytest.approx(2 / 3)  # the duplicate at 0.6 is a false positive, after full recall
+    assert white["recall"] == pytest.approx(0.5) and white["precision"] == pytest.approx(0.5)
+    assert metrics["red_cell"]["ap50"] is None and metrics["map50"] == pytest.approx(2 / 3)
+
+
+def test_voc_ap_agrees_with_sklearn_where_precision_only_falls():
+    from sklearn.metrics import average_precision_score
+
+    # every true box found, precision never rising: VOC's envelope changes nothing
+    labels = np.array([1, 1, 1, 0, 1, 0, 0])
+    scores = np.linspace(1, 0.1, len(labels))
+    tp = np.cumsum(labels)
+    ap = voc_ap(tp / labels.sum(), tp / np.arange(1, len(labels) + 1))
+    assert ap == pytest.approx(average_precision_score(labels, scores))
+
+
+# --- a trained run: export, training, resume ------------------------------------------------
+
+
+def tiny_fields(root: Path, fields: int = 4) -> Path:
+    """A YOLO field set of real Raabin fields (a few from each split), made small."""
+    source = require(FIELDS)
+    for split, count in (("train", fields), ("val", 2)):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "labels" / split).mkdir(parents=True)
+        for image in sorted((source / "images" / split).glob("*.jpg"))[:count]:
+            Image.open(image).resize((192, 192)).save(root / "images" / split / image.name)
+            shutil.copyfile(source / "labels" / split / f"{image.stem}.txt", root / "labels" / split / f"{image.stem}.txt")
+    shutil.copyfile(source / "classes.txt", root / "classes.txt")
+    return root
+
+
+@pytest.mark.slow
+def test_train_detector_writes_a_run_resumes_and_exports(tmp_path):
+    from bloodcell.inference.detect import load_detector
+    from bloodcell.training.detector import DetectorTrainConfig, train_detector
+
+    data = tiny_fields(tmp_path / "fields")
+    config = DetectorTrainConfig(data=data, out=tmp_path / "run", detector=TINY, epochs=1, samples_per_epoch=4,
+                                 batch_size=2, crop=96, max_pasted=0, warmup_steps=1)
+    lines: list[str] = []
+    run = train_detector(config, log=lines.append)
+    for name in ("config.yaml", "detector.json", "metrics.csv", "best.safetensors", "last.safetensors", "detector.onnx"):
+        assert (run / name).is_file(), name
+    # resume: one more epoch, the first epoch's row kept
+    (run / "config.yaml").write_text((run / "config.yaml").read_text().replace("epochs: 1", "epochs: 2"))
+    train_detector(resume=run, log=lines.append)
+    rows = list(csv.DictReader((run / "metrics.csv").read_text().splitlines()))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert any("resuming" in line for line in lines)
+    # ONNX and PyTorch find the same cells
+    field = np.asarray(Image.open(next((data / "images" / "val").glob("*.jpg"))))
+    onnx_found = load_detector(run, backend="onnx").detect(field)
+    torch_found = load_detector(run, backend="torch").detect(field)
+    assert len(onnx_found) == len(torch_found)
+    if len(onnx_found):
+        np.testing.assert_allclose(np.sort(onnx_found.scores), np.sort(torch_found.scores), atol=1e-3)
+
+
+def test_a_detector_directory_without_a_contract_is_refused(tmp_path):
+    from bloodcell.inference.detect import load_detector
+
+    with pytest.raises(BloodcellError, match="not a bloodcell detector"):
+        load_detector(tmp_path)
+    with pytest.raises(BloodcellError, match="no such detector"):
+        load_detector(tmp_path / "missing")
+
+
+# --- the shipped detector, `bloodcell count` and /v1/count ------------------------------------
+
+
+def shipped_detector():
+    from bloodcell.inference.detect import load_detector
+
+    try:
+        return load_detector("default")
+    except BloodcellError as exc:
+        pytest.skip(str(exc))
+
+
+def test_the_shipped_detector_finds_the_white_cells_of_another_labs_fields():
+    from bloodcell.data.fields import load_field, open_fields, read_kinds
+
+    detector = shipped_detector()
+    root = require(FIELDS)
+    kinds = read_kinds(root)
+    fields = [load_field(item, kinds) for item in open_fields(root, "test")[:10]]
+    found = [detector.detect(image) for image, _ in fields]
+    metrics = detection_metrics(found, [b for _, b in fields], operating=detector.contract.score_threshold)
+    assert metrics["white_cell"]["recall"] >= 0.8
+    assert metrics["red_cell"]["recall"] >= 0.6
+    # boxes come back in the field's own pixels, at any size and aspect ratio
+    image = fields[0][0]
+    wide = np.asarray(Image.fromarray(image).resize((image.shape[1] * 2, image.shape[0])))
+    a, b = detector.detect(image), detector.detect(wide)
+    white_a = a.boxes.xyxy[a.boxes.kinds == 0]
+    white_b = b.boxes.xyxy[b.boxes.kinds == 0]
+    assert len(white_a) and len(white_b)
+    assert box_iou(white_a[:1] * np.array([2, 1, 2, 1], np.float32), white_b).max() > 0.7
+
+
+def test_count_writes_cells_counts_summary_and_overlays(tmp_path):
+    from bloodcell.inference.count import square_crop
+    from bloodcell.workflows import count_fields
+
+    shipped_detector()
+    root = require(FIELDS)
+    fields = tmp_path / "in" / "sub"
+    fields.mkdir(parents=True)
+    for image in sorted((root / "images" / "test").glob("*.jpg"))[:3]:
+        shutil.copyfile(image, fields / image.name)
+    blank = np.full((300, 400, 3), 235, np.uint8)  # an empty field: no cells at all
+    Image.fromarray(blank).save(fields / "blank.png")
+    (fields / "broken.jpg").write_bytes(b"\xff\xd8 not a JPEG")
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in fields.iterdir())
+    out = tmp_path / "out"
+    summary = count_fields([tmp_path / "in"], out, "default", "default")
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in fields.iterdir()) == before  # the input is untouched
+    cells = list(csv.DictReader((out / "cells.csv").read_text().splitlines()))
+    assert list(cells[0])[:9] == ["image", "kind", "x0", "y0", "x1", "y1", "score", "class", "confidence"]
+    assert {c["kind"] for c in cells} <= set(KINDS) and any(c["kind"] == "white_cell" for c in cells)
+    for c in cells:
+        assert (c["class"] != "") == (c["kind"] == "white_cell")
+    counts = {Path(r["image"]).name: r for r in csv.DictReader((out / "counts.csv").read_text().splitlines())}
+    assert set(counts) == {"blank.png", *(p.name for p in fields.glob("*.jpg") if p.name != "broken.jpg")}
+    assert counts["blank.png"]["white_cells"] == "0"
+    assert summary["differential"]["fields_without_white_cells"] >= 1
+    assert [s["image"].endswith("broken.jpg") for s in summary["skipped"]] == [True]
+    assert json.loads((out / "summary.json").read_text())["differential"]["fields"] == 4
+    assert len(list((out / "overlays").glob("*.png"))) == 4
+    # the white-cell crop: centred on the box, padded with the field's colour at the edge
+    image = np.zeros((100, 100, 3), np.uint8)
+    image[:] = 200
+    image[0:20, 0:20] = 10
+    crop = square_crop(image, np.array([0, 0, 20, 20]), 2.0)
+    assert crop.shape == (40, 40, 3) and (crop[10:30, 10:30] == 10).all() and (crop[:10] == 200).all()
+
+
+@pytest.mark.browser
+def test_count_on_the_page_and_the_api(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from bloodcell.service.app import create_app
+
+    from .browser import open_page
+    from .test_predict_serve import serving
+
+    shipped_detector()
+    root = require(FIELDS)
+    field = min((root / "images" / "test").glob("*.jpg"))
+    app = create_app("default")
+    client = TestClient(app)
+    assert client.get("/v1/model").json()["count"] is True
+    response = client.post("/v1/count", files=[("files", (field.name, field.read_bytes(), "image/jpeg")),
+                                               ("files", ("bad.png", b"nope", "image/png"))])
+    assert response.status_code == 200
+    body = response.json()
+    assert body["errors"][0]["file"] == "bad.png"
+    result = body["results"][0]
+    assert result["counts"]["white_cells"] == sum(c["kind"] == "white_cell" for c in result["cells"])
+    assert body["summary"]["fields"] == 1
+    assert client.post("/v1/count", files=[("files", ("bad.png", b"nope", "image/png"))]).status_code == 422
+    with serving(app) as url, open_page(url) as (page, errors):
+        page.wait_for_function("document.getElementById('model').textContent.includes('classes')")
+        page.set_input_files("#fieldfiles", [str(field)])
+        page.wait_for_selector(".field svg rect.white_cell", timeout=30000)
+        assert page.locator(".field svg rect.red_cell").count() > 3
+        assert "% of white cells" in page.inner_text("#fieldsummary")
+        with page.expect_download() as download_info:
+            page.click("#fieldcsv")
+        download_info.value.save_as(tmp_path / "cells.csv")
+        lines = (tmp_path / "cells.csv").read_text().splitlines()
+        assert lines[0].startswith("image,kind,x0,y0,x1,y1,score,class,confidence")
+        assert len(lines) == 1 + len(result["cells"])
+        assert not errors
