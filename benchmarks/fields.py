@@ -121,6 +121,37 @@ def classical_detect(image: np.ndarray) -> Detections:
     return Detections(Boxes(xyxy, np.asarray(kinds, np.int64)), np.asarray(scores, np.float32))
 
 
+def variant(image: np.ndarray, boxes: Boxes, name: str) -> tuple[np.ndarray, Boxes]:
+    """The field as another lab might photograph it: other sizes, aspect ratio, stain, focus."""
+    height, width = image.shape[:2]
+    if name in ("300px", "1600px", "640x480"):
+        new_w, new_h = {"300px": (300, 300 * height // width), "1600px": (1600, 1600 * height // width),
+                        "640x480": (640, 480)}[name]
+        out = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BILINEAR))
+        return out, Boxes(boxes.xyxy * np.array([new_w / width, new_h / height] * 2, np.float32), boxes.kinds)
+    if name == "zoomed_out":  # half the magnification: the field and its mirror images, 2 x 2
+        tiled = np.concatenate([np.concatenate([image, image[:, ::-1]], 1),
+                                np.concatenate([image[::-1], image[::-1, ::-1]], 1)], 0)
+        x0, y0, x1, y1 = boxes.xyxy.T
+        w, h = width, height
+        parts = [np.stack([x0, y0, x1, y1], 1),
+                 np.stack([2 * w - x1, y0, 2 * w - x0, y1], 1),
+                 np.stack([x0, 2 * h - y1, x1, 2 * h - y0], 1),
+                 np.stack([2 * w - x1, 2 * h - y1, 2 * w - x0, 2 * h - y0], 1)]
+        return np.ascontiguousarray(tiled), Boxes(np.concatenate(parts).astype(np.float32), np.tile(boxes.kinds, 4))
+    x = image.astype(np.float32)
+    if name == "purple_stain":  # more blue, less green: a Giemsa-like cast
+        x = x * np.array([0.95, 0.85, 1.08])
+    elif name == "yellow_lamp":
+        x = x * np.array([1.05, 1.0, 0.8])
+    elif name == "blurred":
+        x = ndimage.gaussian_filter(x, sigma=(2, 2, 0))
+    return np.clip(x, 0, 255).astype(np.uint8), boxes
+
+
+VARIANTS = ("300px", "1600px", "640x480", "zoomed_out", "purple_stain", "yellow_lamp", "blurred")
+
+
 def speed(detector_name: str, model: str, fields: list[Path], count: int) -> dict:
     from bloodcell.workflows import count_fields
 
@@ -173,9 +204,26 @@ def pbc_framing(detector_name: str, model: str, curated: Path, limit: int) -> di
                 found += 1
                 best = max(white, key=lambda c: c["score"])
                 hits_count += best["class"] == label
+    # Platelets: PBC test-split platelet crops (none of them pasted in training: those come from the
+    # platelet folder's first 400 of a seeded draw, and are excluded), the platelet at the centre.
+    platelet_dir = Path(os.environ.get("BLOODCELL_DATA", "")) / "pbc224" / "platelet"
+    pasted = set()
+    if platelet_dir.is_dir():
+        paths = sorted(p for p in platelet_dir.iterdir() if p.is_file())
+        pasted = {paths[i].name for i in np.random.default_rng(0).permutation(len(paths))[:400]}
+    platelets = [p for p in sorted((curated / "images" / "test" / "platelet").glob("*.jpg")) if p.name not in pasted]
+    centred = 0
+    for path in platelets:
+        image = decode_file(path)[0]
+        det = detector.detect(image)
+        h, w = image.shape[:2]
+        mine = det.boxes.xyxy[det.boxes.kinds == KINDS.index("platelet")]
+        cx, cy = (mine[:, 0] + mine[:, 2]) / 2, (mine[:, 1] + mine[:, 3]) / 2
+        centred += bool(np.any((abs(cx - w / 2) < w / 4) & (abs(cy - h / 2) < h / 4)))
     return {"context_median": float(np.median(ratios)) if ratios else None, "context_used": CROP_CONTEXT,
             "context_images": len(ratios), "test_images": len(test), "white_cell_found": found / len(test),
-            "accuracy_predict": hits_predict / len(test), "accuracy_count": hits_count / len(test)}
+            "accuracy_predict": hits_predict / len(test), "accuracy_count": hits_count / len(test),
+            "platelet_images": len(platelets), "platelet_found_at_centre": centred / max(len(platelets), 1)}
 
 
 def main() -> None:
@@ -205,11 +253,20 @@ def main() -> None:
     classical_found = [classical_detect(image) for image, _ in fields]
     classical_s = (time.perf_counter() - started) / len(fields)
     classical = detection_metrics(classical_found, truth)
+    variants = {}
+    for name in VARIANTS:
+        changed = [variant(image, boxes, name) for image, boxes in fields]
+        detector.contract = low
+        found = [detector.detect(image) for image, _ in changed]
+        detector.contract = saved
+        metrics = detection_metrics(found, [b for _, b in changed], operating=operating)
+        variants[name] = {k: metrics[k]["ap50"] for k in KINDS} | {"white_cell_recall": metrics["white_cell"]["recall"]}
 
     result = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                           "python": platform.python_version()},
               "data": str(root), "split": args.split, "fields": len(fields), "detector": args.detector,
-              "learned": learned, "classical": classical, "classical_s_per_field": classical_s}
+              "learned": learned, "classical": classical, "classical_s_per_field": classical_s,
+              "variants": variants}
     try:
         with open("/proc/cpuinfo") as handle:
             result["machine"]["cpu"] = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
@@ -229,6 +286,10 @@ def main() -> None:
         fmt = lambda v: f"{v:.3f}" if v is not None else "-"
         print(f"{name:<12}{a['boxes']:>7}{fmt(a['ap50']):>8}{fmt(a['recall']):>8}{fmt(a['precision']):>8}   "
               f"{fmt(b['ap50']):>14}{fmt(b['recall']):>8}")
+    print("AP50 when the fields are changed as another lab's might be:")
+    for name, v in variants.items():
+        print(f"  {name:<13}" + "".join(f"{k} {v[k]:.3f}  " if v[k] is not None else f"{k} -  " for k in KINDS)
+              + f"white-cell recall {v['white_cell_recall']:.3f}")
     if "speed" in result:
         s = result["speed"]
         print(f"count: {s['fields_per_s']:.1f} fields/s at {s['size']} ({s['fields']} fields, {s['white_cells']} white cells)")
@@ -236,7 +297,8 @@ def main() -> None:
         p = result["pbc_framing"]
         print(f"PBC framing: context median {p['context_median']:.2f} (used {p['context_used']}); "
               f"accuracy through count {p['accuracy_count']:.4f} vs predict {p['accuracy_predict']:.4f} "
-              f"({p['test_images']} test images, white cell found in {p['white_cell_found']:.3f})")
+              f"({p['test_images']} test images, white cell found in {p['white_cell_found']:.3f}); "
+              f"platelet found at the centre of {p['platelet_found_at_centre']:.3f} of {p['platelet_images']} PBC platelet crops")
     print(f"written to {args.out}")
 
 

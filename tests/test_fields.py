@@ -334,3 +334,36 @@ def test_count_on_the_page_and_the_api(tmp_path):
         assert lines[0].startswith("image,kind,x0,y0,x1,y1,score,class,confidence")
         assert len(lines) == 1 + len(result["cells"])
         assert not errors
+
+
+def test_the_commands_explain_what_is_wrong_in_one_line(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from bloodcell.cli import app
+
+    runner = CliRunner()
+    shipped_detector()
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    result = runner.invoke(app, ["count", str(tmp_path / "broken.jpg"), str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "no field could be read" in result.output and "Traceback" not in result.output
+    result = runner.invoke(app, ["count", str(tmp_path), "--out", str(tmp_path / "o"), "--detector", str(tmp_path / "none")])
+    assert result.exit_code == 2 and "no such detector directory" in result.output
+    monkeypatch.delenv("BLOODCELL_DATA", raising=False)
+    result = runner.invoke(app, ["train-detector", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "no fields given" in result.output
+    (tmp_path / "plain").mkdir()
+    result = runner.invoke(app, ["train-detector", "--data", str(tmp_path / "plain"), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "not a field set (no classes.txt" in result.output
+
+
+def test_count_command_prints_the_differential(tmp_path):
+    from typer.testing import CliRunner
+
+    from bloodcell.cli import app
+
+    shipped_detector()
+    field = min((require(FIELDS) / "images" / "test").glob("*.jpg"))
+    result = CliRunner().invoke(app, ["count", str(field), "--out", str(tmp_path / "o"), "--no-overlays"])
+    assert result.exit_code == 0, result.output
+    assert "white cell type" in result.output and "red cells" in result.output
+    assert (tmp_path / "o" / "cells.csv").is_file() and not (tmp_path / "o" / "overlays").exists()

@@ -474,7 +474,7 @@ def train_detector(
     """Train the cell detector (white cells, red cells, platelets) on whole fields."""
     import yaml
 
-    from ..core.settings import resolve_data
+    from ..core.settings import data_root, resolve_data
     from ..training.detector import DetectorTrainConfig, train_detector as run_training
 
     with user_errors():
@@ -485,7 +485,11 @@ def train_detector(
         settings = yaml.safe_load(config.read_text()) if config else {}
         if not isinstance(settings, dict):
             raise BloodcellError(f"{config}: expected a mapping of settings")
-        settings["data"] = str(resolve_data(data if data is not None else settings.get("data"), "fields"))
+        given = data if data is not None else settings.get("data")
+        if given is None and data_root() is None:
+            raise BloodcellError("no fields given: pass --data DIR (YOLO layout: images/<split>/, labels/<split>/, "
+                                 "classes.txt listing white_cell, red_cell, platelet) or set BLOODCELL_DATA")
+        settings["data"] = str(resolve_data(given, "fields"))
         settings.update({k: v for k, v in {"out": out, "epochs": epochs, "seed": seed}.items() if v is not None})
         run_training(DetectorTrainConfig(**settings), log=log)
 

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from pathlib import Path
 
@@ -78,7 +79,13 @@ class PyramidBackbone(nn.Module):
             if not Path(weights).is_file():
                 raise BloodcellError(f"{weights}: backbone weights not found")
             kwargs = {"pretrained": True, "pretrained_cfg_overlay": {"file": str(weights)}}
-        self.body = timm.create_model(name, features_only=True, out_indices=(2, 3, 4), **kwargs)
+        quiet = logging.getLogger("timm")  # its note that the ImageNet classifier's weights go unused
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            self.body = timm.create_model(name, features_only=True, out_indices=(2, 3, 4), **kwargs)
+        finally:
+            quiet.setLevel(level)
         self.fpn = FeaturePyramidNetwork(self.body.feature_info.channels(), channels, extra_blocks=LastLevelMaxPool())
         self.out_channels = channels
 

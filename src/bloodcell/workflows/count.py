@@ -54,9 +54,9 @@ def count_fields(paths: Iterable[str | Path], out: str | Path, model: str | Path
 
     items, bad = collect_inputs(paths)
     items = [(name, entry) for name, entry in items if not isinstance(entry, tuple)]  # fields are files, not arrays
+    counter = FieldCounter(load_detector(detector), load_predictor(model), abstain_below, context)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    counter = FieldCounter(load_detector(detector), load_predictor(model), abstain_below, context)
     if overlays:
         (out / "overlays").mkdir(exist_ok=True)
 
