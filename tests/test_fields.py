@@ -32,7 +32,7 @@ from bloodcell.models.detector import DetectorContract, DetectorGraph, build_det
 from .conftest import SHARED, require
 
 FIELDS = SHARED / "fields"
-TINY = DetectorContract(image_size=128, fpn_channels=32, head_convs=1, score_threshold=0.05, cross_kind_iou=1.0)
+TINY = DetectorContract(image_size=128, fpn_channels=32, head_convs=1, score_threshold=0.05, cross_kind_iou=1.0, nested={})
 
 
 def random_boxes(rng, n, size=200):
@@ -247,7 +247,7 @@ def test_the_shipped_detector_finds_the_white_cells_of_another_labs_fields():
     kinds = read_kinds(root)
     fields = [load_field(item, kinds) for item in open_fields(root, "test")[:10]]
     found = [detector.detect(image) for image, _ in fields]
-    metrics = detection_metrics(found, [b for _, b in fields], operating=detector.contract.score_threshold)
+    metrics = detection_metrics(found, [b for _, b in fields], operating=detector.contract.operating())
     assert metrics["white_cell"]["recall"] >= 0.8
     assert metrics["red_cell"]["recall"] >= 0.6
     # boxes come back in the field's own pixels, at any size and aspect ratio
@@ -367,3 +367,27 @@ def test_count_command_prints_the_differential(tmp_path):
     assert result.exit_code == 0, result.output
     assert "white cell type" in result.output and "red cells" in result.output
     assert (tmp_path / "o" / "cells.csv").is_file() and not (tmp_path / "o" / "overlays").exists()
+
+
+def test_nested_boxes_of_one_white_cell_count_once_and_thresholds_can_differ_by_kind():
+    from bloodcell.inference.detect import nested_suppression
+
+    # a whole cell, a lobe inside it, and a looser box round it: one cell; a neighbour stays
+    boxes = np.array([[10, 10, 50, 50], [20, 20, 35, 35], [0, 0, 60, 60], [100, 100, 140, 140]], np.float32)
+    scores = np.array([0.9, 0.5, 0.4, 0.8], np.float32)
+    assert sorted(nested_suppression(boxes, scores, 0.7).tolist()) == [0, 3]
+    contract = DetectorContract(score_threshold=0.1, kind_thresholds={"white_cell": 0.6}, nested={"white_cell": 0.7})
+    score_rows = np.zeros((4, 3), np.float32)
+    score_rows[:, 0] = scores
+    score_rows[3] = [0.0, 0.5, 0.0]  # a red cell at 0.5: above its kind's threshold
+    _, kinds, values = postprocess(boxes, score_rows, contract)
+    assert kinds.tolist() == [0, 1] and values.tolist() == pytest.approx([0.9, 0.5])
+    assert contract.operating() == {"white_cell": 0.6, "red_cell": 0.1, "platelet": 0.1}
+
+
+def test_blank_training_samples_have_no_boxes():
+    rng = np.random.default_rng(4)
+    field = (np.full((100, 120, 3), 210, np.uint8), Boxes(np.array([[10, 10, 40, 40]], np.float32), np.array([0])))
+    image, boxes = training_sample([field], 128, 96, rng, blank_p=1.0)
+    assert image.shape == (96, 96, 3) and len(boxes) == 0
+    assert image.std() < 40  # background with light and noise, no structure

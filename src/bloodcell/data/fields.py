@@ -183,7 +183,7 @@ def platelet_patches(paths: list[Path], limit: int = 400, seed: int = 0) -> list
         side = max(y1 - y0, x1 - x0)
         if side < 6 or side > 0.5 * min(height, width):
             continue  # a speck, or a clump too large to be one platelet
-        pad = int(math.ceil(0.25 * side)) + 2
+        pad = math.ceil(0.25 * side) + 2
         py0, px0 = max(0, y0 - pad), max(0, x0 - pad)
         py1, px1 = min(height, y1 + pad), min(width, x1 + pad)
         alpha = ndimage.gaussian_filter(ndimage.binary_dilation(blob, iterations=2).astype(np.float32), 1.5)
@@ -315,10 +315,26 @@ def colour_jitter(image: np.ndarray, rng: np.random.Generator, strength: float =
     return (np.clip(x, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
+def blank_sample(fields: list[tuple[np.ndarray, Boxes]], crop: int, rng: np.random.Generator) -> tuple[np.ndarray, Boxes]:
+    """A field with no cell in it: a smear's background colour, uneven light, blur and noise; no boxes.
+
+    Without such samples the detector calls an empty or uniform field one whole-frame white cell.
+    """
+    colour = fill_colour(fields[0][0]).astype(np.float32) * rng.uniform(0.8, 1.1, 3)
+    yy, xx = np.mgrid[0:crop, 0:crop] / crop
+    light = 1 + rng.uniform(-0.15, 0.15) * (xx - 0.5) + rng.uniform(-0.15, 0.15) * (yy - 0.5)
+    image = colour[None, None, :] * light[..., None] + rng.normal(0, rng.uniform(1, 8), (crop, crop, 3))
+    return np.clip(image, 0, 255).astype(np.uint8), Boxes()
+
+
 def training_sample(fields: list[tuple[np.ndarray, Boxes]], size: int, crop: int, rng: np.random.Generator,
                     patches: list[PastePatch] | None = None, zoom: tuple[float, float] = (0.3, 1.5),
-                    platelets: tuple[int, int] = (0, 4)) -> tuple[np.ndarray, Boxes]:
-    """One augmented crop: pasted platelets, zoom (log-uniform), tiling, flips, turns and colour."""
+                    platelets: tuple[int, int] = (0, 4), blank_p: float = 0.0) -> tuple[np.ndarray, Boxes]:
+    """One augmented crop: pasted platelets, zoom (log-uniform), tiling, flips, turns and colour; or, with
+    probability ``blank_p``, an empty field."""
+    if blank_p and rng.random() < blank_p:
+        image, boxes = blank_sample(fields, crop, rng)
+        return colour_jitter(image, rng), boxes
     pasted = []
     for image, boxes in fields:
         if patches:

@@ -48,11 +48,12 @@ def match_kind(found: list[Detections], truth: list[Boxes], kind: int, iou: floa
     return np.asarray([e[0] for e in entries], np.float32), hits, int(sum(len(t) for t in truth_boxes))
 
 
-def detection_metrics(found: list[Detections], truth: list[Boxes], iou: float = 0.5, operating: float = 0.0) -> dict:
+def detection_metrics(found: list[Detections], truth: list[Boxes], iou: float = 0.5,
+                      operating: float | dict[str, float] = 0.0) -> dict:
     """Per kind: AP50 over every detection given, and recall and precision of those scoring >= ``operating``.
 
     Give detections from a low threshold (AP needs the whole ranking) and the detector's own
-    threshold as ``operating``.
+    threshold (one for all kinds, or one per kind name) as ``operating``.
     """
     out = {}
     for kind, name in enumerate(KINDS):
@@ -63,7 +64,8 @@ def detection_metrics(found: list[Detections], truth: list[Boxes], iou: float = 
         tp = np.cumsum(hits)
         recall = tp / total
         precision = tp / np.arange(1, len(hits) + 1)
-        at = int(np.sum(scores >= operating))  # ranked: the first `at` detections pass the threshold
+        threshold = operating.get(name, 0.0) if isinstance(operating, dict) else operating
+        at = int(np.sum(scores >= threshold))  # ranked: the first `at` detections pass the threshold
         out[name] = {
             "ap50": voc_ap(recall, precision) if len(hits) else 0.0,
             "recall": float(recall[at - 1]) if at else 0.0,

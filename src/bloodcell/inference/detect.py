@@ -61,9 +61,31 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
     return np.asarray(keep, np.int64)
 
 
+def nested_suppression(boxes: np.ndarray, scores: np.ndarray, share: float) -> np.ndarray:
+    """Indices kept, highest score first, when boxes sharing ``share`` of the smaller one's area suppress each other.
+
+    NMS by IoU over the intersection over the smaller box (Bodla et al.'s IoMin): a box inside
+    another, or round it, is one cell found twice.
+    """
+    order = np.argsort(-scores, kind="stable")
+    b = boxes[order]
+    x0 = np.maximum(b[:, None, 0], b[None, :, 0])
+    y0 = np.maximum(b[:, None, 1], b[None, :, 1])
+    x1 = np.minimum(b[:, None, 2], b[None, :, 2])
+    y1 = np.minimum(b[:, None, 3], b[None, :, 3])
+    inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
+    area = np.maximum((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]), 1e-9)
+    shared = inter / np.minimum(area[:, None], area[None, :])
+    dropped = np.zeros(len(order), bool)
+    for i in range(len(order)):
+        if not dropped[i]:
+            dropped |= (shared[i] >= share) & (np.arange(len(order)) > i)
+    return order[~dropped]
+
+
 def postprocess(boxes: np.ndarray, scores: np.ndarray, contract: DetectorContract) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One field's (A, 4) boxes and (A, kinds) scores -> kept boxes, kinds and scores, best first."""
-    locations, kinds = np.nonzero(scores > contract.score_threshold)
+    locations, kinds = np.nonzero(scores > np.asarray(contract.thresholds(), np.float32))
     values = scores[locations, kinds]
     if len(values) > TOPK_CANDIDATES:  # as torchvision's topk_candidates: NMS is quadratic
         best = np.argsort(-values, kind="stable")[:TOPK_CANDIDATES]
@@ -72,7 +94,11 @@ def postprocess(boxes: np.ndarray, scores: np.ndarray, contract: DetectorContrac
     kept = []
     for kind in np.unique(kinds):
         index = np.nonzero(kinds == kind)[0]
-        kept.append(index[nms(candidates[index], values[index], contract.nms_iou)])
+        index = index[nms(candidates[index], values[index], contract.nms_iou)]
+        share = contract.nested.get(contract.kinds[kind])
+        if share is not None:
+            index = index[nested_suppression(candidates[index], values[index], share)]
+        kept.append(index)
     keep = np.concatenate(kept) if kept else np.zeros(0, np.int64)
     keep = keep[np.argsort(-values[keep], kind="stable")][: contract.max_detections]
     out_boxes, out_kinds, out_scores = candidates[keep], kinds[keep], values[keep]

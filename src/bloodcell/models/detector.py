@@ -41,13 +41,31 @@ class DetectorContract(BaseModel):
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     score_threshold: float = Field(0.3, gt=0, lt=1, description="detections scoring below are dropped")
+    kind_thresholds: dict[str, float] = Field(default_factory=dict,
+                                              description="per kind, a threshold above score_threshold (chosen on validation fields)")
     nms_iou: float = Field(0.5, gt=0, le=1, description="boxes of one kind overlapping more are suppressed")
     cross_kind_iou: float = Field(0.7, gt=0, le=1, description="boxes of two kinds overlapping more: the lower-scoring one goes")
+    nested: dict[str, float] = Field(
+        default_factory=lambda: {"white_cell": 0.7},
+        description="per kind: a box sharing this much of the smaller box's area with a higher-scoring box of its kind goes "
+                    "(a nucleus lobe beside its whole cell, or a second, larger box round it: their IoU is too small for NMS)")
     max_detections: int = Field(300, ge=1)
     trained_on: dict = Field(default_factory=dict)
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2)
+
+    def operating(self) -> dict[str, float]:
+        """Each kind's threshold by name (what ``evaluation.detection_metrics`` takes as ``operating``)."""
+        return dict(zip(self.kinds, self.thresholds()))
+
+    def lowered(self, threshold: float = 0.05) -> DetectorContract:
+        """The same detector keeping every detection down to ``threshold`` (to rank them all for AP)."""
+        return self.model_copy(update={"score_threshold": threshold, "kind_thresholds": {}})
+
+    def thresholds(self) -> list[float]:
+        """Each kind's score threshold, in the order of ``kinds``."""
+        return [max(self.score_threshold, self.kind_thresholds.get(kind, 0.0)) for kind in self.kinds]
 
 
 def read_detector_contract(path: str | Path) -> DetectorContract:

@@ -63,6 +63,7 @@ class DetectorTrainConfig(BaseModel):
     crop: int = Field(384, ge=64, description="training crops are this square side, at the letterbox scale times the zoom")
     zoom: tuple[float, float] = Field((0.3, 1.5), description="log-uniform zoom range around the letterbox scale")
     fields_per_sample: int = Field(4, ge=1, description="fields tiled side by side when zoomed out")
+    blank_p: float = Field(0.05, ge=0, le=1, description="share of samples that are empty fields (no cells, no boxes)")
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     warmup_steps: int = Field(300, ge=0)
@@ -83,7 +84,7 @@ def load_split(root: Path, split: str) -> list[tuple[np.ndarray, Boxes]]:
 def validate(graph: DetectorGraph, canvases: list[np.ndarray], truth: list[Boxes], contract: DetectorContract) -> dict:
     """AP50 per kind on letterboxed validation fields (boxes in canvas pixels)."""
     graph.eval()
-    low = contract.model_copy(update={"score_threshold": 0.05})
+    low = contract.lowered()
 
     def run(batch):
         with torch.inference_mode():
@@ -94,7 +95,7 @@ def validate(graph: DetectorGraph, canvases: list[np.ndarray], truth: list[Boxes
     found = []
     for start in range(0, len(canvases), 8):
         found += detector.detect_batch(canvases[start : start + 8])
-    return detection_metrics(found, truth, operating=contract.score_threshold)
+    return detection_metrics(found, truth, operating=contract.operating())
 
 
 def _lr_factor(step: int, total: int, warmup: int) -> float:
@@ -174,7 +175,7 @@ def train_detector(config: DetectorTrainConfig | None = None, resume: Path | Non
             for _ in range(config.batch_size):
                 chosen = [train_fields[i] for i in rng.integers(len(train_fields), size=config.fields_per_sample)]
                 image, boxes = training_sample(chosen, size, config.crop, rng, patches, config.zoom,
-                                               (0, config.max_pasted))
+                                               (0, config.max_pasted), config.blank_p)
                 images.append(torch.from_numpy(image).permute(2, 0, 1).float() / 255.0)
                 targets.append({"boxes": torch.from_numpy(boxes.xyxy).reshape(-1, 4), "labels": torch.from_numpy(boxes.kinds)})
             losses = model(images, targets)
