@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from ..core.classes import WHITE_CELLS
 from ..data.fields import KINDS, fill_colour
@@ -126,14 +126,15 @@ def draw_overlay(image: np.ndarray, result: FieldResult) -> Image.Image:
     canvas = Image.fromarray(image)
     draw = ImageDraw.Draw(canvas)
     width = max(2, round(max(image.shape[:2]) / 300))
+    font = ImageFont.load_default(size=max(12, round(max(image.shape[:2]) / 45)))
     for cell in sorted(result.cells, key=lambda c: c["kind"] == "white_cell"):  # white cells on top
         colour = KIND_COLOURS[cell["kind"]]
         box = [cell["x0"], cell["y0"], cell["x1"], cell["y1"]]
         draw.rectangle(box, outline=colour, width=width)
         if cell["kind"] == "white_cell":
             label = f"{cell['class']} {float(cell['confidence']):.2f}" + (" ?" if cell["to_check"] else "")
-            text_box = draw.textbbox((box[0], box[1]), label)
+            text_box = draw.textbbox((box[0], box[1]), label, font=font)
             top = max(0, box[1] - (text_box[3] - text_box[1]) - 4)
             draw.rectangle([box[0], top, box[0] + text_box[2] - text_box[0] + 4, top + text_box[3] - text_box[1] + 4], fill=colour)
-            draw.text((box[0] + 2, top + 1), label, fill=(255, 255, 255))
+            draw.text((box[0] + 2, top + 1), label, fill=(255, 255, 255), font=font)
     return canvas
