@@ -41,6 +41,16 @@ def user_errors():
         raise typer.Exit(130) from None
 
 
+def differential_table(title: str, first_column: str, percents: dict[str, float]) -> Table:
+    """A differential count as a table: one row per white-cell type with its percentage; callers add the rest."""
+    table = Table(title=title)
+    table.add_column(first_column)
+    table.add_column("%", justify="right")
+    for name, value in percents.items():
+        table.add_row(name, f"{value:.1f}")
+    return table
+
+
 def version_callback(value: bool):
     if value:
         typer.echo(f"bloodcell {__version__}")
@@ -326,11 +336,8 @@ def predict(
             writer.writeheader()
             writer.writerows(rows)
         counts = differential_count(rows)
-        table = Table(title=f"Differential count ({counts['white_cells']} white cells)")
-        table.add_column("cell type")
-        table.add_column("%", justify="right")
-        for name, value in counts["white_cell_percent"].items():
-            table.add_row(name, f"{value:.1f}")
+        table = differential_table(f"Differential count ({counts['white_cells']} white cells)", "cell type",
+                                   counts["white_cell_percent"])
         table.add_row("platelets (count)", str(counts["platelets"]))
         table.add_row("erythroblasts (count)", str(counts["erythroblasts"]))
         if predictor.has_shift:  # a cell may be both; each is counted once in the total
@@ -432,8 +439,8 @@ def count(
     batch_size: int = typer.Option(8, "--batch-size"),
 ):
     """Find every cell in whole smear fields, type the white cells, and count them."""
-    from ..workflows import count_fields
     from ..inference.batch import collect_inputs
+    from ..workflows import count_fields
 
     with user_errors():
         total = len(collect_inputs([str(p) for p in paths])[0])
@@ -443,12 +450,9 @@ def count(
         for skipped in summary["skipped"]:
             console.print(Text.assemble(("skipped", "yellow"), f" {skipped['image']}: {skipped['reason']}"), highlight=False)
         diff = summary["differential"]
-        table = Table(title=f"{diff['fields']} fields: {diff['white_cell_boxes']} white cells, "
-                            f"{diff['red_cells']} red cells, {diff['platelets']} platelets")
-        table.add_column("white cell type")
-        table.add_column("%", justify="right")
-        for name, value in diff["white_cell_percent"].items():
-            table.add_row(name, f"{value:.1f}")
+        table = differential_table(f"{diff['fields']} fields: {diff['white_cell_boxes']} white cells, "
+                                   f"{diff['red_cells']} red cells, {diff['platelets']} platelets",
+                                   "white cell type", diff["white_cell_percent"])
         table.add_row("counted (white cells)", str(diff["white_cells"]))
         table.add_row("erythroblasts (count)", str(diff["erythroblasts"]))
         table.add_row("to check (low confidence / unlike the training lab)", str(diff["to_check"]))

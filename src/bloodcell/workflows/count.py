@@ -53,7 +53,8 @@ def count_fields(paths: Iterable[str | Path], out: str | Path, model: str | Path
     from ..data import decode_file
 
     items, bad = collect_inputs(paths)
-    items = [(name, entry) for name, entry in items if not isinstance(entry, tuple)]  # fields are files, not arrays
+    bad += [(name, "an array in an .npz file, not a field's image file") for name, entry in items if isinstance(entry, tuple)]
+    items = [(name, entry) for name, entry in items if not isinstance(entry, tuple)]
     counter = FieldCounter(load_detector(detector), load_predictor(model), abstain_below, context)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
