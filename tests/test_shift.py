@@ -69,3 +69,26 @@ def test_a_shift_file_without_its_tensors_is_refused_in_one_line(tmp_path, bad):
     (tmp_path / "best.safetensors").write_bytes(b"")
     with pytest.raises(BloodcellError, match="shift-statistics"):
         load_shift_head(tmp_path)
+
+
+def test_grey_world_input_takes_out_a_labs_colour_cast():
+    import torch
+
+    from bloodcell.models import create_model
+
+    torch.manual_seed(0)
+    model, _ = create_model("cnn", 8, pretrained=False, input_norm="grey_world")
+    model.eval()
+    images = torch.randint(40, 200, (4, 3, 32, 32), dtype=torch.uint8)
+    cast = (images.float() * torch.tensor([1.12, 1.0, 0.88]).view(1, 3, 1, 1)).round().clamp(0, 255).to(torch.uint8)
+    with torch.no_grad():
+        a, b = model.normalise(images), model.normalise(cast)
+        plain, _ = create_model("cnn", 8, pretrained=False)
+        assert (a - b).abs().max() < 0.05  # the cast is gone, up to rounding (its gains average 1: brightness kept)
+        assert (plain.normalise(images) - plain.normalise(cast)).abs().max() > 0.3  # without it, it is not
+    import pytest
+
+    from bloodcell.core.errors import BloodcellError
+
+    with pytest.raises(BloodcellError, match="unknown input normalisation"):
+        create_model("cnn", 8, pretrained=False, input_norm="white_patch")

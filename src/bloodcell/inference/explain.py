@@ -13,7 +13,7 @@ import torch
 def grad_cam(model: torch.nn.Module, image: np.ndarray, target: int | None = None) -> tuple[np.ndarray, int]:
     """(map in [0, 1] at the model's input size, class explained) for one preprocessed RGB uint8 image."""
     net = model.net
-    x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None].float() * model.scale - model.shift
+    x = model.normalise(torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None])
     model.eval()
     with torch.enable_grad():
         if hasattr(net, "forward_features"):  # timm models: last feature map, then the head

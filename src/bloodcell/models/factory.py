@@ -53,9 +53,12 @@ class Classifier(nn.Module):
     """uint8 RGB in, logits out: normalisation is part of the network."""
 
     def __init__(self, net: nn.Module, mean: tuple[float, ...], std: tuple[float, ...],
-                 subclass_parents: list[int] | None = None):
+                 subclass_parents: list[int] | None = None, input_norm: str | None = None):
         super().__init__()
+        if input_norm not in INPUT_NORMS:
+            raise BloodcellError(f"unknown input normalisation {input_norm!r}; one of {', '.join(map(str, INPUT_NORMS))}")
         self.net = net
+        self.input_norm = input_norm
         self.register_buffer("scale", (1.0 / (255.0 * torch.tensor(std))).view(1, 3, 1, 1))
         self.register_buffer("shift", (torch.tensor(mean) / torch.tensor(std)).view(1, 3, 1, 1))
         # With subclasses the network scores each subclass; the classifier still answers with
@@ -63,16 +66,27 @@ class Classifier(nn.Module):
         self.emit_subclasses = False
         self.register_buffer("subclass_mask", subclass_merge_mask(subclass_parents) if subclass_parents is not None else None)
 
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 RGB -> the network's input: (x / 255 - mean) / std, folded into one multiply-add.
+
+        With ``input_norm="grey_world"`` each image's channels are first scaled so that their
+        means are equal (grey-world colour constancy: a lab's colour cast is taken out).
+        """
+        x = images.float()
+        if self.input_norm == "grey_world":
+            channel_mean = x.mean(dim=(2, 3), keepdim=True).clamp_min(1.0)
+            x = (x * (channel_mean.mean(dim=1, keepdim=True) / channel_mean)).clamp(0, 255)
+        return x * self.scale - self.shift
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        # (x / 255 - mean) / std, folded into one multiply-add.
-        logits = self.net(images.float() * self.scale - self.shift)
+        logits = self.net(self.normalise(images))
         if self.subclass_mask is None or self.emit_subclasses:
             return logits
         return merge_subclasses(logits, self.subclass_mask)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Pre-logit features (N, D): what the last linear layer sees (out-of-distribution scores, adaptation)."""
-        x = images.float() * self.scale - self.shift
+        x = self.normalise(images)
         if isinstance(self.net, CustomCNN):
             return self.net.head[:2](self.net.blocks(x))  # pool, flatten
         return self.net.forward_head(self.net.forward_features(x), pre_logits=True)
@@ -86,6 +100,9 @@ class Classifier(nn.Module):
         if self.subclass_mask is None or self.emit_subclasses:
             return logits
         return merge_subclasses(logits, self.subclass_mask)
+
+
+INPUT_NORMS = (None, "grey_world")
 
 
 def subclass_merge_mask(parents) -> torch.Tensor:
@@ -152,6 +169,7 @@ def create_model(
     pretrained: bool = True,
     cnn: CNNConfig | None = None,
     subclass_parents: list[int] | None = None,
+    input_norm: str | None = None,
 ) -> tuple[Classifier, dict]:
     """Build a classifier and its preprocessing contract (mean, std, interpolation).
 
@@ -172,4 +190,4 @@ def create_model(
         data_config = timm.data.resolve_data_config({}, model=net)
         contract = {"mean": tuple(data_config["mean"]), "std": tuple(data_config["std"])}
         net.reset_classifier(outputs)
-    return Classifier(net, contract["mean"], contract["std"], subclass_parents), contract
+    return Classifier(net, contract["mean"], contract["std"], subclass_parents, input_norm), contract

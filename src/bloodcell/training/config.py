@@ -123,6 +123,8 @@ class TrainConfig(BaseModel):
         "references, timm), or copied from the live model (runs 13-15: EMA validation near chance until the weights settle)")
     augment: AugmentConfig = AugmentConfig()
     framing: FramingConfig | None = Field(None, description="crop a window around the stained cell before the resize (bloodcell.data.framing)")
+    input_norm: Literal["grey_world"] | None = Field(
+        None, description="grey-world colour constancy inside the network (each image's channel means made equal), or none")
     subclasses: SubclassConfig | None = Field(None, description="train on subclasses named in the file names (SubclassConfig)")
     progressive: ProgressiveConfig | None = Field(None, description="progressive resizing of the training crops (ProgressiveConfig)")
     distill: DistillConfig | None = Field(None, description="learn from teachers' probabilities as well (bloodcell.training.distill)")
