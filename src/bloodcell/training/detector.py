@@ -45,7 +45,7 @@ from ..models.detector import (
     DetectorGraph,
     build_detector,
 )
-from .saver import _flatten_optimizer, restore_optimizer
+from .saver import flatten_optimizer, restore_optimizer
 
 
 class DetectorTrainConfig(BaseModel):
@@ -200,7 +200,7 @@ def train_detector(config: DetectorTrainConfig | None = None, resume: Path | Non
         best = max(best, val["map50"])
         if improved or config.keep == "last":
             save_checkpoint(run_dir / "best.safetensors", model.state_dict(), {"epoch": epoch + 1, "val": val})
-        optim_tensors, optim_meta = _flatten_optimizer(optimizer)
+        optim_tensors, optim_meta = flatten_optimizer(optimizer)
         schedule_state = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
         save_checkpoint(run_dir / "last.safetensors", {**{f"model.{k}": v for k, v in model.state_dict().items()}, **optim_tensors},
                         {"epoch": epoch, "best": best, "rows": rows, "optimizer": optim_meta, "scheduler": schedule_state})

@@ -33,13 +33,14 @@ def save_resume_point(run_dir: Path, model: nn.Module, ema, optimizer, scheduler
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     if ema is not None:
         tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
-    optim_tensors, optim_meta = _flatten_optimizer(optimizer)
+    optim_tensors, optim_meta = flatten_optimizer(optimizer)
     # A LambdaLR's lambdas are code, rebuilt from the config on resume; only its counters are saved.
     schedule_state = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
     save_checkpoint(run_dir / "last.safetensors", {**tensors, **optim_tensors},
                     {**meta, "optimizer": optim_meta, "scheduler": schedule_state})
 
-def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+def flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer's state as safetensors-ready tensors and JSON-ready scalars (``restore_optimizer`` reverses it)."""
     state = optimizer.state_dict()
     tensors, scalars = {}, {}
     for pid, values in state["state"].items():
