@@ -192,15 +192,25 @@ def platelet_patches(paths: list[Path], limit: int = 400, seed: int = 0) -> list
     return patches
 
 
-def _iou_any(box: np.ndarray, others: np.ndarray) -> float:
-    if len(others) == 0:
-        return 0.0
-    x0 = np.maximum(box[0], others[:, 0])
-    y0 = np.maximum(box[1], others[:, 1])
-    x1 = np.minimum(box[2], others[:, 2])
-    y1 = np.minimum(box[3], others[:, 3])
+def box_overlap(a: np.ndarray, b: np.ndarray, over: str = "union") -> np.ndarray:
+    """Pairwise overlap of (n, 4) and (m, 4) xyxy boxes: intersection over their union (IoU), over the
+    smaller box (``"smaller"``), or over each box of ``a`` (``"first"``)."""
+    x0 = np.maximum(a[:, None, 0], b[None, :, 0])
+    y0 = np.maximum(a[:, None, 1], b[None, :, 1])
+    x1 = np.minimum(a[:, None, 2], b[None, :, 2])
+    y1 = np.minimum(a[:, None, 3], b[None, :, 3])
     inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
-    return float((inter / ((box[2] - box[0]) * (box[3] - box[1]))).max())
+    area_a = ((a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1]))[:, None]
+    area_b = ((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]))[None, :]
+    if over == "union":
+        base = area_a + area_b - inter
+    elif over == "smaller":
+        base = np.minimum(area_a, area_b)
+    elif over == "first":
+        base = np.broadcast_to(area_a, inter.shape)
+    else:
+        raise ValueError(f"over must be 'union', 'smaller' or 'first', got {over!r}")
+    return inter / np.maximum(base, 1e-9)
 
 
 def paste_platelets(image: np.ndarray, boxes: Boxes, patches: list[PastePatch], count: int,
@@ -224,7 +234,8 @@ def paste_platelets(image: np.ndarray, boxes: Boxes, patches: list[PastePatch], 
         for _attempt in range(10):
             left, top = int(rng.integers(0, width - new_w)), int(rng.integers(0, height - new_h))
             box = np.array([left + bx0 * scale, top + by0 * scale, left + bx1 * scale, top + by1 * scale], np.float32)
-            if _iou_any(box, np.asarray(xyxy, np.float32).reshape(-1, 4)) < 0.05:
+            others = np.asarray(xyxy, np.float32).reshape(-1, 4)
+            if not len(others) or box_overlap(box[None], others, "first").max() < 0.05:
                 break
         else:
             continue

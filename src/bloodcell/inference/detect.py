@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import BloodcellError
-from ..data.fields import KINDS, Boxes, letterbox
+from ..data.fields import KINDS, Boxes, box_overlap, letterbox
 from ..models.detector import DETECTOR_FILE, DetectorContract, read_detector_contract
 
 DEFAULT_DETECTOR = "default"
@@ -36,51 +36,37 @@ class Detections:
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pairwise IoU of (n, 4) and (m, 4) xyxy boxes."""
-    x0 = np.maximum(a[:, None, 0], b[None, :, 0])
-    y0 = np.maximum(a[:, None, 1], b[None, :, 1])
-    x1 = np.minimum(a[:, None, 2], b[None, :, 2])
-    y1 = np.minimum(a[:, None, 3], b[None, :, 3])
-    inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
+    """Pairwise IoU of (n, 4) and (m, 4) xyxy boxes (``torchvision.ops.box_iou``)."""
+    return box_overlap(a, b, "union")
+
+
+def greedy_keep(suppresses: np.ndarray) -> np.ndarray:
+    """Greedy suppression over boxes ranked best first: ``suppresses[i, j]`` says box i removes a later box j.
+
+    Returns the positions (in rank order) of the boxes kept.
+    """
+    dropped = np.zeros(len(suppresses), bool)
+    later = np.triu(np.ones_like(suppresses, dtype=bool), k=1)
+    for i in range(len(suppresses)):
+        if not dropped[i]:
+            dropped |= suppresses[i] & later[i]
+    return np.flatnonzero(~dropped)
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
     """Indices kept by greedy non-maximum suppression, highest score first (``torchvision.ops.nms``)."""
     order = np.argsort(-scores, kind="stable")
-    keep = []
-    suppressed = np.zeros(len(order), bool)
-    overlaps = box_iou(boxes[order], boxes[order]) if len(order) else np.zeros((0, 0))
-    for i in range(len(order)):
-        if suppressed[i]:
-            continue
-        keep.append(order[i])
-        suppressed |= overlaps[i] > iou
-    return np.asarray(keep, np.int64)
+    return order[greedy_keep(box_iou(boxes[order], boxes[order]) > iou)]
 
 
 def nested_suppression(boxes: np.ndarray, scores: np.ndarray, share: float) -> np.ndarray:
     """Indices kept, highest score first, when boxes sharing ``share`` of the smaller one's area suppress each other.
 
-    NMS by IoU over the intersection over the smaller box (Bodla et al.'s IoMin): a box inside
+    NMS by intersection over the smaller box instead of IoU (Bodla et al.'s IoMin): a box inside
     another, or round it, is one cell found twice.
     """
     order = np.argsort(-scores, kind="stable")
-    b = boxes[order]
-    x0 = np.maximum(b[:, None, 0], b[None, :, 0])
-    y0 = np.maximum(b[:, None, 1], b[None, :, 1])
-    x1 = np.minimum(b[:, None, 2], b[None, :, 2])
-    y1 = np.minimum(b[:, None, 3], b[None, :, 3])
-    inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
-    area = np.maximum((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]), 1e-9)
-    shared = inter / np.minimum(area[:, None], area[None, :])
-    dropped = np.zeros(len(order), bool)
-    for i in range(len(order)):
-        if not dropped[i]:
-            dropped |= (shared[i] >= share) & (np.arange(len(order)) > i)
-    return order[~dropped]
+    return order[greedy_keep(box_overlap(boxes[order], boxes[order], "smaller") >= share)]
 
 
 def postprocess(boxes: np.ndarray, scores: np.ndarray, contract: DetectorContract) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -102,13 +88,10 @@ def postprocess(boxes: np.ndarray, scores: np.ndarray, contract: DetectorContrac
     keep = np.concatenate(kept) if kept else np.zeros(0, np.int64)
     keep = keep[np.argsort(-values[keep], kind="stable")][: contract.max_detections]
     out_boxes, out_kinds, out_scores = candidates[keep], kinds[keep], values[keep]
-    if contract.cross_kind_iou < 1 and len(keep):
-        overlaps = box_iou(out_boxes, out_boxes)
-        drop = np.zeros(len(keep), bool)
-        for i in range(len(keep)):
-            if not drop[i]:
-                drop |= (overlaps[i] > contract.cross_kind_iou) & (out_kinds != out_kinds[i]) & (np.arange(len(keep)) > i)
-        out_boxes, out_kinds, out_scores = out_boxes[~drop], out_kinds[~drop], out_scores[~drop]
+    if contract.cross_kind_iou < 1 and len(keep):  # one cell found as two kinds: the better-scoring one stays
+        other_kind = out_kinds[:, None] != out_kinds[None, :]
+        kept_rank = greedy_keep((box_iou(out_boxes, out_boxes) > contract.cross_kind_iou) & other_kind)
+        out_boxes, out_kinds, out_scores = out_boxes[kept_rank], out_kinds[kept_rank], out_scores[kept_rank]
     return out_boxes.astype(np.float32), out_kinds.astype(np.int64), out_scores.astype(np.float32)
 
 
@@ -132,13 +115,6 @@ class CellDetector:
     def __init__(self, run, contract: DetectorContract):
         self._run = run  # uint8 (N, 3, S, S) -> (boxes (N, A, 4), scores (N, A, K))
         self.contract = contract
-
-    @property
-    def kinds(self) -> list[str]:
-        return list(self.contract.kinds)
-
-    def raw(self, canvases: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return self._run(canvases)
 
     def detect_batch(self, images: list[np.ndarray]) -> list[Detections]:
         size = self.contract.image_size
