@@ -54,50 +54,138 @@ class CellLocation:
 
 def stain_score(image: np.ndarray) -> np.ndarray:
     """Per-pixel score, high on stained nuclei and granules (purple and dark), low on background and red cells."""
-    rgb = image.astype(np.float32)
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    return (r + b) / 2 - g + 0.5 * (255 - (r + g + b) / 3)
+    # (r + b) / 2 - g + 0.5 * (255 - (r + g + b) / 3), in float32, operation for operation,
+    # on contiguous channel planes and in place.
+    r, g, b = np.moveaxis(image, -1, 0).astype(np.float32)
+    purple = r + b
+    purple /= 2
+    purple -= g
+    dark = r + g
+    dark += b
+    dark /= 3
+    np.subtract(255, dark, out=dark)
+    dark *= 0.5
+    purple += dark
+    return purple
 
 
 def blob_stats(labels: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Area and centre (row, column) of blobs 1..count of a label image.
+    """Area and centre (row, column within its image) of blobs 1..count of a label image.
 
-    What ``ndimage.sum`` and ``ndimage.center_of_mass`` give for a binary mask, from three
-    counts instead of their per-label passes.
+    ``labels`` is one image (H, W) or a stack (N, H, W). What ``ndimage.sum`` and
+    ``ndimage.center_of_mass`` give for a binary mask, from three counts over the labelled
+    pixels instead of their per-label passes.
     """
-    flat = labels.ravel()
-    rows, cols = np.indices(labels.shape).reshape(2, -1)
+    where = np.nonzero(labels)
+    flat = labels[where]
+    rows, cols = where[-2].astype(np.float64), where[-1].astype(np.float64)
     area = np.bincount(flat, minlength=count + 1)[1:].astype(np.float64)
     cy = np.bincount(flat, weights=rows, minlength=count + 1)[1:] / area
     cx = np.bincount(flat, weights=cols, minlength=count + 1)[1:] / area
     return area, cy, cx
 
 
-def locate_cell(image: np.ndarray, min_contrast: float = 15.0) -> CellLocation | None:
-    """Where the stained cell nearest the centre lies in an RGB uint8 image; None if nothing stands out."""
-    height, width = image.shape[:2]
-    small = np.asarray(Image.fromarray(image).resize((WORK_SIZE, WORK_SIZE), Image.Resampling.BILINEAR))
-    score = ndimage.uniform_filter(stain_score(small), size=3)
-    low, high = np.percentile(score, [50, 99.5])
-    if high - low < min_contrast:
-        return None
-    mask = score > low + 0.5 * (high - low)
-    labels, count = ndimage.label(mask)
+# Blobs connect within an image (4-neighbours), never across the images of a stack.
+_PLANE = np.zeros((3, 3, 3), dtype=bool)
+_PLANE[1] = ndimage.generate_binary_structure(2, 1)
+
+
+def dilate(mask: np.ndarray, iterations: int) -> np.ndarray:
+    """Binary dilation of each (H, W) plane of a (..., H, W) mask by the 4-neighbour cross, ``iterations`` times.
+
+    ``ndimage.binary_dilation`` with that structure and a zero border (tested equal), as shifts.
+    """
+    out = mask.copy()
+    for _ in range(iterations):
+        grown = out.copy()
+        grown[..., 1:, :] |= out[..., :-1, :]
+        grown[..., :-1, :] |= out[..., 1:, :]
+        grown[..., :, 1:] |= out[..., :, :-1]
+        grown[..., :, :-1] |= out[..., :, 1:]
+        out = grown
+    return out
+
+
+def as_pil(image: np.ndarray | Image.Image) -> Image.Image:
+    """An RGB uint8 array (or an RGB Pillow image, returned as it is) as a Pillow image."""
+    return image if isinstance(image, Image.Image) else Image.fromarray(image)
+
+
+def image_shape(image: np.ndarray | Image.Image) -> tuple[int, int]:
+    """(height, width) of an array or a Pillow image."""
+    return (image.height, image.width) if isinstance(image, Image.Image) else image.shape[:2]
+
+
+def pil_to_array(image: Image.Image, out: np.ndarray) -> None:
+    """Copy an RGB Pillow image into a (H, W, 3) uint8 array (what ``np.asarray`` gives, without the temporary)."""
+    out[...] = np.frombuffer(image.tobytes(), dtype=np.uint8).reshape(out.shape)
+
+
+def work_copies(images: list[np.ndarray | Image.Image]) -> np.ndarray:
+    """The (N, 64, 64, 3) uint8 stack localisation works on (Pillow bilinear, antialiased)."""
+    out = np.empty((len(images), WORK_SIZE, WORK_SIZE, 3), dtype=np.uint8)
+    for n, image in enumerate(images):
+        pil_to_array(as_pil(image).resize((WORK_SIZE, WORK_SIZE), Image.Resampling.BILINEAR), out[n])
+    return out
+
+
+def locate_cells(images: list[np.ndarray | Image.Image], min_contrast: float = 15.0) -> list[CellLocation | None]:
+    """:func:`locate_cell` for each image of a list (any sizes), as whole-stack array operations.
+
+    The same arithmetic as one image at a time, in the same order, so each answer is
+    identical to the single-image one (tests compare them with a per-image scipy reference
+    on PBC), at a fraction of the cost: a few calls over the stack instead of ~400 small ones
+    per image.
+    """
+    if not len(images):
+        return []
+    small = work_copies(images)
+    score = ndimage.uniform_filter(stain_score(small), size=(1, 3, 3))
+    low, high = np.percentile(score.reshape(len(images), -1), [50, 99.5], axis=1)
+    contrast = high - low >= min_contrast
+    mask = (score > (low + 0.5 * (high - low))[:, None, None]) & contrast[:, None, None]
+    labels, count = ndimage.label(mask, structure=_PLANE)
     if count == 0:
-        return None
-    index = np.arange(1, count + 1)
+        return [None] * len(images)
     area, cy, cx = blob_stats(labels, count)
     off_centre = ((cy - WORK_SIZE / 2) ** 2 + (cx - WORK_SIZE / 2) ** 2) / (0.25 * WORK_SIZE) ** 2
-    chosen = index[np.argmax(area * np.exp(-off_centre / 2))]
+    weight = area * np.exp(-off_centre / 2)
+    # Labels run in scan order over the stack, so each image's blobs are one contiguous run.
+    owner = np.zeros(count, dtype=np.int64)
+    where = np.nonzero(labels)
+    owner[labels[where] - 1] = where[0]
+    starts = np.searchsorted(owner, np.arange(len(images) + 1))
+    chosen = np.zeros(count + 1, dtype=bool)
+    for n in range(len(images)):
+        if starts[n + 1] > starts[n]:
+            chosen[1 + starts[n] + int(np.argmax(weight[starts[n] : starts[n + 1]]))] = True
     # Stained blobs touching the chosen one belong to the same cell (lobes of a nucleus, granules).
-    reach = ndimage.binary_dilation(labels == chosen, iterations=3)
-    cell = np.isin(labels, np.unique(labels[reach & mask]))
-    ys, xs = np.nonzero(cell)
-    # Bounding box in pixels of the original image (the work copy is square: scale each axis).
-    y0, y1 = ys.min() / WORK_SIZE * height, (ys.max() + 1) / WORK_SIZE * height
-    x0, x1 = xs.min() / WORK_SIZE * width, (xs.max() + 1) / WORK_SIZE * width
-    extent = max(y1 - y0, x1 - x0) / min(height, width)
-    return CellLocation((y0 + y1) / 2 / height, (x0 + x1) / 2 / width, float(extent))
+    reach = dilate(chosen[labels], 3)
+    touched = np.zeros(count + 1, dtype=bool)
+    touched[labels[reach & mask]] = True
+    touched[0] = False
+    cell = touched[labels]
+    # The cell's bounding box on the work copy: first and last rows and columns it touches.
+    rows, cols = cell.any(axis=2), cell.any(axis=1)
+    top, bottom = rows.argmax(1).tolist(), (WORK_SIZE - 1 - rows[:, ::-1].argmax(1)).tolist()
+    left, right = cols.argmax(1).tolist(), (WORK_SIZE - 1 - cols[:, ::-1].argmax(1)).tolist()
+    found: list[CellLocation | None] = []
+    for n, image in enumerate(images):
+        if starts[n + 1] == starts[n]:
+            found.append(None)
+            continue
+        height, width = image_shape(image)
+        # Bounding box in pixels of the original image (the work copy is square: scale each axis).
+        y0, y1 = top[n] / WORK_SIZE * height, (bottom[n] + 1) / WORK_SIZE * height
+        x0, x1 = left[n] / WORK_SIZE * width, (right[n] + 1) / WORK_SIZE * width
+        extent = max(y1 - y0, x1 - x0) / min(height, width)
+        found.append(CellLocation((y0 + y1) / 2 / height, (x0 + x1) / 2 / width, float(extent)))
+    return found
+
+
+def locate_cell(image: np.ndarray, min_contrast: float = 15.0) -> CellLocation | None:
+    """Where the stained cell nearest the centre lies in an RGB uint8 image; None if nothing stands out."""
+    return locate_cells([image], min_contrast)[0]
 
 
 def crop_box(shape: tuple[int, ...], location: CellLocation | None, config: FramingConfig) -> tuple[int, int, int]:

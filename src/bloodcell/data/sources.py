@@ -234,23 +234,36 @@ def decode_file(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -
     Returns (image, conversion note or None).  Raises :class:`ImageReadError`
     with a reason a person understands.
     """
-    path = Path(path)
-    try:
-        if path.stat().st_size == 0:
-            raise ImageReadError("empty file (0 bytes)")
-    except OSError as exc:
-        raise ImageReadError(f"cannot read ({exc.strerror})") from None
-    return decode_stream(path, max_pixels)
+    return decode_stream(Path(path), max_pixels)
 
 
 def decode_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, str | None]:
     """Decode an image held in memory (an upload), with the same checks as files."""
-    if not data:
-        raise ImageReadError("empty file (0 bytes)")
-    return decode_stream(io.BytesIO(data), max_pixels)
+    return decode_stream(data, max_pixels)
 
 
 def decode_stream(stream, max_pixels: int) -> tuple[np.ndarray, str | None]:
+    """Decode an open file or path to RGB uint8 (see :func:`decode_pil`)."""
+    image, note = decode_pil(stream, max_pixels)
+    return (np.asarray(image) if isinstance(image, Image.Image) else image), note
+
+
+def decode_pil(stream, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image | np.ndarray, str | None]:
+    """Decode to an RGB Pillow image (or an RGB uint8 array for 16-bit and float images), EXIF-oriented.
+
+    The cheap form for preprocessing (:func:`bloodcell.data.preprocess_batch` takes either):
+    no copy to NumPy and back. Raises :class:`ImageReadError` with a reason a person understands.
+    """
+    if isinstance(stream, (str, os.PathLike)):
+        try:
+            if Path(stream).stat().st_size == 0:
+                raise ImageReadError("empty file (0 bytes)")
+        except OSError as exc:
+            raise ImageReadError(f"cannot read ({exc.strerror})") from None
+    elif isinstance(stream, bytes):
+        if not stream:
+            raise ImageReadError("empty file (0 bytes)")
+        stream = io.BytesIO(stream)
     try:
         with Image.open(stream) as img:
             width, height = img.size
@@ -259,13 +272,13 @@ def decode_stream(stream, max_pixels: int) -> tuple[np.ndarray, str | None]:
                     f"{width}x{height} px is over the limit of {max_pixels} pixels (possible decompression bomb)"
                 )
             img.load()
-            img = ImageOps.exif_transpose(img)
+            ImageOps.exif_transpose(img, in_place=True)
             mode = img.mode
             if mode == "RGB":
-                return np.asarray(img), None
+                return img, None
             if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
                 return _to_rgb_uint8(np.asarray(img))
-            return np.asarray(img.convert("RGB")), f"mode {mode} converted to RGB"
+            return img.convert("RGB"), f"mode {mode} converted to RGB"
     except ImageReadError:
         raise
     except UnidentifiedImageError:

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..core.contract import ModelContract, parse_contract
 from ..core.errors import BloodcellError
-from ..data import preprocess
+from ..data import preprocess, preprocess_batch
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "default_model"
 
@@ -63,7 +63,7 @@ class Predictor:
 
     def prepare_batch(self, images: list[np.ndarray]) -> np.ndarray:
         """Decoded images as one uint8 (N, 3, S, S) network batch."""
-        return np.stack([self.prepare(image) for image in images]).transpose(0, 3, 1, 2)
+        return np.ascontiguousarray(preprocess_batch(images, self.image_size, self.framing).transpose(0, 3, 1, 2))
 
     def probabilities(self, images: list[np.ndarray]) -> np.ndarray:
         """Class probabilities for decoded RGB uint8 images of any size."""
