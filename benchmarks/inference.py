@@ -1,14 +1,21 @@
-"""Inference speed: batch images/s (PyTorch eager, ONNX Runtime, int8 ONNX) and the service under load.
+"""Inference speed: the network by backend, the preprocessing steps, `predict` end to end, the service under load.
 
-    .venv/bin/python benchmarks/inference.py [--run src/bloodcell/default_model --requests 2000 --clients 8]
+    .venv/bin/python benchmarks/inference.py [--run src/bloodcell/default_model] [--sections backends,steps,folder,service]
+        [--reference OLD_PREDICTIONS.csv]
 
-Batch throughput is on preprocessed uint8 batches at the model's input size
-(decoding excluded, identical input for every backend); the preprocessing itself (resize,
-and cell framing when the model frames) is timed separately on one thread.  Static int8 is calibrated on
-half of 512 validation images of ``--check`` and its accuracy change scored on the other half.  The service is
-started with uvicorn in a second process on 127.0.0.1; a bounded load of
-single-image requests from 8 client threads measures latency and throughput;
-every response must be 200.  Writes benchmarks/results/inference.json.
+- backends: batch images/s on preprocessed uint8 batches (PyTorch eager, ONNX Runtime, int8 ONNX);
+  static int8 is calibrated on half of 512 validation images of ``--check`` and scored on the other half.
+- steps: what one image costs on one thread (decoding, resize alone, framing + resize, the network
+  on a one-thread session), and from them the rate the machine's cores allow:
+  cores / (decode + preprocess + network), in images/s.
+- folder: ``predict_paths`` over every image of ``--pbc`` (15,382 224 px JPEGs), CSV written, in
+  this process (the rate a long job sees), and the CLI's wall time from start to CSV; its rate over
+  the allowed rate is the parallel efficiency. ``--reference`` (a CSV from an earlier version) checks
+  that every image gets the same class and probabilities within 1e-4.
+- service: uvicorn in a second process on 127.0.0.1, single-image PNG requests from 1, 8 and 32
+  client threads of this process; every response must be 200.
+
+Writes benchmarks/results/inference.json (sections not run keep their earlier figures).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import argparse
 import io
 import json
 import os
+import platform
 import socket
 import subprocess
 import sys
@@ -27,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from bloodcell.data.pipeline import usable_cores
 
 HERE = Path(__file__).resolve().parent
 
@@ -80,96 +90,203 @@ def load_test(url: str, payload: bytes, requests: int, clients: int) -> dict:
             "p99_ms": float(np.percentile(ms, 99)), "throughput_rps": len(latencies) / wall}
 
 
+def step_costs(predictor, onnx_path: Path, files: list[Path], repeats: int = 3) -> dict:
+    """Milliseconds per image on one thread for each step, best of ``repeats``; the rate they allow."""
+    from bloodcell.data import decode_file, preprocess_batch
+    from bloodcell.data.framing import FramingConfig
+    from bloodcell.data.sources import decode_pil
+    from bloodcell.inference import onnx_session
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return 1000 * min(times) / len(files)
+
+    size, framing = predictor.image_size, predictor.framing or FramingConfig().model_dump()
+    decode_pil(files[0])
+    arrays = [decode_file(f)[0] for f in files]
+    pils = [decode_pil(f)[0] for f in files]
+    chunks = range(0, len(files), 64)
+    session = onnx_session(onnx_path, threads=1)
+    batch = preprocess_batch(arrays, size, predictor.framing).transpose(0, 3, 1, 2).copy()
+    session.run(None, {"images": batch[:8]})
+    steps = {
+        "decode_ms": best(lambda: [decode_pil(f) for f in files]),
+        "decode_to_numpy_ms": best(lambda: [decode_file(f) for f in files]),
+        "resize_ms": best(lambda: [preprocess_batch(arrays[i : i + 64], size) for i in chunks]),
+        "framing_and_resize_ms": best(lambda: [preprocess_batch(arrays[i : i + 64], size, framing) for i in chunks]),
+        "resize_from_pillow_ms": best(lambda: [preprocess_batch(pils[i : i + 64], size) for i in chunks]),
+        "framing_and_resize_from_pillow_ms": best(lambda: [preprocess_batch(pils[i : i + 64], size, framing)
+                                                          for i in chunks]),
+        "network_ms_one_thread": best(lambda: [session.run(None, {"images": batch[i : i + 64]}) for i in chunks]),
+    }
+    preprocess_ms = steps["framing_and_resize_from_pillow_ms" if predictor.framing else "resize_from_pillow_ms"]
+    per_image = steps["decode_ms"] + preprocess_ms + steps["network_ms_one_thread"]
+    cores = usable_cores()
+    return {**steps, "images": len(files), "cores": cores, "framing_over_resize": steps["framing_and_resize_ms"] / steps["resize_ms"],
+            "core_ms_per_image": per_image, "allowed_images_per_s": 1000 * cores / per_image}
+
+
+def compare_csv(new: Path, reference: Path) -> dict:
+    """Same class on every image, and the largest probability difference, against an earlier CSV."""
+    import csv
+
+    with open(new) as a, open(reference) as b:
+        # keyed by class folder and file name: the two runs may name the folder differently
+        rows = {Path(r["path"]).parts[-2:]: r for r in csv.DictReader(a)}
+        ref = {Path(r["path"]).parts[-2:]: r for r in csv.DictReader(b)}
+    common = sorted(set(rows) & set(ref))
+    probs = [c for c in next(iter(ref.values())) if c not in ("path", "pred", "abstained", "out_of_distribution",
+                                                                "confidence", "ood_score")]
+    diff = max(abs(float(rows[p][c]) - float(ref[p][c])) for p in common for c in probs)
+    return {"images": len(common), "missing": len(set(ref) ^ set(rows)), "same_class": sum(rows[p]["pred"] == ref[p]["pred"]
+                                                                                          for p in common),
+            "max_probability_difference": diff, "note": "CSV probabilities are rounded to 6 decimals"}
+
+
+def folder_rate(model: Path, folder: Path, out: Path) -> dict:
+    """predict_paths + CSV over a folder in this process, and the CLI from start to CSV."""
+    from bloodcell.inference import load_predictor, predict_paths, write_predictions
+
+    predictor = load_predictor(model)
+    start = time.perf_counter()
+    rows, bad = predict_paths(predictor, [folder])
+    write_predictions(rows, predictor.class_names, out)
+    seconds = time.perf_counter() - start
+    cli_out = out.with_name("cli.csv")
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "bloodcell", "predict", str(folder), "--model", str(model), "--out",
+                    str(cli_out)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cli_seconds = time.perf_counter() - start
+    return {"images": len(rows), "refused": len(bad), "seconds": seconds, "images_per_s": len(rows) / seconds,
+            "cli_seconds": cli_seconds, "cli_images_per_s": len(rows) / cli_seconds}
+
+
+def service_load(model: Path, payload: bytes, requests: int, extra: list[str]) -> dict:
+    """The service in a second process under 1, 8 and 32 clients of single-image requests."""
+    import httpx
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "bloodcell", "serve", "--model", str(model),
+                               "--port", str(port), *extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/v1/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        url = f"http://127.0.0.1:{port}/v1/predict"
+        load_test(url, payload, 100, 8)  # warm-up: worker processes started, sessions warm
+        return {"clients_1": load_test(url, payload, 300, 1), "clients_8": load_test(url, payload, requests, 8),
+                "clients_32": load_test(url, payload, requests, 32)}
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--run", type=Path, default=Path("src/bloodcell/default_model"))
     parser.add_argument("--pbc", type=Path, default=HERE.parent.parent / "shared" / "data" / "pbc224")
     parser.add_argument("--check", type=Path, default=Path("runs/demo/curated"),
                         help="curated data whose validation split calibrates and scores static int8")
+    parser.add_argument("--sections", default="backends,steps,folder,service")
+    parser.add_argument("--reference", type=Path, help="predictions CSV of the same model from an earlier version")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--requests", type=int, default=2000)
-    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--serve-args", default="", help="extra `bloodcell serve` options, e.g. '--workers 2'")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "inference.json")
     args = parser.parse_args()
+    sections = set(args.sections.split(","))
 
-    import torch
-
-    from bloodcell.data import preprocess
-    from bloodcell.models import load_model
-    from bloodcell.inference import ParallelRunner, load_predictor, onnx_session
+    from bloodcell.inference import load_predictor
     from bloodcell.inference.export import check_set, export_onnx
 
-    files = sorted(args.pbc.glob("*/*.jpg"))[:: max(len(list(args.pbc.glob("*/*.jpg"))) // args.batch, 1)][: args.batch]
+    every = sorted(args.pbc.glob("*/*.jpg"))
+    files = every[:: max(len(every) // args.batch, 1)][: args.batch]
     images = [np.asarray(Image.open(f).convert("RGB")) for f in files]
-    results: dict = {"run": str(args.run), "cpus": os.cpu_count()}
+    results: dict = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    results.update({"run": str(args.run), "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine()})
+    with open("/proc/cpuinfo") as cpuinfo:
+        results["cpu_flags"] = sorted({flag for line in cpuinfo if line.startswith("flags")
+                                       for flag in line.split()[2:] if flag in ("avx2", "avx512f", "avx512_vnni", "avx_vnni")})
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = Path(tmp) / "model.onnx"
         # int8 agreement with float and accuracy, on the validation split when there is one (else PBC images).
         check_images, check_labels = check_set(args.check, 512) if args.check.is_dir() else (images[:64], None)
-        export = export_onnx(args.run, onnx_path, check_images, quantize=True, check_labels=check_labels)
-        results["export"] = {k: v for k, v in export.items() if not k.startswith("onnx")}
-        results["cpu_flags"] = sorted({flag for line in open("/proc/cpuinfo") if line.startswith("flags")
-                                       for flag in line.split()[2:] if flag in ("avx2", "avx512f", "avx512_vnni", "avx_vnni")})
-        predictors = {"pytorch_eager": load_predictor(args.run), "onnxruntime": load_predictor(onnx_path),
-                      "onnxruntime_int8_dynamic_fc": load_predictor(export["onnx_int8"])}
-        if args.check.is_dir():
-            static = export_onnx(args.run, Path(tmp) / "static.onnx", check_images, "static", check_labels)
-            results["export_static_int8"] = {k: v for k, v in static.items() if not k.startswith("onnx")}
-            predictors["onnxruntime_int8_static"] = load_predictor(static["onnx_int8"])
-        size = predictors["onnxruntime"].image_size
-        framing = predictors["onnxruntime"].framing
-        batch = np.ascontiguousarray(np.stack([preprocess(im, size, framing) for im in images]).transpose(0, 3, 1, 2))
-        results["image_size"] = size
-        results["framing"] = framing
-        # Preprocessing of decoded 224 px images, one thread: the resize alone, and with the
-        # cell-framing step (localisation and crop) that a model trained with framing adds.
-        from bloodcell.data.framing import FramingConfig
-
-        results["preprocess_images_per_s_one_thread"] = {
-            "resize": batch_rate(lambda b: [preprocess(im, size) for im in b], images, 3),
-            "framing_and_resize": batch_rate(lambda b: [preprocess(im, size, framing or FramingConfig().model_dump())
-                                                        for im in b], images, 3)}
-        runners = {name: p.run for name, p in predictors.items()}
-        # What each export/runtime choice contributes: the same graph run as one call on
-        # two threads, and the plain traced graph (run-time 'SAME' padding, Pad nodes).
-        two_threads = onnx_session(onnx_path, threads=2)
-        runners["onnxruntime_one_call_2_threads"] = lambda b: two_threads.run(None, {"images": b})[0]
-        plain = Path(tmp) / "plain.onnx"
-        net = load_model(args.run)[0]
-        torch.onnx.export(net, (torch.zeros(1, 3, size, size, dtype=torch.uint8),), str(plain), input_names=["images"],
-                          output_names=["logits"], dynamic_axes={"images": {0: "batch"}}, opset_version=17, dynamo=False)
-        runners["onnxruntime_plain_export"] = ParallelRunner(onnx_session(plain))
-        results["batch_images_per_s"] = {name: batch_rate(run, batch) for name, run in runners.items()}
-        for name, rate in results["batch_images_per_s"].items():
-            print(f"{name:32s} {rate:8.0f} images/s")
-        del predictors, runners
-
-        port = free_port()
-        server = subprocess.Popen([sys.executable, "-m", "bloodcell.cli", "serve", "--model", str(onnx_path),
-                                   "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            import httpx
-
-            deadline = time.time() + 60
-            while time.time() < deadline:
-                try:
-                    if httpx.get(f"http://127.0.0.1:{port}/v1/health").status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    time.sleep(0.2)
+        export = export_onnx(args.run, onnx_path, check_images, quantize="backends" in sections, check_labels=check_labels)
+        predictor = load_predictor(onnx_path)
+        if "backends" in sections:
+            results.update(backends(args, onnx_path, export, images, check_images, check_labels, Path(tmp)))
+        if "steps" in sections:
+            results["steps"] = step_costs(predictor, onnx_path, files)
+            print(json.dumps(results["steps"], indent=1))
+        if "folder" in sections:
+            folder = folder_rate(onnx_path, args.pbc, Path(tmp) / "predictions.csv")
+            allowed = results.get("steps", {}).get("allowed_images_per_s")
+            if allowed:
+                folder["parallel_efficiency"] = folder["images_per_s"] / allowed
+                folder["cli_parallel_efficiency"] = folder["cli_images_per_s"] / allowed
+            if args.reference:
+                folder["answers_vs_reference"] = compare_csv(Path(tmp) / "predictions.csv", args.reference)
+            results["folder"] = folder
+            print(json.dumps(folder, indent=1))
+        if "service" in sections:
             buffer = io.BytesIO()
             Image.fromarray(images[0]).save(buffer, "PNG")
-            url = f"http://127.0.0.1:{port}/v1/predict"
-            load_test(url, buffer.getvalue(), 50, 1)  # warm-up
-            # Latency of a single request with nothing else in flight, then under load.
-            results["service_single_client"] = load_test(url, buffer.getvalue(), 300, 1)
-            results["service"] = load_test(url, buffer.getvalue(), args.requests, args.clients)
-        finally:
-            server.terminate()
-            server.wait(timeout=20)
+            service = service_load(onnx_path, buffer.getvalue(), args.requests, args.serve_args.split())
+            service["serve_args"] = args.serve_args
+            folder_rate_now = results.get("folder", {}).get("images_per_s")
+            if folder_rate_now:
+                service["throughput_8_over_predict"] = service["clients_8"]["throughput_rps"] / folder_rate_now
+            service["p99_8_over_p50_1"] = service["clients_8"]["p99_ms"] / service["clients_1"]["p50_ms"]
+            results["service"] = service
+            results.pop("service_single_client", None)
+            print(json.dumps(service, indent=1))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
-    print(json.dumps(results, indent=2))
+
+
+def backends(args, onnx_path: Path, export: dict, images, check_images, check_labels, tmp: Path) -> dict:
+    """Batch images/s of each backend and export choice on identical preprocessed batches."""
+    import torch
+
+    from bloodcell.data import preprocess_batch
+    from bloodcell.inference import ParallelRunner, load_predictor, onnx_session
+    from bloodcell.inference.export import export_onnx
+    from bloodcell.models import load_model
+
+    results = {"export": {k: v for k, v in export.items() if not k.startswith("onnx")}}
+    predictors = {"pytorch_eager": load_predictor(args.run), "onnxruntime": load_predictor(onnx_path),
+                  "onnxruntime_int8_dynamic_fc": load_predictor(export["onnx_int8"])}
+    if args.check.is_dir():
+        static = export_onnx(args.run, tmp / "static.onnx", check_images, "static", check_labels)
+        results["export_static_int8"] = {k: v for k, v in static.items() if not k.startswith("onnx")}
+        predictors["onnxruntime_int8_static"] = load_predictor(static["onnx_int8"])
+    size = predictors["onnxruntime"].image_size
+    framing = predictors["onnxruntime"].framing
+    batch = np.ascontiguousarray(preprocess_batch(images, size, framing).transpose(0, 3, 1, 2))
+    results["image_size"] = size
+    results["framing"] = framing
+    runners = {name: p.run for name, p in predictors.items()}
+    # What each export/runtime choice contributes: the same graph run as one call on
+    # two threads, and the plain traced graph (run-time 'SAME' padding, Pad nodes).
+    two_threads = onnx_session(onnx_path, threads=2)
+    runners["onnxruntime_one_call_2_threads"] = lambda b: two_threads.run(None, {"images": b})[0]
+    plain = tmp / "plain.onnx"
+    net = load_model(args.run)[0]
+    torch.onnx.export(net, (torch.zeros(1, 3, size, size, dtype=torch.uint8),), str(plain), input_names=["images"],
+                      output_names=["logits"], dynamic_axes={"images": {0: "batch"}}, opset_version=17, dynamo=False)
+    runners["onnxruntime_plain_export"] = ParallelRunner(onnx_session(plain))
+    results["batch_images_per_s"] = {name: batch_rate(run, batch) for name, run in runners.items()}
+    for name, rate in results["batch_images_per_s"].items():
+        print(f"{name:32s} {rate:8.0f} images/s")
+    return results
 
 
 if __name__ == "__main__":

@@ -455,3 +455,105 @@ def test_default_model_predicts_and_looks_at_the_cell(original_files):
     rate = float(np.mean(hits))
     print(f"Grad-CAM on the stained cell for {rate:.0%} of {len(hits)} real images")
     assert rate > 0.5
+
+
+def test_prediction_on_worker_processes_matches_in_process(onnx_model, cells, tmp_path):
+    """Files, an .npz and a broken file: the same rows and the same refusals with or without workers."""
+    folder = tmp_path / "cells"
+    folder.mkdir()
+    for index in range(21):
+        Image.fromarray(cells[index % len(cells)][index:, :]).save(folder / f"cell{index:02d}.png")
+    (folder / "cell05.png").write_bytes(b"\x89PNG cut short")
+    np.savez(tmp_path / "more.npz", images=np.stack([c[:200, :200] for c in cells[:5]]), labels=np.zeros(5, int))
+    predictor = load_predictor(onnx_model["onnx"])
+    inputs = [folder, tmp_path / "more.npz"]
+    here, refused_here = predict_paths(predictor, inputs, batch_size=4, workers=0)
+    pooled, refused_pooled = predict_paths(predictor, inputs, batch_size=4, workers=2)
+    assert len(here) == 25 and [path for path, _ in refused_here] == [str(folder / "cell05.png")]
+    assert pooled == here and refused_pooled == refused_here
+    alone = predictor.scores([np.asarray(Image.open(folder / "cell07.png"))])[0][0]
+    assert here[6]["pred"] == predictor.class_names[int(alone.argmax())]
+
+
+def test_the_batcher_gathers_concurrent_requests_into_one_network_call():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bloodcell.service.batcher import DynamicBatcher
+
+    calls = []
+
+    def score(batch):
+        calls.append(len(batch))
+        time.sleep(0.02)  # a network call long enough for requests to queue behind it
+        return batch.reshape(len(batch), -1)[:, :3].astype(np.float32), batch[:, 0, 0, 0].astype(np.float32)
+
+    batcher = DynamicBatcher(score, max_batch=16, window_s=0.05)
+    requests = [np.full((1 + n % 3, 3, 2, 2), n, dtype=np.uint8) for n in range(12)]
+    for _ in requests:
+        batcher.expect()
+    with ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(lambda batch: batcher.submit(batch).result(timeout=10), requests))
+    for batch, (probs, ood) in zip(requests, answers):  # each request gets its own rows back
+        assert len(probs) == len(batch) and np.all(probs == batch[0, 0, 0, 0]) and np.all(ood == batch[0, 0, 0, 0])
+    assert sum(calls) == sum(len(b) for b in requests) and max(calls) <= 16
+    assert len(calls) < len(requests) / 2
+    # Alone, a request is not held back for the window.
+    start = time.perf_counter()
+    batcher.submit(requests[0], expected=False).result(timeout=10)
+    assert time.perf_counter() - start < 0.045
+    # A failing network call fails its requests, and the batcher goes on.
+    broken = DynamicBatcher(lambda batch: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        broken.submit(requests[0], expected=False).result(timeout=10)
+    with pytest.raises(ZeroDivisionError):
+        broken.submit(requests[1], expected=False).result(timeout=10)
+
+
+def test_the_service_answers_concurrent_clients_as_it_answers_one(onnx_model, cells):
+    """Real HTTP, 8 clients at once: every answer equals the one-at-a-time answer for its image."""
+    import httpx
+
+    app = create_app(onnx_model["onnx"], prep_workers=2, batch_window_ms=20)
+    images = [png_bytes(image) for image in cells[:8]]
+    with serving(app) as url:
+        def ask(index):
+            with httpx.Client(timeout=30) as client:
+                files = [("files", (f"c{index}.png", images[index], "image/png"))]
+                return client.post(url + "v1/predict", files=files).json()["results"][0]["probabilities"]
+
+        alone = [ask(index) for index in range(8)]
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(8) as pool:
+            together = list(pool.map(ask, list(range(8)) * 3))
+    for index, probabilities in enumerate(together):
+        assert probabilities == pytest.approx(alone[index % 8], abs=1e-5)
+    assert app.state.batcher.images == 8 + 24 and app.state.batcher.batches < 8 + 24  # some calls held several
+
+
+def test_serve_with_several_server_processes(onnx_model, cells, tmp_path):
+    import subprocess
+    import sys
+
+    import httpx
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "bloodcell", "serve", "--model", str(onnx_model["onnx"]),
+                               "--port", str(port), "--workers", "2"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, url = time.time() + 90, f"http://127.0.0.1:{port}"
+        while time.time() < deadline:
+            try:
+                if httpx.get(url + "/v1/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        files = [("files", ("a.png", png_bytes(cells[0]), "image/png"))]
+        answers = [httpx.post(url + "/v1/predict", files=files, timeout=30) for _ in range(6)]
+        assert all(a.status_code == 200 for a in answers)
+        assert len({json.dumps(a.json()["results"][0]["probabilities"]) for a in answers}) == 1
+    finally:
+        server.terminate()
+        output = server.communicate(timeout=30)[0]
+    assert output.count("Started server process") == 2, output[-3000:]

@@ -21,7 +21,7 @@ from bloodcell.data.framing import (
     locate_cells,
     stain_score,
 )
-from bloodcell.data.pipeline import Preparer, prepare_entries
+from bloodcell.data.pipeline import Prepared, Preparer, prepare_entries
 from bloodcell.data.sources import decode_pil
 
 from .conftest import SHARED, require
@@ -140,11 +140,36 @@ def test_worker_processes_give_the_in_process_answers_and_name_bad_entries(tmp_p
     assert "empty file" in here.failed[0][1] and "truncated" in here.failed[1][1]
     assert here.batch.shape == (len(entries) - 2, 3, 48, 48) and here.batch.flags["C_CONTIGUOUS"]
     assert here.kept == [p for p in range(len(entries)) if p not in (10, 21)]
-    chunks = [entries[i : i + 7] for i in range(0, len(entries), 7)]
+    # A small first chunk: later, larger chunks outgrow its shared slot and come back through the pipe.
+    chunks = [entries[:2]] + [entries[i : i + 7] for i in range(2, len(entries), 7)]
     with Preparer(48, framing, workers=2) as preparer:
-        pooled = list(preparer.map(chunks, ahead=2))
+        # Batches from workers are views of shared-memory slots used in turn: copied as they come.
+        pooled = [Prepared(p.batch.copy(), p.kept, p.failed) for p in preparer.map(chunks, ahead=2)]
     assert np.array_equal(np.concatenate([p.batch for p in pooled]), here.batch)
-    assert [7 * n + p for n, c in enumerate(pooled) for p, _ in c.failed] == [10, 21]
+    starts = np.cumsum([0] + [len(chunk) for chunk in chunks])
+    assert [int(starts[n]) + p for n, c in enumerate(pooled) for p, _ in c.failed] == [10, 21]
     # The in-process path of the same class agrees too.
     inline = list(Preparer(48, framing, workers=0).map(chunks))
     assert np.array_equal(np.concatenate([p.batch for p in inline]), here.batch)
+
+
+SCRIPT = """
+import sys
+from bloodcell.data.pipeline import Preparer
+# No `if __name__ == "__main__":` guard: the workers must not run this file again.
+with Preparer(32, None, workers=2) as preparer:
+    batches = [p.batch.copy() for p in preparer.map([[sys.argv[1]] * 3] * 4)]
+print("shapes", sorted({b.shape for b in batches}))
+"""
+
+
+def test_a_script_without_a_main_guard_can_use_workers(tmp_path):
+    import subprocess
+    import sys
+
+    Image.fromarray(smear()).save(tmp_path / "cell.png")
+    (tmp_path / "script.py").write_text(SCRIPT)
+    done = subprocess.run([sys.executable, str(tmp_path / "script.py"), str(tmp_path / "cell.png")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "shapes [(3, 3, 32, 32)]"

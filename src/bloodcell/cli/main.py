@@ -520,12 +520,18 @@ def serve(
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="BLOODCELL_API_KEY",
                                           help="Ask every /v1 request for this key (X-API-Key header)."),
     detector: str = typer.Option("default", "--detector", help="The cell detector for whole fields (/v1/count): a train-detector run, or 'default'."),
+    workers: int = typer.Option(1, "--workers", help="Server processes on the one port (more where there are many cores)."),
+    prep_workers: Optional[int] = typer.Option(None, "--prep-workers",
+                                               help="Processes decoding uploads, per server process (default: its share of the cores; 0: none)."),
+    batch_window_ms: float = typer.Option(4.0, "--batch-window-ms",
+                                          help="How long a network batch waits for concurrent requests already on their way."),
 ):
     """Serve the web page at / and the API at /v1 (OpenAPI docs at /docs)."""
     with user_errors():
         from ..service.app import serve as run_server
 
-        run_server(model, host, port, api_key=api_key, detector=detector,
+        run_server(model, host, port, api_key=api_key, detector=detector, workers=workers, prep_workers=prep_workers,
+                   batch_window_ms=batch_window_ms,
                    warn=lambda line: console.print(Text.assemble(("warning:", "yellow"), f" {line}"), highlight=False))
 
 

@@ -18,7 +18,7 @@ from ..core.errors import BloodcellError
 from ..data import Source, evaluation_source
 from ..data.splits import load_split
 from ..inference import Predictor, load_predictor
-from ..models.shift import batch_shift, out_of_distribution
+from ..models.ood import batch_shift, out_of_distribution
 from .metrics import abstain_table, compute_metrics
 from .plots import plot_confusion, plot_corruption_heatmap, plot_reliability
 from .robustness import corruption_accuracy

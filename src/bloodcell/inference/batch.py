@@ -13,8 +13,8 @@ import numpy as np
 from ..core.classes import WHITE_CELLS
 from ..core.errors import BloodcellError, ImageReadError
 from ..data import IMAGE_EXTENSIONS, load_item, open_source
-from ..data.pipeline import Preparer, usable_cores
-from ..models.shift import batch_shift, out_of_distribution
+from ..data.pipeline import Preparer, usable_cores, warm_up
+from ..models.ood import batch_shift, out_of_distribution
 from .predictor import Predictor
 
 
@@ -54,6 +54,9 @@ def predict_paths(predictor: Predictor, paths: Iterable[str | Path], batch_size:
     at least ``POOL_FROM_IMAGES`` images; 0: in this process) while the network runs on the
     batches already prepared (bloodcell.data.pipeline). Answers are the same either way.
     """
+    paths = [Path(p) for p in paths]
+    if workers or (workers is None and (len(paths) >= POOL_FROM_IMAGES or any(p.is_dir() for p in paths))):
+        warm_up()  # the workers' server boots while the folders are listed
     items, bad = collect_inputs(paths)
     if workers is None:
         workers = usable_cores() if len(items) >= POOL_FROM_IMAGES else 0

@@ -21,14 +21,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from .ood import OOD_THRESHOLD, batch_shift, out_of_distribution
+
 SHIFT_FILE = "shift.safetensors"
-# A score above this is out of distribution: the threshold is folded into the score itself.
-OOD_THRESHOLD = 1.0
-
-
-def out_of_distribution(scores: np.ndarray | float) -> np.ndarray | bool:
-    """Whether each score lies beyond the training lab's threshold."""
-    return np.asarray(scores) > OOD_THRESHOLD
+__all__ = ["OOD_THRESHOLD", "SHIFT_FILE", "ShiftHead", "batch_shift", "fit_shift_head", "out_of_distribution"]
 
 
 class ShiftHead(nn.Module):
@@ -100,18 +96,3 @@ def fit_shift_head(features: np.ndarray, labels: np.ndarray, val_features: np.nd
         distances = head.squared_distance(torch.as_tensor(np.asarray(val_features), dtype=torch.float32)).numpy()
     threshold = float(np.quantile(distances, quantile)) if len(distances) else 1.0
     return ShiftHead(head.means, head.precision, max(threshold, 1e-6))
-
-
-def batch_shift(scores: np.ndarray) -> dict:
-    """A batch's verdict from its images' scores: flagged when its median image lies beyond the threshold.
-
-    One image in a hundred of the training lab's own lies beyond it by construction, so the
-    median of a batch of the lab's images almost never does; most of another lab's images do.
-    """
-    scores = np.asarray(scores, dtype=np.float64)
-    if len(scores) == 0:
-        return {"flagged": False, "images_flagged": 0, "images": 0, "score": None}
-    median = float(np.median(scores))
-    return {"flagged": bool(out_of_distribution(median)), "images_flagged": int(out_of_distribution(scores).sum()),
-            "images": len(scores),
-            "score": round(median, 4)}

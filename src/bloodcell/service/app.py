@@ -9,11 +9,13 @@ constant time) guards every ``/v1`` route but ``/v1/health``.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import json
 import logging
 import os
+from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
 
@@ -27,8 +29,10 @@ from fastapi.responses import HTMLResponse, JSONResponse  # noqa: E402
 
 from ..core.errors import BloodcellError, ImageReadError  # noqa: E402
 from ..data import decode_bytes  # noqa: E402
+from ..data.pipeline import Preparer, usable_cores  # noqa: E402
 from ..inference import differential_count, load_predictor  # noqa: E402
-from ..models.shift import batch_shift, out_of_distribution  # noqa: E402
+from ..models.ood import batch_shift, out_of_distribution  # noqa: E402
+from .batcher import DynamicBatcher  # noqa: E402
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # a whole request
 MAX_IMAGE_PIXELS = 25_000_000  # one image
@@ -59,12 +63,18 @@ def is_loopback(host: str) -> bool:
 
 
 def create_app(model: str | Path, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_IMAGE_PIXELS,
-               abstain_below: float = 0.7, api_key: str | None = None, detector: str | Path | None = "default") -> FastAPI:
+               abstain_below: float = 0.7, api_key: str | None = None, detector: str | Path | None = "default",
+               prep_workers: int | None = None, max_batch: int = 64, batch_window_ms: float = 4.0) -> FastAPI:
     """The app for one model (and one cell detector for whole fields, None for none).
 
     ``api_key`` (or ``BLOODCELL_API_KEY``) makes every /v1 route but health ask for it.
+    /v1/predict decodes and preprocesses on ``prep_workers`` processes (None: one per core;
+    0: on the request's thread), and concurrent requests share network calls of up to
+    ``max_batch`` images, waiting at most ``batch_window_ms`` for requests already on their way.
     """
     predictor = load_predictor(model)
+    preparer = Preparer(predictor.image_size, predictor.framing, prep_workers, max_pixels)
+    batcher = DynamicBatcher(predictor.prepared_scores, max_batch, batch_window_ms / 1000)
     counter, no_counter = None, "this service has no cell detector: start it with --detector RUN"
     if detector is not None:
         from ..inference.count import FieldCounter
@@ -77,7 +87,13 @@ def create_app(model: str | Path, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_
                 raise
             no_counter = str(exc)
     api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
-    app = FastAPI(title="bloodcell", version="1", description="Peripheral blood cell classification")
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        preparer.close()
+
+    app = FastAPI(title="bloodcell", version="1", description="Peripheral blood cell classification", lifespan=lifespan)
+    app.state.batcher = batcher
     card = _model_card(predictor.source)
 
     def error(status: int, message: str, file: str | None = None) -> JSONResponse:
@@ -134,19 +150,47 @@ def create_app(model: str | Path, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_
                 "file": first["file"], "errors": errors})
         return images, names, indices, errors
 
-    # Plain (sync) endpoints: FastAPI runs them on its thread pool, so concurrent
-    # requests share the one loaded session, which is thread-safe.
+    async def read_bytes(files: list[UploadFile]):
+        """(names, contents), or the error response that refuses the whole request."""
+        if len(files) > MAX_FILES:
+            return error(413, f"{len(files)} files in one request; at most {MAX_FILES}")
+        names, contents, total = [], [], 0
+        for index, upload in enumerate(files):
+            name = upload.filename or f"image{index}"
+            data = await upload.read(max_upload_bytes + 1)
+            total += len(data)
+            if total > max_upload_bytes:
+                return error(413, f"upload over the limit of {max_upload_bytes} bytes", name)
+            names.append(name)
+            contents.append(data)
+        return names, contents
+
+    # The event loop never decodes: uploads are decoded and preprocessed on worker processes,
+    # and the network runs on the batcher's thread, over concurrent requests at once.
     @app.post("/v1/predict")
-    def predict(files: list[UploadFile] = File(..., description="one or more images")):
-        read = read_uploads(files)
+    async def predict(files: list[UploadFile] = File(..., description="one or more images")):
+        read = await read_bytes(files)
         if isinstance(read, JSONResponse):
             return read
-        images, names, indices, errors = read
-        probs, ood = predictor.scores(images)
+        names, contents = read
+        batcher.expect()
+        try:
+            prepared = await asyncio.wrap_future(preparer.submit(contents))
+        except BaseException:
+            batcher.withdraw()
+            raise
+        errors = [{"index": position, "file": names[position], "error": reason} for position, reason in prepared.failed]
+        if not prepared.kept:
+            batcher.withdraw()
+            first = errors[0]
+            return JSONResponse(status_code=422, content={
+                "error": first["error"] if len(errors) == 1 else f"none of the {len(errors)} files is a readable image",
+                "file": first["file"], "errors": errors})
+        probs, ood = await batcher(prepared.batch)
         results = []
-        for position, (index, name, row) in enumerate(zip(indices, names, probs)):
+        for position, (index, row) in enumerate(zip(prepared.kept, probs)):
             confidence = float(row.max())
-            result = {"index": index, "file": name, "class": predictor.class_names[int(row.argmax())],
+            result = {"index": index, "file": names[index], "class": predictor.class_names[int(row.argmax())],
                       "confidence": confidence, "abstained": confidence < abstain_below}
             if ood is not None:
                 result["ood_score"] = float(ood[position])
@@ -198,11 +242,34 @@ def create_app(model: str | Path, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_
     return app
 
 
+SERVE_OPTIONS_ENV = "BLOODCELL_SERVE_OPTIONS"
+
+
+def app_from_environment() -> FastAPI:
+    """The app built from the options `serve` left in the environment: each of uvicorn's worker processes calls it."""
+    options = json.loads(os.environ[SERVE_OPTIONS_ENV])
+    return create_app(options.pop("model"), **options)
+
+
 def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          warn=log.warning, detector: str | Path | None = "default", **limits) -> None:
+          warn=log.warning, detector: str | Path | None = "default", workers: int = 1, **options) -> None:
+    """Run the service with uvicorn; ``workers`` > 1 starts that many server processes on the one port.
+
+    Each process loads the model and prepares images on its share of the cores (``prep_workers``
+    defaults to the usable cores divided among the server processes).
+    """
     uvicorn = require("uvicorn", "bloodcell serve")
     api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
     if not api_key and not is_loopback(host):
         warn(f"listening on {host}, reachable from other machines, with no API key: anyone who can reach it can "
              f"use it; pass --api-key or set {API_KEY_ENV}")
-    uvicorn.run(create_app(model, api_key=api_key, detector=detector, **limits), host=host, port=port, log_level="info")
+    if workers <= 1:
+        uvicorn.run(create_app(model, api_key=api_key, detector=detector, **options), host=host, port=port,
+                    log_level="info")
+        return
+    if options.get("prep_workers") is None:
+        options["prep_workers"] = max(usable_cores() // workers, 1)
+    os.environ[SERVE_OPTIONS_ENV] = json.dumps({"model": str(model), "api_key": api_key,
+                                                "detector": None if detector is None else str(detector), **options})
+    uvicorn.run("bloodcell.service.app:app_from_environment", factory=True, workers=workers, host=host, port=port,
+                log_level="info")

@@ -1,0 +1,104 @@
+"""Dynamic batching: concurrent requests' images go through the network as one batch.
+
+One thread owns the network. A request hands it a prepared batch and awaits the answer;
+the thread takes what is queued, and while more requests are known to be on their way
+(accepted, still being decoded) it waits for them up to a small window, then runs the network
+once on everything gathered and hands each request its rows. With one client nothing waits:
+a request that arrives alone is run at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+
+import numpy as np
+
+Scores = tuple[np.ndarray, np.ndarray | None]  # (probabilities, out-of-distribution scores or None)
+
+
+class DynamicBatcher:
+    """Run ``score`` (uint8 (N, 3, S, S) -> :data:`Scores`) over requests gathered into batches.
+
+    ``window_s``: how long a batch may wait for requests already on their way; ``max_batch``:
+    the most images in one network call (a request larger than that runs alone).
+    """
+
+    def __init__(self, score: Callable[[np.ndarray], Scores], max_batch: int = 64, window_s: float = 0.004):
+        self.score, self.max_batch, self.window_s = score, max_batch, window_s
+        self.queue: queue.Queue[tuple[np.ndarray, Future]] = queue.Queue()
+        self._incoming = 0
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._held: tuple[np.ndarray, Future] | None = None  # did not fit the last batch: starts the next
+        self.batches = 0  # network calls made, and the images they held (for tests and /v1/model)
+        self.images = 0
+
+    def expect(self) -> None:
+        """A request was accepted and will call :meth:`submit` (or :meth:`withdraw`) soon."""
+        with self._lock:
+            self._incoming += 1
+
+    def withdraw(self) -> None:
+        """An expected request will not come (nothing in it was readable)."""
+        with self._lock:
+            self._incoming -= 1
+
+    def submit(self, batch: np.ndarray, expected: bool = True) -> Future:
+        """Queue a prepared batch; a Future of its :data:`Scores`."""
+        future: Future = Future()
+        if expected:
+            self.withdraw()
+        self.queue.put((batch, future))
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="bloodcell-batcher", daemon=True)
+                self._thread.start()
+        return future
+
+    async def __call__(self, batch: np.ndarray, expected: bool = True) -> Scores:
+        return await asyncio.wrap_future(self.submit(batch, expected))
+
+    def _gather(self) -> list[tuple[np.ndarray, Future]]:
+        items = [self._held or self.queue.get()]
+        self._held = None
+        total = len(items[0][0])
+        deadline = time.monotonic() + self.window_s
+        while total < self.max_batch:
+            try:
+                item = self.queue.get_nowait()
+            except queue.Empty:
+                remaining = deadline - time.monotonic()
+                if self._incoming <= 0 or remaining <= 0:
+                    break
+                try:
+                    item = self.queue.get(timeout=min(remaining, 0.0005))
+                except queue.Empty:
+                    continue
+            if total + len(item[0]) > self.max_batch:
+                self._held = item
+                break
+            items.append(item)
+            total += len(item[0])
+        return items
+
+    def _run(self) -> None:
+        while True:
+            items = self._gather()
+            try:
+                probs, ood = self.score(np.concatenate([batch for batch, _ in items]))
+            except Exception as exc:  # noqa: BLE001 - handed to every request of the batch
+                for _, future in items:
+                    future.set_exception(exc)
+                continue
+            self.batches += 1
+            self.images += len(probs)
+            start = 0
+            for batch, future in items:
+                end = start + len(batch)
+                future.set_result((probs[start:end], None if ood is None else ood[start:end]))
+                start = end
