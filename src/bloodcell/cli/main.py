@@ -525,13 +525,14 @@ def serve(
                                                help="Processes decoding uploads, per server process (default: its share of the cores; 0: none)."),
     batch_window_ms: float = typer.Option(4.0, "--batch-window-ms",
                                           help="How long a network batch waits for concurrent requests already on their way."),
+    access_log: bool = typer.Option(False, "--access-log", help="Log a line per request."),
 ):
     """Serve the web page at / and the API at /v1 (OpenAPI docs at /docs)."""
     with user_errors():
         from ..service.app import serve as run_server
 
         run_server(model, host, port, api_key=api_key, detector=detector, workers=workers, prep_workers=prep_workers,
-                   batch_window_ms=batch_window_ms,
+                   batch_window_ms=batch_window_ms, access_log=access_log,
                    warn=lambda line: console.print(Text.assemble(("warning:", "yellow"), f" {line}"), highlight=False))
 
 
