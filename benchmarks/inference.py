@@ -147,22 +147,25 @@ def compare_csv(new: Path, reference: Path) -> dict:
             "max_probability_difference": diff, "note": "CSV probabilities are rounded to 6 decimals"}
 
 
-def folder_rate(model: Path, folder: Path, out: Path) -> dict:
-    """predict_paths + CSV over a folder in this process, and the CLI from start to CSV."""
+def folder_rate(model: Path, folder: Path, out: Path, repeats: int = 3) -> dict:
+    """predict_paths + CSV over a folder in this process, and the CLI from start to CSV; medians of ``repeats``."""
     from bloodcell.inference import load_predictor, predict_paths, write_predictions
 
     predictor = load_predictor(model)
-    start = time.perf_counter()
-    rows, bad = predict_paths(predictor, [folder])
-    write_predictions(rows, predictor.class_names, out)
-    seconds = time.perf_counter() - start
-    cli_out = out.with_name("cli.csv")
-    start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "bloodcell", "predict", str(folder), "--model", str(model), "--out",
-                    str(cli_out)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    cli_seconds = time.perf_counter() - start
-    return {"images": len(rows), "refused": len(bad), "seconds": seconds, "images_per_s": len(rows) / seconds,
-            "cli_seconds": cli_seconds, "cli_images_per_s": len(rows) / cli_seconds}
+    seconds, cli_seconds = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        rows, bad = predict_paths(predictor, [folder])
+        write_predictions(rows, predictor.class_names, out)
+        seconds.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "bloodcell", "predict", str(folder), "--model", str(model), "--out",
+                        str(out.with_name("cli.csv"))], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cli_seconds.append(time.perf_counter() - start)
+    median, cli_median = float(np.median(seconds)), float(np.median(cli_seconds))
+    return {"images": len(rows), "refused": len(bad), "repeats": repeats, "seconds": median, "seconds_each": seconds,
+            "images_per_s": len(rows) / median, "cli_seconds": cli_median, "cli_seconds_each": cli_seconds,
+            "cli_images_per_s": len(rows) / cli_median}
 
 
 def service_load(model: Path, payload: bytes, requests: int, extra: list[str]) -> dict:

@@ -310,11 +310,14 @@ def predict(
     batch_size: int = typer.Option(64, "--batch-size"),
 ):
     """Classify images; print a differential count; exit non-zero only when nothing could be read."""
+    from ..data.pipeline import warm_up
     from ..inference import differential_count, load_predictor, predict_paths, shift_summary, write_predictions
 
     with user_errors():
         if fmt not in ("csv", "json"):
             raise BloodcellError(f"--format must be csv or json, got {fmt!r}")
+        if any(p.is_dir() for p in paths) or len(paths) >= 1024:
+            warm_up()  # decoding workers boot while the model loads
         predictor = load_predictor(model)
         with progress_bar() as bar:
             rows, bad = predict_paths(predictor, [str(p) for p in paths], batch_size=batch_size,
