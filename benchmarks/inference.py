@@ -21,7 +21,6 @@ Writes benchmarks/results/inference.json (sections not run keep their earlier fi
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import platform
