@@ -89,20 +89,27 @@ def load_test(url: str, payload: bytes, requests: int, clients: int) -> dict:
             "p99_ms": float(np.percentile(ms, 99)), "throughput_rps": len(latencies) / wall}
 
 
-def step_costs(predictor, onnx_path: Path, files: list[Path], repeats: int = 3) -> dict:
-    """Milliseconds per image on one thread for each step, best of ``repeats``; the rate they allow."""
+def step_costs(predictor, onnx_path: Path, files: list[Path], stream: list[Path], repeats: int = 3) -> dict:
+    """Milliseconds per image for each step on one thread, and the rate they allow on this machine's cores.
+
+    ``stream``: distinct files (2,048), each decoded and preprocessed once, as a folder run sees
+    them; the figures on ``files`` (256) are the best of ``repeats`` passes over the same images
+    (warm caches, the lower bound). The network's cost is counted both ways: one single-thread
+    session on batches of 64, and as predict runs it (on every core at once: wall time x cores,
+    the issue's "0.56 ms per image on 2 threads" counted as 1.12 core-ms).
+    """
     from bloodcell.data import decode_file, preprocess_batch
     from bloodcell.data.framing import FramingConfig
     from bloodcell.data.sources import decode_pil
     from bloodcell.inference import onnx_session
 
-    def best(fn) -> float:
+    def best(fn, count: int, passes: int = repeats) -> float:
         times = []
-        for _ in range(repeats):
+        for _ in range(passes):
             start = time.perf_counter()
             fn()
             times.append(time.perf_counter() - start)
-        return 1000 * min(times) / len(files)
+        return 1000 * min(times) / count
 
     size, framing = predictor.image_size, predictor.framing or FramingConfig().model_dump()
     decode_pil(files[0])
@@ -113,20 +120,36 @@ def step_costs(predictor, onnx_path: Path, files: list[Path], repeats: int = 3) 
     batch = preprocess_batch(arrays, size, predictor.framing).transpose(0, 3, 1, 2).copy()
     session.run(None, {"images": batch[:8]})
     steps = {
-        "decode_ms": best(lambda: [decode_pil(f) for f in files]),
-        "decode_to_numpy_ms": best(lambda: [decode_file(f) for f in files]),
-        "resize_ms": best(lambda: [preprocess_batch(arrays[i : i + 64], size) for i in chunks]),
-        "framing_and_resize_ms": best(lambda: [preprocess_batch(arrays[i : i + 64], size, framing) for i in chunks]),
-        "resize_from_pillow_ms": best(lambda: [preprocess_batch(pils[i : i + 64], size) for i in chunks]),
+        "decode_ms": best(lambda: [decode_pil(f) for f in files], len(files)),
+        "decode_to_numpy_ms": best(lambda: [decode_file(f) for f in files], len(files)),
+        "resize_ms": best(lambda: [preprocess_batch(arrays[i : i + 64], size) for i in chunks], len(files)),
+        "framing_and_resize_ms": best(lambda: [preprocess_batch(arrays[i : i + 64], size, framing) for i in chunks],
+                                      len(files)),
+        "resize_from_pillow_ms": best(lambda: [preprocess_batch(pils[i : i + 64], size) for i in chunks], len(files)),
         "framing_and_resize_from_pillow_ms": best(lambda: [preprocess_batch(pils[i : i + 64], size, framing)
-                                                          for i in chunks]),
-        "network_ms_one_thread": best(lambda: [session.run(None, {"images": batch[i : i + 64]}) for i in chunks]),
+                                                          for i in chunks], len(files)),
+        "network_ms_one_thread": best(lambda: [session.run(None, {"images": batch[i : i + 64]}) for i in chunks],
+                                      len(files)),
+        "network_core_ms_all_cores": usable_cores() * best(lambda: predictor.run(batch), len(files)),
     }
-    preprocess_ms = steps["framing_and_resize_from_pillow_ms" if predictor.framing else "resize_from_pillow_ms"]
-    per_image = steps["decode_ms"] + preprocess_ms + steps["network_ms_one_thread"]
+    # The stream: distinct images, one pass, in the order a folder is read.
+    start = time.perf_counter()
+    decoded = [decode_pil(f)[0] for f in stream]
+    steps["stream_decode_ms"] = 1000 * (time.perf_counter() - start) / len(stream)
+    start = time.perf_counter()
+    for i in range(0, len(stream), 64):
+        preprocess_batch(decoded[i : i + 64], size, predictor.framing)
+    steps["stream_preprocess_ms"] = 1000 * (time.perf_counter() - start) / len(stream)
     cores = usable_cores()
-    return {**steps, "images": len(files), "cores": cores, "framing_over_resize": steps["framing_and_resize_ms"] / steps["resize_ms"],
-            "core_ms_per_image": per_image, "allowed_images_per_s": 1000 * cores / per_image}
+    preprocess_ms = steps["framing_and_resize_from_pillow_ms" if predictor.framing else "resize_from_pillow_ms"]
+    per_image = steps["stream_decode_ms"] + steps["stream_preprocess_ms"] + steps["network_core_ms_all_cores"]
+    strict = steps["decode_ms"] + preprocess_ms + steps["network_ms_one_thread"]
+    return {**steps, "images": len(files), "stream_images": len(stream), "cores": cores,
+            "framing_over_resize": steps["framing_and_resize_ms"] / steps["resize_ms"],
+            "core_ms_per_image": per_image, "allowed_images_per_s": 1000 * cores / per_image,
+            "strict_core_ms_per_image": strict, "strict_allowed_images_per_s": 1000 * cores / strict,
+            "note": "allowed: stream decode + stream preprocess + network as predict runs it; strict: warm "
+                    "best-of-3 decode and preprocess + a one-thread network session"}
 
 
 def compare_csv(new: Path, reference: Path) -> dict:
@@ -226,7 +249,8 @@ def main():
         if "backends" in sections:
             results.update(backends(args, onnx_path, export, images, check_images, check_labels, Path(tmp)))
         if "steps" in sections:
-            results["steps"] = step_costs(predictor, onnx_path, files)
+            stream = every[len(every) // 2 :: max(len(every) // 4096, 1)][:2048]
+            results["steps"] = step_costs(predictor, onnx_path, files, stream)
             print(json.dumps(results["steps"], indent=1))
         if "folder" in sections:
             folder = folder_rate(onnx_path, args.pbc, Path(tmp) / "predictions.csv")
@@ -234,6 +258,7 @@ def main():
             if allowed:
                 folder["parallel_efficiency"] = folder["images_per_s"] / allowed
                 folder["cli_parallel_efficiency"] = folder["cli_images_per_s"] / allowed
+                folder["cli_parallel_efficiency_strict"] = folder["cli_images_per_s"] / results["steps"]["strict_allowed_images_per_s"]
             if args.reference:
                 folder["answers_vs_reference"] = compare_csv(Path(tmp) / "predictions.csv", args.reference)
             results["folder"] = folder

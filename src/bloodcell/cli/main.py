@@ -526,8 +526,8 @@ def serve(
     workers: int = typer.Option(1, "--workers", help="Server processes on the one port (more where there are many cores)."),
     prep_workers: Optional[int] = typer.Option(None, "--prep-workers",
                                                help="Processes decoding uploads, per server process (default: its share of the cores; 0: none)."),
-    batch_window_ms: float = typer.Option(4.0, "--batch-window-ms",
-                                          help="How long a network batch waits for concurrent requests already on their way."),
+    batch_window_ms: float = typer.Option(0.0, "--batch-window-ms",
+                                          help="How long a network batch also waits for requests still being decoded (requests that queue while the network runs are batched anyway)."),
     access_log: bool = typer.Option(False, "--access-log", help="Log a line per request."),
 ):
     """Serve the web page at / and the API at /v1 (OpenAPI docs at /docs)."""

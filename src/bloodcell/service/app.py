@@ -65,7 +65,7 @@ def is_loopback(host: str) -> bool:
 
 def create_app(model: str | Path, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_IMAGE_PIXELS,
                abstain_below: float = 0.7, api_key: str | None = None, detector: str | Path | None = "default",
-               prep_workers: int | None = None, max_batch: int = 64, batch_window_ms: float = 4.0) -> FastAPI:
+               prep_workers: int | None = None, max_batch: int = 64, batch_window_ms: float = 0.0) -> FastAPI:
     """The app for one model (and one cell detector for whole fields, None for none).
 
     ``api_key`` (or ``BLOODCELL_API_KEY``) makes every /v1 route but health ask for it.

@@ -1,10 +1,10 @@
 """Dynamic batching: concurrent requests' images go through the network as one batch.
 
 One thread owns the network. A request hands it a prepared batch and awaits the answer;
-the thread takes what is queued, and while more requests are known to be on their way
-(accepted, still being decoded) it waits for them up to a small window, then runs the network
-once on everything gathered and hands each request its rows. With one client nothing waits:
-a request that arrives alone is run at once.
+the thread takes everything queued (the requests that arrived while it ran the last batch),
+optionally waits up to a small window for requests known to be on their way (accepted, still
+being decoded), then runs the network once on all of it and hands each request its rows. With
+one client nothing waits: a request that arrives alone is run at once.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ class DynamicBatcher:
     the most images in one network call (a request larger than that runs alone).
     """
 
-    def __init__(self, score: Callable[[np.ndarray], Scores], max_batch: int = 64, window_s: float = 0.004):
+    def __init__(self, score: Callable[[np.ndarray], Scores], max_batch: int = 64, window_s: float = 0.0):
         self.score, self.max_batch, self.window_s = score, max_batch, window_s
         self.queue: queue.Queue[tuple[np.ndarray, Future]] = queue.Queue()
         self._incoming = 0
