@@ -173,3 +173,16 @@ def test_a_script_without_a_main_guard_can_use_workers(tmp_path):
                           capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "shapes [(3, 3, 32, 32)]"
+
+
+def test_folder_listing_keeps_the_order_of_sorted_paths(tmp_path):
+    from bloodcell.inference.batch import folder_images
+
+    for name in ("a/b.jpg", "a/b/c.png", "a-b/c.jpg", "a/.hidden.jpg", "a/B.JPG", "z.tif", "notes.txt", "a/b/.d/e.jpg"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "dir.jpg").mkdir()
+    expected = [str(p) for p in sorted(tmp_path.rglob("*")) if p.is_file() and not p.name.startswith(".")
+                and p.suffix.lower() in (".jpg", ".png", ".tif")]
+    assert folder_images(tmp_path) == expected
+    assert str(tmp_path / "a/b/c.png") in expected and str(tmp_path / "a/B.JPG") in expected
