@@ -254,6 +254,7 @@ def main():
         if "steps" in sections:
             stream = every[len(every) // 2 :: max(len(every) // 4096, 1)][:2048]
             results["steps"] = step_costs(predictor, onnx_path, files, stream)
+            results.pop("preprocess_images_per_s_one_thread", None)  # the one-image-at-a-time path, gone in 0.5.0
             print(json.dumps(results["steps"], indent=1))
         if "folder" in sections:
             folder = folder_rate(onnx_path, args.pbc, Path(tmp) / "predictions.csv")
