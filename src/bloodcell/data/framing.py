@@ -32,7 +32,6 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 from pydantic import BaseModel, Field
-from scipy import ndimage
 
 WORK_SIZE = 64  # localisation runs on a copy this small: fast, and blind to fine texture
 
@@ -87,7 +86,7 @@ def blob_stats(labels: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray, 
 
 # Blobs connect within an image (4-neighbours), never across the images of a stack.
 _PLANE = np.zeros((3, 3, 3), dtype=bool)
-_PLANE[1] = ndimage.generate_binary_structure(2, 1)
+_PLANE[1] = [[0, 1, 0], [1, 1, 1], [0, 1, 0]]
 
 
 def dilate(mask: np.ndarray, iterations: int) -> np.ndarray:
@@ -137,6 +136,8 @@ def locate_cells(images: list[np.ndarray | Image.Image], min_contrast: float = 1
     on PBC), at a fraction of the cost: a few calls over the stack instead of ~400 small ones
     per image.
     """
+    from scipy import ndimage  # here, not at import: `predict` leaves this work to its workers
+
     if not len(images):
         return []
     small = work_copies(images)

@@ -51,6 +51,8 @@ class Prepared:
 
 
 _MAIN_LOCK = threading.Lock()
+# What the fork server imports once, so that every worker starts with it.
+PRELOAD = [__name__, "scipy.ndimage"]
 
 
 @contextmanager
@@ -82,7 +84,7 @@ class _LibraryOnlyContext(ForkServerContext):
 def warm_up() -> None:
     """Start the fork server now (it imports this layer in the background, ~0.5 s), so workers start at once later."""
     context = _LibraryOnlyContext()
-    context.set_forkserver_preload([__name__])
+    context.set_forkserver_preload(PRELOAD)
     with _main_module_hidden():
         forkserver.ensure_running()
 
@@ -161,7 +163,7 @@ class Preparer:
         """The worker processes, started on first use (None when ``workers`` is 0)."""
         if self._pool is None and self.workers > 0:
             context = _LibraryOnlyContext()
-            context.set_forkserver_preload([__name__])
+            context.set_forkserver_preload(PRELOAD)
             self._pool = ProcessPoolExecutor(self.workers, mp_context=context)
         return self._pool
 
