@@ -20,7 +20,7 @@ import os
 import sys
 import tempfile
 import threading
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import contextmanager
@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from multiprocessing import forkserver
 from multiprocessing.context import ForkServerContext, ForkServerProcess
 from pathlib import Path
-from typing import Self
 
 import numpy as np
 
@@ -47,7 +46,6 @@ class Prepared:
     batch: np.ndarray  # uint8 (n, 3, S, S), C-contiguous: the chunk's readable images, in order
     kept: list[int]  # position in the chunk of each image of ``batch``
     failed: list[tuple[int, str]] = field(default_factory=list)  # (position in the chunk, why it was refused)
-    conversions: Counter = field(default_factory=Counter)  # what decoding had to convert ("mode P converted to RGB")
 
 
 _MAIN_LOCK = threading.Lock()
@@ -100,23 +98,21 @@ def usable_cores() -> int:
 def prepare_entries(entries: list[Entry], size: int, framing: dict | None = None,
                     max_pixels: int = DEFAULT_MAX_PIXELS) -> Prepared:
     """Decode and preprocess a chunk; unreadable entries are listed in ``failed``, never raised."""
-    images, kept, failed, conversions = [], [], [], Counter()
+    images, kept, failed = [], [], []
     for position, entry in enumerate(entries):
         if isinstance(entry, np.ndarray):
             images.append(entry)
             kept.append(position)
             continue
         try:
-            image, note = decode_pil(entry, max_pixels)
+            image, _ = decode_pil(entry, max_pixels)
         except ImageReadError as exc:
             failed.append((position, str(exc)))
             continue
         images.append(image)
         kept.append(position)
-        if note:
-            conversions[note] += 1
     batch = preprocess_batch(images, size, framing)
-    return Prepared(np.ascontiguousarray(batch.transpose(0, 3, 1, 2)), kept, failed, conversions)
+    return Prepared(np.ascontiguousarray(batch.transpose(0, 3, 1, 2)), kept, failed)
 
 
 def prepare_into(entries: list[Entry], size: int, framing: dict | None, max_pixels: int, slot: str) -> Prepared:
@@ -147,7 +143,7 @@ class Preparer:
         self.workers = usable_cores() if workers is None else max(workers, 0)
         self._pool: ProcessPoolExecutor | None = None
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> Preparer:  # noqa: PYI034 - Self needs Python 3.11
         return self
 
     def __exit__(self, *exc) -> None:

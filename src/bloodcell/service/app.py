@@ -142,17 +142,35 @@ def create_app(model: str | Path, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_
                 "shift_scores": predictor.has_shift, "count": counter is not None,
                 "explain": predictor.backend == "torch", "schema_version": predictor.contract.schema_version}
 
-    def read_uploads(files: list[UploadFile]):
-        """(images, names, indices, errors), or the error response that refuses the whole request."""
+    def read_contents(files: list[UploadFile]):
+        """(names, contents), or the error response that refuses the whole request (too many, too large)."""
         if len(files) > MAX_FILES:
             return error(413, f"{len(files)} files in one request; at most {MAX_FILES}")
-        images, names, indices, errors, total = [], [], [], [], 0
+        names, contents, total = [], [], 0
         for index, upload in enumerate(files):
             name = upload.filename or f"image{index}"
-            data = upload.file.read(max_upload_bytes + 1)
+            data = upload.file.read(max_upload_bytes + 1)  # spooled by Starlette: in memory up to 1 MB
             total += len(data)
             if total > max_upload_bytes:
                 return error(413, f"upload over the limit of {max_upload_bytes} bytes", name)
+            names.append(name)
+            contents.append(data)
+        return names, contents
+
+    def unreadable(errors: list[dict]) -> JSONResponse:
+        """The answer to a request none of whose files could be read."""
+        first = errors[0]
+        return JSONResponse(status_code=422, content={
+            "error": first["error"] if len(errors) == 1 else f"none of the {len(errors)} files is a readable image",
+            "file": first["file"], "errors": errors})
+
+    def read_uploads(files: list[UploadFile]):
+        """(images, names, indices, errors) decoded here, or the error response that refuses the whole request."""
+        read = read_contents(files)
+        if isinstance(read, JSONResponse):
+            return read
+        images, names, indices, errors = [], [], [], []
+        for index, (name, data) in enumerate(zip(*read)):
             try:
                 image, _ = decode_bytes(data, max_pixels)
             except ImageReadError as exc:
@@ -161,33 +179,13 @@ def create_app(model: str | Path, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_
             images.append(image)
             names.append(name)
             indices.append(index)
-        if not images:
-            first = errors[0]
-            return JSONResponse(status_code=422, content={
-                "error": first["error"] if len(errors) == 1 else f"none of the {len(errors)} files is a readable image",
-                "file": first["file"], "errors": errors})
-        return images, names, indices, errors
-
-    async def read_bytes(files: list[UploadFile]):
-        """(names, contents), or the error response that refuses the whole request."""
-        if len(files) > MAX_FILES:
-            return error(413, f"{len(files)} files in one request; at most {MAX_FILES}")
-        names, contents, total = [], [], 0
-        for index, upload in enumerate(files):
-            name = upload.filename or f"image{index}"
-            data = await upload.read(max_upload_bytes + 1)
-            total += len(data)
-            if total > max_upload_bytes:
-                return error(413, f"upload over the limit of {max_upload_bytes} bytes", name)
-            names.append(name)
-            contents.append(data)
-        return names, contents
+        return (images, names, indices, errors) if images else unreadable(errors)
 
     # The event loop never decodes: uploads are decoded and preprocessed on worker processes,
     # and the network runs on the batcher's thread, over concurrent requests at once.
     @app.post("/v1/predict")
     async def predict(files: list[UploadFile] = File(..., description="one or more images")):
-        read = await read_bytes(files)
+        read = read_contents(files)
         if isinstance(read, JSONResponse):
             return read
         names, contents = read
@@ -200,10 +198,7 @@ def create_app(model: str | Path, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_
         errors = [{"index": position, "file": names[position], "error": reason} for position, reason in prepared.failed]
         if not prepared.kept:
             batcher.withdraw()
-            first = errors[0]
-            return JSONResponse(status_code=422, content={
-                "error": first["error"] if len(errors) == 1 else f"none of the {len(errors)} files is a readable image",
-                "file": first["file"], "errors": errors})
+            return unreadable(errors)
         probs, ood = await batcher(prepared.batch)
         results = []
         for position, (index, row) in enumerate(zip(prepared.kept, probs)):
