@@ -525,7 +525,7 @@ def serve(
     detector: str = typer.Option("default", "--detector", help="The cell detector for whole fields (/v1/count): a train-detector run, or 'default'."),
     workers: int = typer.Option(1, "--workers", help="Server processes on the one port (more where there are many cores)."),
     prep_workers: Optional[int] = typer.Option(None, "--prep-workers",
-                                               help="Processes decoding uploads, per server process (default: its share of the cores; 0: none)."),
+                                               help="Processes decoding uploads, per server process (default: its share of the cores less one; 0: decode in the server process)."),
     batch_window_ms: float = typer.Option(0.0, "--batch-window-ms",
                                           help="How long a network batch also waits for requests still being decoded (requests that queue while the network runs are batched anyway)."),
     access_log: bool = typer.Option(False, "--access-log", help="Log a line per request."),

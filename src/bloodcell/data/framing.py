@@ -15,10 +15,9 @@ The window keeps a fixed fraction of the image rather than scaling to the cell, 
 size relative to its neighbouring red cells, a cue that separates lymphocytes from monocytes
 and platelets from everything, is kept.
 
-Localisation is classical: `benchmarks/inference.py` measures framing and resize at 970
-images/s on one thread against 2,173 for the resize alone (about 0.57 ms more per image,
-which costs the service about a third of its throughput under load). On a 64 px copy, a stain
-score (purple: red and blue above green; plus darkness) is thresholded halfway between the
+Localisation is classical, and runs over a whole batch at once (:func:`locate_cells`): on
+one thread, framing and resize cost 1.38x the resize alone (`benchmarks/inference.py`: 0.55
+against 0.40 ms per 224 px image). On a 64 px copy, a stain score (purple: red and blue above green; plus darkness) is thresholded halfway between the
 image's median and its 99.5th percentile, so it adapts to faded, washed-out or over-exposed
 images; the connected blob with the largest area weighted by nearness to the centre is the
 cell, together with the stained blobs touching it (lobed nuclei, granules). An image with no

@@ -1,8 +1,9 @@
 """The one preprocessing path: decoded RGB uint8 -> framing (optional) -> resize.
 
 Training, evaluation, prediction, export checks and the service all call :func:`preprocess`
-with what the model's contract records (``image_size``, ``framing``); normalisation is inside
-the network (:class:`bloodcell.models.Classifier`).
+(one image) or :func:`preprocess_batch` (a list, the same answers) with what the model's
+contract records (``image_size``, ``framing``); normalisation is inside the network
+(:class:`bloodcell.models.Classifier`).
 """
 
 from __future__ import annotations

@@ -70,7 +70,7 @@ def create_app(model: str | Path, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_
 
     ``api_key`` (or ``BLOODCELL_API_KEY``) makes every /v1 route but health ask for it.
     /v1/predict decodes and preprocesses on ``prep_workers`` processes (None: one per core but
-    one; 0: on the request's thread), and concurrent requests share network calls of up to
+    one; 0: in the server process itself, on its event loop), and concurrent requests share network calls of up to
     ``max_batch`` images, waiting at most ``batch_window_ms`` for requests already on their way.
     """
     predictor = load_predictor(model)
