@@ -464,12 +464,15 @@ def test_prediction_on_worker_processes_matches_in_process(onnx_model, cells, tm
     for index in range(21):
         Image.fromarray(cells[index % len(cells)][index:, :]).save(folder / f"cell{index:02d}.png")
     (folder / "cell05.png").write_bytes(b"\x89PNG cut short")
+    for index in range(4):  # a whole chunk of unreadable files
+        (folder / f"bad{index}.png").write_bytes(b"not an image")
     np.savez(tmp_path / "more.npz", images=np.stack([c[:200, :200] for c in cells[:5]]), labels=np.zeros(5, int))
     predictor = load_predictor(onnx_model["onnx"])
     inputs = [folder, tmp_path / "more.npz"]
     here, refused_here = predict_paths(predictor, inputs, batch_size=4, workers=0)
     pooled, refused_pooled = predict_paths(predictor, inputs, batch_size=4, workers=2)
-    assert len(here) == 25 and [path for path, _ in refused_here] == [str(folder / "cell05.png")]
+    assert len(here) == 25
+    assert [path for path, _ in refused_here] == [str(folder / f"bad{i}.png") for i in range(4)] + [str(folder / "cell05.png")]
     assert pooled == here and refused_pooled == refused_here
     alone = predictor.scores([np.asarray(Image.open(folder / "cell07.png"))])[0][0]
     assert here[6]["pred"] == predictor.class_names[int(alone.argmax())]

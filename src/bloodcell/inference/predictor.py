@@ -88,11 +88,14 @@ class Predictor:
         network's feature space, than 99% of that lab's own held-out images (bloodcell.models.shift).
         """
         if not images:
-            empty = np.zeros((0, len(self.class_names)), dtype=np.float32)
-            return empty, (np.zeros(0, dtype=np.float32) if self.has_shift else None)
+            return self.prepared_scores(np.zeros((0, 3, self.image_size, self.image_size), dtype=np.uint8))
         return self.prepared_scores(self.prepare_batch(images))
 
     def prepared_scores(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(probabilities, out-of-distribution scores or None) for a prepared uint8 (N, 3, S, S) batch."""
+        if not len(batch):  # a chunk none of whose files could be read
+            return (np.zeros((0, len(self.class_names)), dtype=np.float32),
+                    np.zeros(0, dtype=np.float32) if self.has_shift else None)
         batch = np.ascontiguousarray(batch)
         if self.run_with_shift is None:
             return self.softmax(self.run(batch)), None
