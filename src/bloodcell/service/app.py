@@ -94,9 +94,6 @@ def create_app(model: str | Path, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_
     api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        if os.environ.get("GCEXP"):
-            import gc
-            gc.collect(); gc.freeze(); gc.set_threshold(*map(int, os.environ["GCEXP"].split(",")))
         yield
         preparer.close()
 
