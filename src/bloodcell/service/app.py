@@ -92,6 +92,7 @@ def create_app(model: str | Path, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_
                 raise
             no_counter = str(exc)
     api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
