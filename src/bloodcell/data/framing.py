@@ -16,7 +16,7 @@ size relative to its neighbouring red cells, a cue that separates lymphocytes fr
 and platelets from everything, is kept.
 
 Localisation is classical, and runs over a whole batch at once (:func:`locate_cells`): on
-one thread, framing and resize cost 1.38x the resize alone (`benchmarks/inference.py`: 0.55
+one thread, framing and resize cost 1.35x the resize alone (`benchmarks/inference.py`: 0.54
 against 0.40 ms per 224 px image). On a 64 px copy, a stain score (purple: red and blue above green; plus darkness) is thresholded halfway between the
 image's median and its 99.5th percentile, so it adapts to faded, washed-out or over-exposed
 images; the connected blob with the largest area weighted by nearness to the centre is the
