@@ -87,6 +87,10 @@ def test_crops_drop_cells_mostly_outside_and_clip_the_rest():
     kept = clip_boxes(boxes, 0, 0, 100, 100)
     assert kept.kinds.tolist() == [0, 1]  # the third is 14% inside: dropped
     np.testing.assert_allclose(kept.xyxy[1], [85, 85, 100, 100])
+    # A lower bar keeps slivers, as the data's own labels at a field's edge do.
+    sliver = clip_boxes(boxes, 0, 0, 100, 100, min_visible=0.1)
+    assert sliver.kinds.tolist() == [0, 1, 2]
+    np.testing.assert_allclose(sliver.xyxy[2], [95, 0, 100, 10])
 
 
 def test_zoomed_out_samples_tile_fields_and_keep_boxes_inside():

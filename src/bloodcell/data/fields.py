@@ -268,11 +268,12 @@ def clip_boxes(boxes: Boxes, left: float, top: float, width: int, height: int, m
 
 
 def mosaic(fields: list[tuple[np.ndarray, Boxes]], size: int, crop: int, zoom: float,
-           rng: np.random.Generator) -> tuple[np.ndarray, Boxes]:
+           rng: np.random.Generator, min_visible: float = 0.35) -> tuple[np.ndarray, Boxes]:
     """A crop x crop training sample at ``zoom`` times the letterbox scale of ``size``.
 
     Zoomed in, one field is cropped; zoomed out, fields are tiled side by side until the crop
     is full, so small cells come with a full frame of neighbours rather than empty canvas.
+    A cell cut by a tile's or the crop's edge keeps its box when ``min_visible`` of it is inside.
     """
     first = fields[0][0]
     tiles = []
@@ -289,13 +290,13 @@ def mosaic(fields: list[tuple[np.ndarray, Boxes]], size: int, crop: int, zoom: f
         r, c = divmod(index, cols)
         h, w = min(image.shape[0], canvas_h - r * tile_h), min(image.shape[1], canvas_w - c * tile_w)
         canvas[r * tile_h : r * tile_h + h, c * tile_w : c * tile_w + w] = image[:h, :w]
-        placed = clip_boxes(boxes, -c * tile_w, -r * tile_h, c * tile_w + w, r * tile_h + h)
-        placed = clip_boxes(placed, c * tile_w, r * tile_h, w, h)
+        placed = clip_boxes(boxes, -c * tile_w, -r * tile_h, c * tile_w + w, r * tile_h + h, min_visible)
+        placed = clip_boxes(placed, c * tile_w, r * tile_h, w, h, min_visible)
         xyxy.append(placed.xyxy + np.array([c * tile_w, r * tile_h] * 2, np.float32))
         kinds.append(placed.kinds)
     top, left = int(rng.integers(0, canvas_h - crop + 1)), int(rng.integers(0, canvas_w - crop + 1))
     out = canvas[top : top + crop, left : left + crop]
-    boxes = clip_boxes(Boxes(np.concatenate(xyxy), np.concatenate(kinds)), left, top, crop, crop)
+    boxes = clip_boxes(Boxes(np.concatenate(xyxy), np.concatenate(kinds)), left, top, crop, crop, min_visible)
     return np.ascontiguousarray(out), boxes
 
 
@@ -340,7 +341,8 @@ def blank_sample(fields: list[tuple[np.ndarray, Boxes]], crop: int, rng: np.rand
 
 def training_sample(fields: list[tuple[np.ndarray, Boxes]], size: int, crop: int, rng: np.random.Generator,
                     patches: list[PastePatch] | None = None, zoom: tuple[float, float] = (0.3, 1.5),
-                    platelets: tuple[int, int] = (0, 4), blank_p: float = 0.0) -> tuple[np.ndarray, Boxes]:
+                    platelets: tuple[int, int] = (0, 4), blank_p: float = 0.0,
+                    min_visible: float = 0.35) -> tuple[np.ndarray, Boxes]:
     """One augmented crop: pasted platelets, zoom (log-uniform), tiling, flips, turns and colour; or, with
     probability ``blank_p``, an empty field."""
     if blank_p and rng.random() < blank_p:
@@ -352,6 +354,6 @@ def training_sample(fields: list[tuple[np.ndarray, Boxes]], size: int, crop: int
             image, boxes = paste_platelets(image, boxes, patches, int(rng.integers(platelets[0], platelets[1] + 1)), rng)
         pasted.append((image, boxes))
     z = float(np.exp(rng.uniform(np.log(zoom[0]), np.log(zoom[1]))))
-    image, boxes = mosaic(pasted, size, crop, z, rng)
+    image, boxes = mosaic(pasted, size, crop, z, rng, min_visible)
     image, boxes = flip_rotate(image, boxes, rng)
     return colour_jitter(image, rng), boxes

@@ -64,6 +64,8 @@ class DetectorTrainConfig(BaseModel):
     zoom: tuple[float, float] = Field((0.3, 1.5), description="log-uniform zoom range around the letterbox scale")
     fields_per_sample: int = Field(4, ge=1, description="fields tiled side by side when zoomed out")
     blank_p: float = Field(0.05, ge=0, le=1, description="share of samples that are empty fields (no cells, no boxes)")
+    min_visible: float = Field(0.35, ge=0, le=1, description="a cell cut by a training crop's edge keeps its box when this "
+                               "share of it is inside (the data's own labels include slivers at the field's edge)")
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     warmup_steps: int = Field(300, ge=0)
@@ -175,7 +177,7 @@ def train_detector(config: DetectorTrainConfig | None = None, resume: Path | Non
             for _ in range(config.batch_size):
                 chosen = [train_fields[i] for i in rng.integers(len(train_fields), size=config.fields_per_sample)]
                 image, boxes = training_sample(chosen, size, config.crop, rng, patches, config.zoom,
-                                               (0, config.max_pasted), config.blank_p)
+                                               (0, config.max_pasted), config.blank_p, config.min_visible)
                 images.append(torch.from_numpy(image).permute(2, 0, 1).float() / 255.0)
                 targets.append({"boxes": torch.from_numpy(boxes.xyxy).reshape(-1, 4), "labels": torch.from_numpy(boxes.kinds)})
             losses = model(images, targets)
