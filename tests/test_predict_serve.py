@@ -175,6 +175,11 @@ def test_predict_command(onnx_model, original_files, tmp_path):
     assert "skipped " in result.output and "[yellow]" not in result.output  # styled, not raw markup
     nothing = runner.invoke(cli, ["predict", str(tmp_path / "missing.jpg"), "--model", onnx_model["onnx"]])
     assert nothing.exit_code == 2 and "no image could be read" in nothing.output
+    # Two decoding processes, asked for: the same file written.
+    again = runner.invoke(cli, ["predict", str(original_files[0]), "--model", onnx_model["onnx"], "--out",
+                                str(tmp_path / "again.csv"), "--workers", "2"])
+    assert again.exit_code == 0, again.output
+    assert (tmp_path / "again.csv").read_text().splitlines()[1] == out.read_text().splitlines()[1]
 
 
 def test_out_of_distribution_scores_travel_with_the_model(run, onnx_model, cells):

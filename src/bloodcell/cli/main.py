@@ -308,6 +308,8 @@ def predict(
     fmt: str = typer.Option("csv", "--format", help="csv or json"),
     abstain_below: float = typer.Option(0.7, help="Mark cells below this confidence for a person to check."),
     batch_size: int = typer.Option(64, "--batch-size"),
+    workers: Optional[int] = typer.Option(None, "--workers",
+                                          help="Processes decoding images (default: one per core from 1,024 images; 0: none)."),
 ):
     """Classify images; print a differential count; exit non-zero only when nothing could be read."""
     from ..data.pipeline import warm_up
@@ -316,11 +318,11 @@ def predict(
     with user_errors():
         if fmt not in ("csv", "json"):
             raise BloodcellError(f"--format must be csv or json, got {fmt!r}")
-        if any(p.is_dir() for p in paths) or len(paths) >= 1024:
+        if workers != 0 and (workers or any(p.is_dir() for p in paths) or len(paths) >= 1024):
             warm_up()  # decoding workers boot while the model loads
         predictor = load_predictor(model)
         with progress_bar() as bar:
-            rows, bad = predict_paths(predictor, [str(p) for p in paths], batch_size=batch_size,
+            rows, bad = predict_paths(predictor, [str(p) for p in paths], batch_size=batch_size, workers=workers,
                                       abstain_below=abstain_below,
                                       progress=item_progress(bar)(f"predicting ({predictor.backend})", None))
         for path, reason in bad:
