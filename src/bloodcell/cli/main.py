@@ -312,14 +312,13 @@ def predict(
                                           help="Processes decoding images (default: one per core from 1,024 images; 0: none)."),
 ):
     """Classify images; print a differential count; exit non-zero only when nothing could be read."""
-    from ..data.pipeline import warm_up
     from ..inference import differential_count, load_predictor, predict_paths, shift_summary, write_predictions
+    from ..inference.batch import boot_workers_for
 
     with user_errors():
         if fmt not in ("csv", "json"):
             raise BloodcellError(f"--format must be csv or json, got {fmt!r}")
-        if workers != 0 and (workers or any(p.is_dir() for p in paths) or len(paths) >= 1024):
-            warm_up()  # decoding workers boot while the model loads
+        boot_workers_for(paths, workers)  # while the model loads
         predictor = load_predictor(model)
         with progress_bar() as bar:
             rows, bad = predict_paths(predictor, [str(p) for p in paths], batch_size=batch_size, workers=workers,

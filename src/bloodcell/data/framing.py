@@ -17,11 +17,12 @@ and platelets from everything, is kept.
 
 Localisation is classical, and runs over a whole batch at once (:func:`locate_cells`): on
 one thread, framing and resize cost 1.35x the resize alone (`benchmarks/inference.py`: 0.54
-against 0.40 ms per 224 px image). On a 64 px copy, a stain score (purple: red and blue above green; plus darkness) is thresholded halfway between the
-image's median and its 99.5th percentile, so it adapts to faded, washed-out or over-exposed
-images; the connected blob with the largest area weighted by nearness to the centre is the
-cell, together with the stained blobs touching it (lobed nuclei, granules). An image with no
-stain contrast is cropped around its centre.
+against 0.40 ms per 224 px image). On a 64 px copy, a stain score (purple: red and blue
+above green; plus darkness) is thresholded halfway between the image's median and its 99.5th
+percentile, so it adapts to faded, washed-out or over-exposed images; the connected blob
+with the largest area weighted by nearness to the centre is the cell, together with the
+stained blobs touching it (lobed nuclei, granules). An image with no stain contrast is
+cropped around its centre.
 """
 
 from __future__ import annotations

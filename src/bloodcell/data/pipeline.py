@@ -79,10 +79,15 @@ class _LibraryOnlyContext(ForkServerContext):
     Process = _LibraryOnlyProcess
 
 
-def warm_up() -> None:
-    """Start the fork server now (it imports this layer in the background, ~0.5 s), so workers start at once later."""
+def _context() -> _LibraryOnlyContext:
     context = _LibraryOnlyContext()
     context.set_forkserver_preload(PRELOAD)
+    return context
+
+
+def warm_up() -> None:
+    """Start the fork server now (it imports this layer in the background, ~0.5 s), so workers start at once later."""
+    _context()
     with _main_module_hidden():
         forkserver.ensure_running()
 
@@ -158,9 +163,7 @@ class Preparer:
     def pool(self) -> ProcessPoolExecutor | None:
         """The worker processes, started on first use (None when ``workers`` is 0)."""
         if self._pool is None and self.workers > 0:
-            context = _LibraryOnlyContext()
-            context.set_forkserver_preload(PRELOAD)
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=context)
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=_context())
         return self._pool
 
     def __call__(self, entries: list[Entry]) -> Prepared:

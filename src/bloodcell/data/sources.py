@@ -243,7 +243,7 @@ def decode_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.
 
 
 def decode_stream(stream, max_pixels: int) -> tuple[np.ndarray, str | None]:
-    """Decode an open file or path to RGB uint8 (see :func:`decode_pil`)."""
+    """Decode a path, an open file or bytes to RGB uint8 (see :func:`decode_pil`)."""
     image, note = decode_pil(stream, max_pixels)
     return (np.asarray(image) if isinstance(image, Image.Image) else image), note
 

@@ -59,6 +59,16 @@ def collect_inputs(paths: Iterable[str | Path]) -> tuple[list[tuple[str, object]
 POOL_FROM_IMAGES = 1024
 
 
+def boot_workers_for(paths: list[Path], workers: int | None) -> None:
+    """Start the decoding workers' fork server now when a job on ``paths`` may use workers.
+
+    It boots in the background (~0.3 s), so callers call this before slow steps of their own
+    (listing folders, loading the model). A job that turns out small still runs in-process.
+    """
+    if workers or (workers is None and (len(paths) >= POOL_FROM_IMAGES or any(p.is_dir() for p in paths))):
+        warm_up()
+
+
 def predict_paths(predictor: Predictor, paths: Iterable[str | Path], batch_size: int = 64, workers: int | None = None,
                   abstain_below: float = 0.0, progress: Callable[[int], None] | None = None) -> tuple[list[dict], list[tuple[str, str]]]:
     """Predict every readable image under ``paths``; returns (rows, [(path, reason) refused]).
@@ -68,8 +78,7 @@ def predict_paths(predictor: Predictor, paths: Iterable[str | Path], batch_size:
     batches already prepared (bloodcell.data.pipeline). Answers are the same either way.
     """
     paths = [Path(p) for p in paths]
-    if workers or (workers is None and (len(paths) >= POOL_FROM_IMAGES or any(p.is_dir() for p in paths))):
-        warm_up()  # the workers' server boots while the folders are listed
+    boot_workers_for(paths, workers)  # while the folders are listed
     items, bad = collect_inputs(paths)
     if workers is None:
         workers = usable_cores() if len(items) >= POOL_FROM_IMAGES else 0

@@ -272,8 +272,8 @@ def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key:
     """Run the service with uvicorn; ``workers`` > 1 starts that many server processes on the one port.
 
     Each process loads the model and prepares images on its share of the cores (``prep_workers``
-    defaults to the usable cores divided among the server processes, less one for the process itself). ``access_log``: a line per
-    request (off by default: at hundreds of requests a second it costs a tenth of the throughput).
+    defaults to the usable cores divided among the server processes, less one for the process
+    itself). ``access_log``: a line per request, off by default.
     """
     uvicorn = require("uvicorn", "bloodcell serve")
     api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
