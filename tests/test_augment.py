@@ -73,3 +73,44 @@ def test_a_smaller_output_size_shrinks_every_kind_of_transform(cell, settings):
     assert out.dtype == torch.uint8 and out.shape == (3, 48, 48)
     if settings == NOTHING:  # a plain resize: the same picture, smaller
         assert abs(out.float().mean() - cell.float().mean()) < 3
+
+
+def test_amplitude_mix_keeps_the_cell_and_takes_the_donors_look(cell, tmp_path):
+    """FACT's amplitude mix: with the image as its own donor nothing changes; with another lab's
+    cell the colours move towards the donor's while the shapes (the phase) stay the image's."""
+    from bloodcell.data.augment import AmplitudeMix
+
+    assert torch.allclose(AmplitudeMix(cell[None], 1.0)(cell).float(), cell.float(), atol=1)
+    yellow = torch.zeros_like(cell)
+    yellow[0], yellow[1], yellow[2] = 230, 210, 90  # a flat yellow field: all its energy at frequency 0
+    torch.manual_seed(0)
+    mix = AmplitudeMix(yellow[None], 1.0)
+    outs = [mix(cell) for _ in range(20)]
+    assert all(out.dtype == torch.uint8 and out.shape == cell.shape for out in outs)
+    blue_drop = [float(cell[2].float().mean() - out[2].float().mean()) for out in outs]
+    assert max(blue_drop) > 20  # the mean colour moves towards the donor's
+    grey = cell.float().mean(0)
+    for out in outs:  # the cell's edges stay where they were
+        corr = torch.corrcoef(torch.stack([grey.flatten(), out.float().mean(0).flatten()]))[0, 1]
+        assert corr > 0.5
+
+
+def test_foreign_style_loads_donors_through_the_preprocessing_and_skips_bad_files(cell, tmp_path):
+    from bloodcell.core.errors import BloodcellError
+    from bloodcell.data.augment import load_donors
+
+    donors = tmp_path / "other_lab"
+    (donors / "a").mkdir(parents=True)
+    Image.fromarray(cell.permute(1, 2, 0).numpy()).save(donors / "a" / "cell.png")
+    Image.fromarray(cell.permute(1, 2, 0).numpy()).resize((90, 70)).save(donors / "b.jpg")
+    (donors / "broken.png").write_bytes(b"not an image")
+    stack = load_donors(donors, 48, {"window": 0.65, "margin": 1.5})
+    assert stack.shape == (2, 3, 48, 48) and stack.dtype == torch.uint8
+    config = AugmentConfig(**{**NOTHING, "foreign_style": donors, "foreign_style_p": 1.0})
+    with pytest.raises(ValueError, match="donors"):
+        build_transform(config, 48)
+    small = torch.nn.functional.interpolate(cell[None].float(), size=48, mode="area")[0].round().to(torch.uint8)
+    assert build_transform(config, 48, donors=stack)(small).shape == (3, 48, 48)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BloodcellError, match="no readable images"):
+        load_donors(tmp_path / "empty", 48)

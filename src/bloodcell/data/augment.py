@@ -7,6 +7,8 @@ shifts labs see: stain colour shift, defocus blur, pixelation, JPEG artefacts.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from pydantic import BaseModel, Field
 from torchvision.transforms import v2
@@ -39,6 +41,11 @@ class AugmentConfig(BaseModel):
     occlude_count: int = Field(4, ge=1, le=10, description="at most this many occluders per image")
     augmix_p: float = Field(0.0, ge=0, le=1, description="probability of AugMix (Hendrycks et al. 2020): a blend of random op chains")
     augmix_severity: int = Field(3, ge=1, le=10)
+    foreign_style: Path | None = Field(
+        None, description="a folder of unlabelled cell images from other labs: their Fourier amplitudes are mixed into "
+        "training images (FACT, Xu et al. 2021), their phases (the cell's shapes) are not used; none disables")
+    foreign_style_p: float = Field(0.5, ge=0, le=1, description="probability of an amplitude mix")
+    foreign_style_ratio: float = Field(0.8, gt=0, le=1, description="the donor's share of the amplitude is drawn from U(0, ratio)")
 
 
 class StainShift(torch.nn.Module):
@@ -111,6 +118,60 @@ class Magnify(torch.nn.Module):
         return v2.functional.resize(window, [size, size], antialias=True)
 
 
+class AmplitudeMix(torch.nn.Module):
+    """Give an image another lab's look: mix its Fourier amplitude spectrum with a donor's.
+
+    The amplitude of an image's spectrum carries its colours, contrast, lighting and sharpness;
+    the phase carries where edges are: the cell itself. FACT (Xu et al., CVPR 2021) trains on
+    ``ifft(((1 - l) |F(x)| + l |F(d)|) exp(i angle F(x)))`` with ``l ~ U(0, ratio)``, per
+    channel, for donors ``d`` from other domains. Here the donors are other labs' unlabelled
+    cells, framed like the training images; their labels are never needed.
+    """
+
+    def __init__(self, donors: torch.Tensor, ratio: float):
+        super().__init__()
+        if donors.ndim != 4 or donors.shape[1] != 3 or not len(donors):
+            raise ValueError(f"donors must be a non-empty (N, 3, H, W) stack, got {tuple(donors.shape)}")
+        self.donor_amplitudes = torch.fft.rfft2(donors.float()).abs()  # once: (N, 3, H, W//2+1)
+        self.size = donors.shape[-2:]
+        self.ratio = ratio
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        if image.shape[-2:] != self.size:  # progressive resizing: a smaller crop than the donors
+            return image
+        spectrum = torch.fft.rfft2(image.float())
+        donor = self.donor_amplitudes[int(torch.randint(len(self.donor_amplitudes), ()))]
+        share = float(torch.rand(())) * self.ratio
+        amplitude = (1 - share) * spectrum.abs() + share * donor
+        mixed = torch.fft.irfft2(torch.polar(amplitude, spectrum.angle()), s=self.size)
+        return mixed.clamp_(0, 255).round_().to(image.dtype)
+
+
+def load_donors(folder: Path, image_size: int, framing=None, limit: int = 2000) -> torch.Tensor:
+    """Every readable image under ``folder`` (sorted, at most ``limit``), through the one preprocessing
+    path (framing and resize), as a uint8 (N, 3, S, S) stack; unreadable files are skipped."""
+    import numpy as np
+
+    from ..core.errors import BloodcellError
+    from .preprocess import preprocess_batch
+    from .sources import IMAGE_EXTENSIONS, decode_pil
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise BloodcellError(f"{folder}: foreign_style is not a folder")
+    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)[:limit]
+    images = []
+    for path in paths:
+        try:
+            images.append(decode_pil(path)[0])
+        except Exception:  # noqa: BLE001 - a donor that cannot be read is just not a donor
+            continue
+    if not images:
+        raise BloodcellError(f"{folder}: no readable images to take other labs' styles from")
+    stack = preprocess_batch(images, image_size, framing)
+    return torch.from_numpy(np.ascontiguousarray(stack)).permute(0, 3, 1, 2).contiguous()
+
+
 class Rot90(torch.nn.Module):
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return torch.rot90(image, int(torch.randint(4, ())), dims=(-2, -1))
@@ -167,11 +228,13 @@ class Occlusions(torch.nn.Module):
         return out.clamp_(0, 255).round_().to(image.dtype)
 
 
-def build_transform(config: AugmentConfig, image_size: int, output_size: int | None = None) -> v2.Compose | None:
+def build_transform(config: AugmentConfig, image_size: int, output_size: int | None = None,
+                    donors: torch.Tensor | None = None) -> v2.Compose | None:
     """The per-image training transform (uint8 CHW in, uint8 CHW out), or None.
 
     ``output_size`` smaller than ``image_size`` (progressive resizing) shrinks the crop; the
-    resize is antialiased, like the random resized crop's own."""
+    resize is antialiased, like the random resized crop's own. ``donors`` are the images that
+    ``config.foreign_style`` names (:func:`load_donors`), loaded once per run by the caller."""
     output_size = output_size or image_size
     if not config.enabled:
         return v2.Resize(output_size, antialias=True) if output_size != image_size else None
@@ -188,6 +251,10 @@ def build_transform(config: AugmentConfig, image_size: int, output_size: int | N
         steps.append(Rot90())
     if config.rotation_degrees:
         steps.append(v2.RandomRotation(config.rotation_degrees))
+    if config.foreign_style is not None:
+        if donors is None:
+            raise ValueError("augment.foreign_style is set: pass its images as donors (load_donors)")
+        steps.append(v2.RandomApply([AmplitudeMix(donors, config.foreign_style_ratio)], p=config.foreign_style_p))
     if config.brightness or config.contrast or config.saturation or config.hue:
         steps.append(v2.ColorJitter(config.brightness, config.contrast, config.saturation, config.hue))
     if config.stain_matrix:

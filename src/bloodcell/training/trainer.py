@@ -23,7 +23,7 @@ from ..core.contract import ModelContract, Subclasses as ContractSubclasses
 from ..core.errors import BloodcellError
 from ..core.settings import default_weights, resolve_weights
 from ..data import training_sources
-from ..data.augment import build_transform
+from ..data.augment import build_transform, load_donors
 from ..data.splits import Split, TensorImages, load_split
 from ..evaluation.calibration import calibrate_run
 from ..evaluation.shift import fit_run_shift
@@ -90,6 +90,7 @@ class Run:
     ema: nn.Module | None = None
     rows: list[dict] = field(default_factory=list)
     progress: Progress = field(default_factory=Progress)
+    donors: torch.Tensor | None = None  # other labs' unlabelled cells, for augment.foreign_style
 
 
 def _silent(_line: str) -> None:
@@ -197,6 +198,10 @@ def prepare(config: TrainConfig, run_dir: Path, resuming: bool, device: torch.de
     val_split = load_split(sources["val"], class_names, config.image_size, framing=framing)
     log(f"data: {len(train_split.labels)} train, {len(val_split.labels)} val images at {config.image_size} px, "
         f"{len(class_names)} classes; device {device}, {dist.world} process(es)")
+    donors = None
+    if config.augment.enabled and config.augment.foreign_style is not None:
+        donors = load_donors(config.augment.foreign_style, config.image_size, framing)
+        log(f"foreign styles: {len(donors)} unlabelled cells from {config.augment.foreign_style}")
     resume_tensors = resume_meta = None
     if resuming and (run_dir / "last.safetensors").is_file():
         resume_tensors, resume_meta = load_checkpoint(run_dir / "last.safetensors")
@@ -210,7 +215,7 @@ def prepare(config: TrainConfig, run_dir: Path, resuming: bool, device: torch.de
     fit_split, criterion, parents = build_objective(config, train_split, class_names, subclasses, teachers,
                                                     sources["train"].root, device, log)
     return Run(config, run_dir, class_names, model, contract, train_split, val_split, fit_split, criterion, parents,
-               device, dist, resume_tensors, resume_meta)
+               device, dist, resume_tensors, resume_meta, donors=donors)
 
 
 def restore_progress(run: Run, log: Callable[[str], None]) -> None:
@@ -246,7 +251,7 @@ def run_epoch(run: Run, net: nn.Module, phase, phase_index: int, epoch_index: in
     # Each epoch's randomness depends only on (seed, epoch): resuming is exact.
     seed_everything(config.seed * 100_003 + epoch_index)
     size = epoch_image_size(config, epoch_index)  # smaller in the first epochs with progressive resizing
-    transform = build_transform(config.augment, config.image_size, output_size=size)  # cheap, draws nothing
+    transform = build_transform(config.augment, config.image_size, output_size=size, donors=run.donors)  # draws nothing
     loader = epoch_loader(config, run.fit_split, transform, epoch_index, run.dist, run.train_split.labels)
     on_step = None
     if progress_factory is not None and run.dist.main:
