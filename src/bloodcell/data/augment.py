@@ -154,7 +154,7 @@ def load_donors(folder: Path, image_size: int, framing=None, limit: int = 2000) 
 
     from ..core.errors import BloodcellError
     from .preprocess import preprocess_batch
-    from .sources import IMAGE_EXTENSIONS, decode_pil
+    from .sources import IMAGE_EXTENSIONS, ImageReadError, decode_pil
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -163,9 +163,11 @@ def load_donors(folder: Path, image_size: int, framing=None, limit: int = 2000) 
     images = []
     for path in paths:
         try:
-            images.append(decode_pil(path)[0])
-        except Exception:  # noqa: BLE001 - a donor that cannot be read is just not a donor
-            continue
+            image = decode_pil(path)[0]
+        except ImageReadError:
+            pass  # a donor that cannot be read is just not a donor
+        else:
+            images.append(image)
     if not images:
         raise BloodcellError(f"{folder}: no readable images to take other labs' styles from")
     stack = preprocess_batch(images, image_size, framing)
