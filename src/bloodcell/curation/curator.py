@@ -30,7 +30,7 @@ from PIL import Image
 
 from ..core.errors import BloodcellError, ImageReadError
 from ..data.sources import Item, Source, load_item, open_source
-from . import hashing
+from . import hashing, similarity
 from .config import CurateConfig, SplitConfig
 from .report import write_curation_report
 from .result import SPLITS, Curation, OutlierModel, summarise
@@ -67,6 +67,7 @@ class Scan:
     sizes: list[tuple[int, int]]
     failures: dict[int, str]  # position in source.items -> reason
     conversions: Counter
+    thumbs: np.ndarray | None = None  # (N, 32, 32, 3) uint8 (Pillow BOX): the near-duplicate search's input
 
 
 def batch_features(thumbs: np.ndarray, for_phash: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -160,7 +161,7 @@ def scan(source: Source, config: CurateConfig, progress: Callable[[int], None] |
         features[part], embedding[part] = batch_features(thumbs[part], pthumbs[part])
     dhash = hashing.dhash_codes(dthumbs)
     phash = hashing.phash_codes(pthumbs)
-    return Scan(source, ok, md5, dhash, phash, features, embedding, sizes, failures, conversions)
+    return Scan(source, ok, md5, dhash, phash, features, embedding, sizes, failures, conversions, thumbs)
 
 
 # ---------------------------------------------------------------- duplicates
@@ -177,13 +178,31 @@ def _components(n: int, pairs: np.ndarray) -> np.ndarray:
     return connected_components(graph, directed=False)[1]
 
 
-def duplicate_groups(result: Scan, config: CurateConfig) -> tuple[np.ndarray, np.ndarray]:
+def fine_thumbnails(source: Source, config: CurateConfig) -> Callable[[np.ndarray], np.ndarray]:
+    """Items at the similarity search's confirmation size, decoded again (only the few it asks for)."""
+
+    def load(positions: np.ndarray) -> np.ndarray:
+        out = np.zeros((len(positions), similarity.FINE, similarity.FINE, 3), np.uint8)
+        for k, i in enumerate(positions):
+            try:
+                image = load_item(source, source.items[int(i)], config.max_pixels)[0]
+            except ImageReadError:  # changed since the scan: it matches nothing
+                continue
+            out[k] = np.asarray(Image.fromarray(image).resize((similarity.FINE,) * 2, Image.Resampling.BOX))
+        return out
+
+    return load
+
+
+def duplicate_groups(result: Scan, config: CurateConfig) -> tuple[np.ndarray, np.ndarray, list[dict], dict]:
     """Group decoded items that are exact or near copies.
 
-    Returns (group, exact_group): per item, the id of its duplicate group and of
-    its exact (same pixels) group; -1 for unreadable items.  Near duplicates
-    must be close in *both* dHash and pHash, which keeps distinct cells apart
-    (measured on PBC: see README).
+    Returns (group, exact_group, near, looks): per item, the id of its duplicate group and of
+    its exact (same pixels) group, -1 for unreadable items; the near-duplicate pairs (item
+    positions ``a``, ``b``, ``how`` found, ``similarity``, ``turn``); and how many pairs reached
+    each look of the similarity search. Near duplicates are close in *both* dHash and pHash, or
+    pass the aligned similarity search (:mod:`bloodcell.curation.similarity`); both keep
+    distinct PBC cells apart (measured: docs/curation.md).
     """
     n = len(result.md5)
     exact_group = np.full(n, -1, dtype=np.int64)
@@ -196,11 +215,25 @@ def duplicate_groups(result: Scan, config: CurateConfig) -> tuple[np.ndarray, np
     if len(pairs):
         pdist = hashing.hamming(result.phash[reps[pairs[:, 0]]], result.phash[reps[pairs[:, 1]]])
         pairs = pairs[pdist <= config.near_phash]
+    near = [{"a": int(reps[i]), "b": int(reps[j]), "how": "hashes", "similarity": None, "turn": 0} for i, j in pairs]
+    looks: dict = {}
+    if config.near_similarity is not None and len(reps) > 1 and result.thumbs is not None:
+        load = fine_thumbnails(result.source, config)
+        found = similarity.similar_pairs(result.thumbs[reps], lambda rows: load(reps[rows]),
+                                         neighbours=config.near_neighbours, threshold=config.near_similarity,
+                                         turns=config.near_turns)
+        looks = found.looked_at
+        hashed = {tuple(sorted(p)) for p in pairs.tolist()}
+        extra = [k for k, p in enumerate(found.pairs.tolist()) if tuple(sorted(p)) not in hashed]
+        near += [{"a": int(reps[found.pairs[k, 0]]), "b": int(reps[found.pairs[k, 1]]), "how": "aligned",
+                  "similarity": round(float(found.similarity[k]), 4), "turn": int(found.turn[k])} for k in extra]
+        if extra:
+            pairs = np.concatenate([pairs.reshape(-1, 2), found.pairs[extra]])
     rep_component = _components(len(reps), pairs)
     component_of_exact = np.empty(len(first_of), dtype=np.int64)
     component_of_exact[exact_group[reps]] = rep_component
     group = np.where(exact_group >= 0, component_of_exact[np.maximum(exact_group, 0)], -1)
-    return group, exact_group
+    return group, exact_group, near, looks
 
 
 # ---------------------------------------------------------------- contaminants
@@ -316,7 +349,7 @@ def decide(result: Scan, config: CurateConfig) -> Curation:
     source = result.source
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    group, exact_group = duplicate_groups(result, config)
+    group, exact_group, near, looks = duplicate_groups(result, config)
     timings["duplicate_search_s"] = time.perf_counter() - t0
     n = len(source.items)
     labels = np.array([item.label if item.label is not None else -1 for item in source.items], dtype=np.int64)
@@ -398,7 +431,9 @@ def decide(result: Scan, config: CurateConfig) -> Curation:
     groups = {
         gid: [position[source.items[i].index] for i in idx] for gid, idx in members.items() if len(idx) > 1
     }
-    return Curation(source, config, rows, groups, model, scores, result.conversions, timings)
+    near_pairs = [{**pair, "a": position[source.items[pair["a"]].index], "b": position[source.items[pair["b"]].index]}
+                  for pair in near]
+    return Curation(source, config, rows, groups, model, scores, result.conversions, timings, near_pairs, looks)
 
 
 # ---------------------------------------------------------------- outputs

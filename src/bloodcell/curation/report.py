@@ -55,6 +55,36 @@ def _score_chart(curation: Curation) -> str | None:
     return png_data_uri(fig)
 
 
+TURN_NAMES = ("", "turned 90°", "turned 180°", "turned 270°", "mirrored", "mirrored, turned 90°",
+              "mirrored, turned 180°", "mirrored, turned 270°")
+
+
+def _near_pair_section(curation: Curation, figure, limit: int = 120) -> list[str]:
+    """Each near-duplicate pair side by side, the least similar first: those are the ones to check."""
+    pairs = curation.near_pairs
+    parts = ["<h2>Near-duplicate pairs</h2>"]
+    if not pairs:
+        return parts + ["<p>None.</p>"]
+    looks = curation.near_looks
+    if looks:
+        parts.append("<p class='muted'>Similarity search: " + ", ".join(f"{esc(k.replace('_', ' '))} {v}" for k, v in looks.items())
+                     + " pairs (each look keeps fewer; docs/curation.md).</p>")
+    ordered = sorted(pairs, key=lambda p: (p["similarity"] is not None, p["similarity"] or 0.0))
+    cards = []
+    for pair in ordered[:limit]:
+        a, b = curation.rows[pair["a"]], curation.rows[pair["b"]]
+        if pair["how"] == "hashes":
+            how = "dHash and pHash within reach"
+        else:
+            how = f"aligned similarity {pair['similarity']:.3f}" + (f", {TURN_NAMES[pair['turn']]}" if pair["turn"] else "")
+        cards.append(f"<div class='group'><div class='thumbs'>{figure(a, a['label'])}{figure(b, b['label'])}</div>"
+                     f"<span class='muted'>{esc(how)}</span></div>")
+    parts.append("<div class='cards'>" + "".join(cards) + "</div>")
+    if len(pairs) > limit:
+        parts.append(f"<p class='muted'>{len(pairs) - limit} more pairs; every member is in manifest.csv (column group).</p>")
+    return parts
+
+
 def write_curation_report(curation: Curation, summary: dict, path: Path, max_groups: int = 12) -> None:
 
     source = curation.source
@@ -79,7 +109,10 @@ def write_curation_report(curation: Curation, summary: dict, path: Path, max_gro
         table(["status", "items"], [[s, n] for s, n in statuses.items()], numeric={1}),
         f"<p>{summary['duplicate_groups']} duplicate groups, {summary['label_conflict_groups']} with conflicting labels, "
         f"{summary['contaminant_groups']} contaminants (counting a repeated picture once). "
-        f"Near duplicates: dHash &le; {curation.config.near_dhash} and pHash &le; {curation.config.near_phash} bits of 64.</p>",
+        f"Near duplicates: dHash &le; {curation.config.near_dhash} and pHash &le; {curation.config.near_phash} bits of 64"
+        + (f", or aligned similarity &ge; {curation.config.near_similarity}"
+           + (" in any quarter turn or mirror image" if curation.config.near_turns else "")
+           if curation.config.near_similarity is not None else "") + ".</p>",
     ]
     parts += ["<h2>Classes</h2>", f"<img src='{_class_chart(curation)}' alt='class distribution'>"]
     weights_path = path.parent / "class_weights.json"
@@ -146,6 +179,8 @@ def write_curation_report(curation: Curation, summary: dict, path: Path, max_gro
         )
     if len(groups) > max_groups:
         parts.append(f"<p class='muted'>{len(groups) - max_groups} more groups in manifest.csv (column group).</p>")
+
+    parts += _near_pair_section(curation, figure)
 
     conflicts = [r for r in rows if r["status"] == "label_conflict"]
     parts.append("<h2>Label conflicts</h2>")

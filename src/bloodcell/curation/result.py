@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -40,6 +40,8 @@ class Curation:
     scores: np.ndarray  # outlier score per row (nan when unreadable)
     conversions: Counter
     timings: dict[str, float]
+    near_pairs: list[dict] = field(default_factory=list)  # row positions a, b, how found, similarity, turn
+    near_looks: dict = field(default_factory=dict)  # how many pairs reached each look of the similarity search
 
     def count(self, status: str) -> int:
         return sum(row["status"] == status for row in self.rows)
@@ -56,6 +58,7 @@ def summarise(curation: Curation) -> dict:
         "duplicate_groups": len(curation.groups),
         "label_conflict_groups": len({r["group"] for r in curation.rows if r["status"] == "label_conflict"}),
         "contaminant_groups": len({r["group"] if r["group"] != "" else f"i{r['index']}" for r in curation.rows if r["status"] == "outlier"}),
+        "near_duplicate_pairs": {how: sum(p["how"] == how for p in curation.near_pairs) for how in ("hashes", "aligned")},
         "splits": {split: splits.get(split, 0) for split in SPLITS},
         "conversions": dict(curation.conversions),
         "timings_s": {k: round(v, 2) for k, v in curation.timings.items()},

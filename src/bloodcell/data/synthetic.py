@@ -79,3 +79,38 @@ def resized(image: np.ndarray, scale: float = 0.75) -> np.ndarray:
 
 
 NEAR_DUPLICATE_TRANSFORMS = {"jpeg": jpeg_reencode, "brightness_shift": brightness_shift, "resize": resized}
+
+
+def dihedral(image: np.ndarray, k: int) -> np.ndarray:
+    """The k-th of an image's 8 quarter turns and mirror images (k = 0: the image itself)."""
+    out = np.rot90(image, k % 4, axes=(0, 1))
+    return np.ascontiguousarray(out[:, ::-1] if k >= 4 else out)
+
+
+def combined_copy(image: np.ndarray, rng: np.random.Generator, turn: bool = False) -> np.ndarray:
+    """A near copy carrying every edit at once, as copies in course datasets do.
+
+    In this order: 2-6 px cropped from one side and resized back (per-axis stretch); a shift of
+    1-3 px along each axis (edge pixels repeated); for half the copies, resized down to 50-75%
+    and back; brightness x0.92-1.08; with ``turn``, one of the 7 quarter turns or mirror
+    images; JPEG at quality 60-75. Bicubic resampling throughout.
+    """
+    h, w = image.shape[:2]
+    pil = Image.fromarray(image)
+    cut = int(rng.integers(2, 7))
+    side = int(rng.integers(4))  # which side loses the strip
+    box = [(cut, 0, w, h), (0, 0, w - cut, h), (0, cut, w, h), (0, 0, w, h - cut)][side]
+    pil = pil.crop(box).resize((w, h), Image.Resampling.BICUBIC)
+    dy, dx = (int(v) * int(s) for v, s in zip(rng.integers(1, 4, size=2), rng.choice([-1, 1], size=2)))
+    array = np.pad(np.asarray(pil), ((max(dy, 0), max(-dy, 0)), (max(dx, 0), max(-dx, 0)), (0, 0)), mode="edge")
+    array = array[max(-dy, 0) : max(-dy, 0) + h, max(-dx, 0) : max(-dx, 0) + w]
+    pil = Image.fromarray(np.ascontiguousarray(array))
+    if rng.random() < 0.5:
+        scale = rng.uniform(0.5, 0.75)
+        small = pil.resize((max(int(w * scale), 1), max(int(h * scale), 1)), Image.Resampling.BICUBIC)
+        pil = small.resize((w, h), Image.Resampling.BICUBIC)
+    pil = ImageEnhance.Brightness(pil).enhance(float(rng.uniform(0.92, 1.08)))
+    array = np.asarray(pil)
+    if turn:
+        array = dihedral(array, int(rng.integers(1, 8)))
+    return jpeg_reencode(np.ascontiguousarray(array), int(rng.integers(60, 76)))
