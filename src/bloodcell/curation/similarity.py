@@ -91,12 +91,15 @@ def _box(size: int, out: int) -> np.ndarray:
     return (overlap / overlap.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
-def layout_embedding(thumbs: np.ndarray, spread: float = 0.22) -> np.ndarray:
+def layout_embedding(thumbs: np.ndarray, spread: float = 0.22, chunk: int = 32768) -> np.ndarray:
     """(N, 64) unit vectors: the grey thumbnail in its own frame (stain-weighted centre at the
     middle, per-axis spread fixed), averaged to 8 x 8, zero mean."""
+    if len(thumbs) > chunk:
+        return np.concatenate([layout_embedding(thumbs[s : s + chunk], spread, chunk) for s in range(0, len(thumbs), chunk)])
     grey = _grey(thumbs)
     n, size = grey.shape[:2]
-    background = np.percentile(grey.reshape(n, -1), 90, axis=1)[:, None, None]
+    flat = grey.reshape(n, -1)
+    background = np.partition(flat, int(0.9 * flat.shape[1]), axis=1)[:, int(0.9 * flat.shape[1]), None, None]
     weight = np.clip(background - grey, 0, None) ** 2  # the dark, stained parts count most
     weight /= np.maximum(weight.sum(axis=(1, 2), keepdims=True), 1e-6)
     axis = np.arange(size, dtype=np.float32)
@@ -106,26 +109,38 @@ def layout_embedding(thumbs: np.ndarray, spread: float = 0.22) -> np.ndarray:
     zoom_y = np.maximum(sy, 0.5) / (spread * size)
     zoom_x = np.maximum(sx, 0.5) / (spread * size)
     box = _box(size, GRID)
-    rows = np.einsum("go,nos->ngs", box, _sampling_matrices(cy, zoom_y, size, size))
-    cols = np.einsum("go,nos->ngs", box, _sampling_matrices(cx, zoom_x, size, size))
-    v = np.einsum("ngs,nst,nht->ngh", rows, grey, cols).reshape(n, -1)
+    rows = box @ _sampling_matrices(cy, zoom_y, size, size)  # (n, 8, size)
+    cols = box @ _sampling_matrices(cx, zoom_x, size, size)
+    v = (rows @ grey @ cols.transpose(0, 2, 1)).reshape(n, -1)
     v -= v.mean(axis=1, keepdims=True)
     return (v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-6)).astype(np.float32)
 
 
-def spectrum_embedding(thumbs: np.ndarray) -> np.ndarray:
+def spectrum_embedding(thumbs: np.ndarray, chunk: int = 32768) -> np.ndarray:
     """(N, 276) unit vectors: square roots of the lowest Fourier magnitudes of the band-passed,
     Hann-windowed grey thumbnail, zero mean. Unchanged by a shift; a quarter turn or a mirror
     image turns or mirrors it."""
-    grey = band_pass(_grey(thumbs), SPECTRUM_BAND)
+    if len(thumbs) > chunk:
+        return np.concatenate([spectrum_embedding(thumbs[s : s + chunk], chunk) for s in range(0, len(thumbs), chunk)])
+    grey = _grey(thumbs)
     size = grey.shape[1]
     window = np.hanning(size).astype(np.float32)
     magnitude = np.abs(np.fft.rfft2(grey * (window[:, None] * window[None, :])))
     keep = SPECTRUM_KEEP
     low = np.concatenate([magnitude[:, :keep, :keep], magnitude[:, -keep + 1 :, :keep]], axis=1)
-    v = np.sqrt(low).reshape(len(grey), -1)
+    v = np.sqrt(low * _band_gain(size, keep)).reshape(len(grey), -1)
     v -= v.mean(axis=1, keepdims=True)
     return (v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-6)).astype(np.float32)
+
+
+def _band_gain(size: int, keep: int) -> np.ndarray:
+    """The difference of Gaussians of SPECTRUM_BAND as a gain on the kept frequencies (the
+    band-pass applied in the frequency domain, where it is a product)."""
+    fy = np.concatenate([np.arange(keep), np.arange(-keep + 1, 0)]) / size
+    fx = np.arange(keep) / size
+    f2 = fy[:, None] ** 2 + fx[None, :] ** 2
+    gain = [np.exp(-2 * np.pi**2 * sigma**2 * f2) for sigma in SPECTRUM_BAND]
+    return (gain[0] - gain[1]).astype(np.float32)
 
 
 def shifted_ncc(a: np.ndarray, b: np.ndarray, max_shift: int) -> np.ndarray:
@@ -239,7 +254,7 @@ def _turned(images: np.ndarray, turn: np.ndarray) -> np.ndarray:
 
 
 def similar_pairs(thumbs: np.ndarray, fine_thumbs: Callable[[np.ndarray], np.ndarray], *, neighbours: int = 10,
-                  spectrum_min: float = 0.93, first_look_min: float = 0.84, threshold: float = 0.9,
+                  spectrum_min: float = 0.95, first_look_min: float = 0.84, threshold: float = 0.9,
                   turns: bool = False) -> SimilarPairs:
     """The near duplicates among ``thumbs`` ((N, 32, 32, 3) uint8), through the four looks.
 
@@ -251,18 +266,19 @@ def similar_pairs(thumbs: np.ndarray, fine_thumbs: Callable[[np.ndarray], np.nda
     looked = {"candidates": len(pairs)}
     if len(pairs):
         spectra = spectrum_embedding(thumbs)
-        turned_spectra = spectra if not turns else None
-        if turns:
-            by_turn = {t: spectrum_embedding(dihedral(thumbs[np.unique(pairs[turn == t, 1])], t)) for t in np.unique(turn)}
-            turned_spectra = np.empty((len(pairs), spectra.shape[1]), np.float32)
-            for t, vectors in by_turn.items():
-                mask = turn == t
-                rows = np.searchsorted(np.unique(pairs[mask, 1]), pairs[mask, 1])
-                turned_spectra[mask] = vectors[rows]
-            cosine = np.einsum("pd,pd->p", spectra[pairs[:, 0]], turned_spectra)
-        else:
-            cosine = np.einsum("pd,pd->p", spectra[pairs[:, 0]], spectra[pairs[:, 1]])
-        keep = cosine >= spectrum_min
+        keep = np.zeros(len(pairs), bool)
+        for t in np.unique(turn):
+            rows = np.flatnonzero(turn == t)
+            if t == 0:
+                turned_spectra, where = spectra, pairs[rows, 1]
+            else:  # the turned images' spectra, computed once per image
+                involved = np.unique(pairs[rows, 1])
+                turned_spectra = spectrum_embedding(dihedral(thumbs[involved], int(t)))
+                where = np.searchsorted(involved, pairs[rows, 1])
+            for start in range(0, len(rows), 1 << 20):
+                part = slice(start, start + (1 << 20))
+                cosine = np.einsum("pd,pd->p", spectra[pairs[rows[part], 0]], turned_spectra[where[part]])
+                keep[rows[part]] = cosine >= spectrum_min
         pairs, turn = pairs[keep], turn[keep]
     looked["spectrum"] = len(pairs)
     if len(pairs):
