@@ -200,9 +200,10 @@ def duplicate_groups(result: Scan, config: CurateConfig) -> tuple[np.ndarray, np
     Returns (group, exact_group, near, looks): per item, the id of its duplicate group and of
     its exact (same pixels) group, -1 for unreadable items; the near-duplicate pairs (item
     positions ``a``, ``b``, ``how`` found, ``similarity``, ``turn``); and how many pairs reached
-    each look of the similarity search. Near duplicates are close in *both* dHash and pHash, or
-    pass the aligned similarity search (:mod:`bloodcell.curation.similarity`); both keep
-    distinct PBC cells apart (measured: docs/curation.md).
+    each look of the similarity search. Near duplicates are pairs close in *both* dHash and
+    pHash, or found by the similarity search (:mod:`bloodcell.curation.similarity`); with the
+    search on (the default), every pair must pass its aligned confirmation (measured:
+    docs/curation.md).
     """
     n = len(result.md5)
     exact_group = np.full(n, -1, dtype=np.int64)
@@ -215,20 +216,22 @@ def duplicate_groups(result: Scan, config: CurateConfig) -> tuple[np.ndarray, np
     if len(pairs):
         pdist = hashing.hamming(result.phash[reps[pairs[:, 0]]], result.phash[reps[pairs[:, 1]]])
         pairs = pairs[pdist <= config.near_phash]
-    near = [{"a": int(reps[i]), "b": int(reps[j]), "how": "hashes", "similarity": None, "turn": 0} for i, j in pairs]
     looks: dict = {}
     if config.near_similarity is not None and len(reps) > 1 and result.thumbs is not None:
+        # Hash pairs must pass the aligned confirmation too: at 96 px two distinct cells can be
+        # within 10 bits on both hashes (benchmarks/curation.py).
         load = fine_thumbnails(result.source, config)
         found = similarity.similar_pairs(result.thumbs[reps], lambda rows: load(reps[rows]),
                                          neighbours=config.near_neighbours, threshold=config.near_similarity,
-                                         turns=config.near_turns)
+                                         turns=config.near_turns, proposed=pairs)
         looks = found.looked_at
         hashed = {tuple(sorted(p)) for p in pairs.tolist()}
-        extra = [k for k, p in enumerate(found.pairs.tolist()) if tuple(sorted(p)) not in hashed]
-        near += [{"a": int(reps[found.pairs[k, 0]]), "b": int(reps[found.pairs[k, 1]]), "how": "aligned",
-                  "similarity": round(float(found.similarity[k]), 4), "turn": int(found.turn[k])} for k in extra]
-        if extra:
-            pairs = np.concatenate([pairs.reshape(-1, 2), found.pairs[extra]])
+        near = [{"a": int(reps[i]), "b": int(reps[j]), "how": "hashes" if (min(i, j), max(i, j)) in hashed else "aligned",
+                 "similarity": round(float(v), 4), "turn": int(t)}
+                for (i, j), v, t in zip(found.pairs.tolist(), found.similarity, found.turn)]
+        pairs = found.pairs.reshape(-1, 2)
+    else:
+        near = [{"a": int(reps[i]), "b": int(reps[j]), "how": "hashes", "similarity": None, "turn": 0} for i, j in pairs]
     rep_component = _components(len(reps), pairs)
     component_of_exact = np.empty(len(first_of), dtype=np.int64)
     component_of_exact[exact_group[reps]] = rep_component

@@ -73,10 +73,9 @@ def _near_pair_section(curation: Curation, figure, limit: int = 120) -> list[str
     cards = []
     for pair in ordered[:limit]:
         a, b = curation.rows[pair["a"]], curation.rows[pair["b"]]
-        if pair["how"] == "hashes":
-            how = "dHash and pHash within reach"
-        else:
-            how = f"aligned similarity {pair['similarity']:.3f}" + (f", {TURN_NAMES[pair['turn']]}" if pair["turn"] else "")
+        how = "close in dHash and pHash" if pair["how"] == "hashes" else "found by the similarity search"
+        if pair["similarity"] is not None:
+            how += f"; aligned similarity {pair['similarity']:.3f}" + (f", {TURN_NAMES[pair['turn']]}" if pair["turn"] else "")
         cards.append(f"<div class='group'><div class='thumbs'>{figure(a, a['label'])}{figure(b, b['label'])}</div>"
                      f"<span class='muted'>{esc(how)}</span></div>")
     parts.append("<div class='cards'>" + "".join(cards) + "</div>")

@@ -146,18 +146,28 @@ def _band_gain(size: int, keep: int) -> np.ndarray:
 
 
 def shifted_ncc(a: np.ndarray, b: np.ndarray, max_shift: int) -> np.ndarray:
-    """(P,) best NCC of b's centre against a's windows shifted by up to ``max_shift`` px; (P, S, S, C) inputs."""
+    """(P,) best NCC of b's centre against a's windows shifted by up to ``max_shift`` px; (P, S, S, C) inputs.
+
+    The correlations at every shift come from one product of Fourier transforms, and each
+    window's mean and norm from running sums, so no window is ever copied out (tested against
+    a direct computation)."""
     s, size = max_shift, a.shape[1]
     width = size - 2 * s
-    count = len(a)
-    centre = b[:, s : size - s, s : size - s].reshape(count, -1)
-    centre = centre - centre.mean(axis=1, keepdims=True)
-    centre /= np.maximum(np.linalg.norm(centre, axis=1, keepdims=True), 1e-6)
-    windows = np.lib.stride_tricks.sliding_window_view(a, (width, width), axis=(1, 2))  # P, dy, dx, C, w, w
-    windows = windows.transpose(0, 1, 2, 4, 5, 3).reshape(count, (2 * s + 1) ** 2, -1)
-    windows = windows - windows.mean(axis=2, keepdims=True)
-    windows /= np.maximum(np.linalg.norm(windows, axis=2, keepdims=True), 1e-6)
-    return np.einsum("pkd,pd->pk", windows, centre).max(axis=1)
+    a = np.asarray(a, np.float64)
+    centre = np.asarray(b, np.float64)[:, s : size - s, s : size - s]
+    centre = centre - centre.mean(axis=(1, 2, 3), keepdims=True)
+    centre /= np.maximum(np.sqrt((centre**2).sum(axis=(1, 2, 3), keepdims=True)), 1e-6)
+    spectrum = np.fft.rfft2(a, axes=(1, 2)) * np.conj(np.fft.rfft2(centre, s=(size, size), axes=(1, 2)))
+    products = np.fft.irfft2(spectrum, s=(size, size), axes=(1, 2)).sum(axis=3)[:, : 2 * s + 1, : 2 * s + 1]
+    count = width * width * a.shape[3]
+    sums = []
+    for values in (a.sum(axis=3), (a * a).sum(axis=3)):
+        running = np.zeros((len(a), size + 1, size + 1))
+        running[:, 1:, 1:] = values.cumsum(axis=1).cumsum(axis=2)
+        sums.append(running[:, width:, width:] - running[:, :-width, width:] - running[:, width:, :-width]
+                     + running[:, :-width, :-width])  # (P, 2s+1, 2s+1) window sums
+    spread = np.sqrt(np.maximum(sums[1] - sums[0] ** 2 / count, 1e-12))
+    return (products / np.maximum(spread, 1e-6)).max(axis=(1, 2)).astype(np.float32)
 
 
 def _scaled(images: np.ndarray, sy: float, sx: float) -> np.ndarray:
@@ -256,11 +266,12 @@ def _turned(images: np.ndarray, turn: np.ndarray) -> np.ndarray:
 
 def similar_pairs(thumbs: np.ndarray, fine_thumbs: Callable[[np.ndarray], np.ndarray], *, neighbours: int = 10,
                   spectrum_min: float = 0.95, first_look_min: float = 0.84, threshold: float = 0.9,
-                  turns: bool = False) -> SimilarPairs:
+                  turns: bool = False, proposed: np.ndarray | None = None) -> SimilarPairs:
     """The near duplicates among ``thumbs`` ((N, 32, 32, 3) uint8), through the four looks.
 
     ``fine_thumbs(indices)`` returns those images at 64 px ((len, 64, 64, 3)); it is called once,
-    for the few images whose pairs reach the confirmation.
+    for the few images whose pairs reach the confirmation. ``proposed`` pairs (found by other
+    means: the hashes) go straight to the confirmation and are kept only if they pass it.
     """
     thumbs = np.asarray(thumbs)
     pairs, turn = candidate_pairs(thumbs, neighbours, turns)
@@ -287,6 +298,11 @@ def similar_pairs(thumbs: np.ndarray, fine_thumbs: Callable[[np.ndarray], np.nda
         keep = first_look(thumbs[pairs[:, 0]].astype(np.float32), b.astype(np.float32)) >= first_look_min
         pairs, turn = pairs[keep], turn[keep]
     looked["first_look"] = len(pairs)
+    if proposed is not None and len(proposed):
+        proposed = np.sort(np.asarray(proposed, np.int64).reshape(-1, 2), axis=1)
+        looked["proposed"] = len(proposed)
+        pairs = np.concatenate([pairs, proposed])
+        turn = np.concatenate([turn, np.zeros(len(proposed), np.int64)])
     similarity = np.zeros(0, np.float32)
     if len(pairs):
         involved = np.unique(pairs)
