@@ -127,7 +127,9 @@ def spectrum_embedding(thumbs: np.ndarray, chunk: int = 32768) -> np.ndarray:
     grey = _grey(thumbs)
     size = grey.shape[1]
     window = np.hanning(size).astype(np.float32)
-    magnitude = np.abs(np.fft.rfft2(grey * (window[:, None] * window[None, :])))
+    from scipy import fft
+
+    magnitude = np.abs(fft.rfft2(grey * (window[:, None] * window[None, :]), workers=-1))
     keep = SPECTRUM_KEEP
     low = np.concatenate([magnitude[:, :keep, :keep], magnitude[:, -keep + 1 :, :keep]], axis=1)
     v = np.sqrt(low * _band_gain(size, keep)).reshape(len(grey), -1)
@@ -153,17 +155,20 @@ def shifted_ncc(a: np.ndarray, b: np.ndarray, max_shift: int) -> np.ndarray:
     a direct computation)."""
     s, size = max_shift, a.shape[1]
     width = size - 2 * s
-    a = np.asarray(a, np.float64)
-    centre = np.asarray(b, np.float64)[:, s : size - s, s : size - s]
+    a = np.ascontiguousarray(np.moveaxis(np.asarray(a, np.float32), 3, 1))  # (P, C, S, S): FFTs over contiguous axes
+    centre = np.moveaxis(np.asarray(b, np.float32), 3, 1)[:, :, s : size - s, s : size - s]
     centre = centre - centre.mean(axis=(1, 2, 3), keepdims=True)
     centre /= np.maximum(np.sqrt((centre**2).sum(axis=(1, 2, 3), keepdims=True)), 1e-6)
-    spectrum = np.fft.rfft2(a, axes=(1, 2)) * np.conj(np.fft.rfft2(centre, s=(size, size), axes=(1, 2)))
-    products = np.fft.irfft2(spectrum, s=(size, size), axes=(1, 2)).sum(axis=3)[:, : 2 * s + 1, : 2 * s + 1]
-    count = width * width * a.shape[3]
+    # Channels summed in the frequency domain (the transform is linear): one inverse per pair.
+    from scipy import fft
+
+    spectrum = (fft.rfft2(a, workers=-1) * np.conj(fft.rfft2(np.ascontiguousarray(centre), s=(size, size), workers=-1))).sum(axis=1)
+    products = fft.irfft2(spectrum, s=(size, size), workers=-1)[:, : 2 * s + 1, : 2 * s + 1]
+    count = width * width * a.shape[1]
     sums = []
-    for values in (a.sum(axis=3), (a * a).sum(axis=3)):
-        running = np.zeros((len(a), size + 1, size + 1))
-        running[:, 1:, 1:] = values.cumsum(axis=1).cumsum(axis=2)
+    for values in (a.sum(axis=1), (a * a).sum(axis=1)):
+        running = np.zeros((len(a), size + 1, size + 1), np.float64)
+        running[:, 1:, 1:] = values.cumsum(axis=1, dtype=np.float64).cumsum(axis=2)
         sums.append(running[:, width:, width:] - running[:, :-width, width:] - running[:, width:, :-width]
                      + running[:, :-width, :-width])  # (P, 2s+1, 2s+1) window sums
     spread = np.sqrt(np.maximum(sums[1] - sums[0] ** 2 / count, 1e-12))
