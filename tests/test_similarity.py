@@ -122,3 +122,15 @@ def test_curate_marks_combined_copies_and_reports_each_pair(tmp_path, cells96):
     hashes_only = C.curate(npz, tmp_path / "hashes", C.CurateConfig(write_images=False, near_similarity=None))
     assert hashes_only.count("near_duplicate") < curation.count("near_duplicate")
     assert not [p for p in hashes_only.near_pairs if p["how"] == "aligned"]
+
+
+def test_stretch_is_scipys_affine_transform():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(2)
+    images = rng.normal(size=(3, 32, 32, 3)).astype(np.float32)
+    for sy, sx in ((0.94, 1.0), (1.0, 1.06), (1.03, 0.97)):
+        c = 31 / 2
+        expected = ndimage.affine_transform(images, [1, 1 / sy, 1 / sx, 1], offset=[0, c - c / sy, c - c / sx, 0],
+                                            order=1, mode="nearest")
+        np.testing.assert_allclose(S._scaled(images, sy, sx), expected, atol=1e-4)

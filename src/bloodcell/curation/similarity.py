@@ -175,15 +175,25 @@ def shifted_ncc(a: np.ndarray, b: np.ndarray, max_shift: int) -> np.ndarray:
     return (products / np.maximum(spread, 1e-6)).max(axis=(1, 2)).astype(np.float32)
 
 
+def _stretch_matrix(size: int, scale: float) -> np.ndarray:
+    """(size, size) linear interpolation that stretches one axis by ``scale`` about the centre (edges repeated)."""
+    c = (size - 1) / 2
+    where = np.clip(c + (np.arange(size, dtype=np.float32) - c) / scale, 0, size - 1)
+    return np.clip(1 - np.abs(where[:, None] - np.arange(size, dtype=np.float32)[None, :]), 0, None).astype(np.float32)
+
+
 def _scaled(images: np.ndarray, sy: float, sx: float) -> np.ndarray:
-    """(P, S, S, C) stretched by sy, sx about the centre (linear, edges repeated)."""
+    """(P, S, S, C) stretched by sy, sx about the centre: separable linear interpolation, edges repeated
+    (``scipy.ndimage.affine_transform`` with ``order=1, mode="nearest"``, as two small matrix products)."""
     if sy == 1.0 and sx == 1.0:
         return images
-    from scipy import ndimage
-
-    c = (images.shape[1] - 1) / 2
-    return ndimage.affine_transform(images, [1, 1 / sy, 1 / sx, 1], offset=[0, c - c / sy, c - c / sx, 0],
-                                    order=1, mode="nearest")
+    size = images.shape[1]
+    out = np.asarray(images, np.float32)
+    if sy != 1.0:
+        out = np.einsum("os,psxc->poxc", _stretch_matrix(size, sy), out)
+    if sx != 1.0:
+        out = np.einsum("os,pysc->pyoc", _stretch_matrix(size, sx), out)
+    return out
 
 
 def first_look(a: np.ndarray, b: np.ndarray, chunk: int = 2048) -> np.ndarray:
@@ -203,19 +213,20 @@ def confirm(a32: np.ndarray, b32: np.ndarray, a64: np.ndarray, b64: np.ndarray, 
     for start in range(0, len(a32), chunk):
         part = slice(start, start + chunk)
         pa, pb = np.asarray(a32[part], np.float32), np.asarray(b32[part], np.float32)
-        band_a = band_pass(pa, FIRST_BAND)
+        # Band-passed once, then stretched: the two nearly commute for stretches of a few percent.
+        band_a, band_b = band_pass(pa, FIRST_BAND), band_pass(pb, FIRST_BAND)
         best = np.full(len(pa), -2.0, np.float32)
         scale = np.zeros((len(pa), 2), np.float32)
         for sy, sx in STRETCHES:
-            value = shifted_ncc(band_a, band_pass(_scaled(pb, sy, sx), FIRST_BAND), 2)
+            value = shifted_ncc(band_a, _scaled(band_b, sy, sx), 2)
             better = value > best
             best[better], scale[better] = value[better], (sy, sx)
         fine_a = band_pass(np.asarray(a64[part], np.float32), FINE_BAND)
-        fine_b = np.asarray(b64[part], np.float32)
+        fine_b = band_pass(np.asarray(b64[part], np.float32), FINE_BAND)
         result = np.empty(len(pa), np.float32)
         for sy, sx in {tuple(row) for row in scale.tolist()}:
             mask = np.all(scale == (sy, sx), axis=1)
-            result[mask] = shifted_ncc(fine_a[mask], band_pass(_scaled(fine_b[mask], sy, sx), FINE_BAND), 4)
+            result[mask] = shifted_ncc(fine_a[mask], _scaled(fine_b[mask], sy, sx), 4)
         out[part] = result
     return out
 
