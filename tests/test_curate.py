@@ -186,9 +186,20 @@ def test_leakage_check_finds_copies_across_datasets(tmp_path, original_files):
 
     near = synthetic.jpeg_reencode(np.asarray(Image.open(original_files[6]).convert("RGB")), 70)
     Image.fromarray(near).save(test / "leak_near.png")
+    rng = np.random.default_rng(0)
+    original = np.asarray(Image.open(original_files[7]).convert("RGB").resize((96, 96), Image.Resampling.BICUBIC))
+    Image.fromarray(synthetic.combined_copy(original, rng)).save(test / "leak_combined.png")
+    Image.fromarray(synthetic.combined_copy(original, rng, turn=True)).save(test / "leak_turned.png")
+    expected = {(original_files[5].name, "leak_exact.jpg", "exact"), (original_files[6].name, "leak_near.png", "near"),
+                (original_files[7].name, "leak_combined.png", "near")}
     pairs = C.check_leakage(tmp_path / "train", tmp_path / "test")
-    found = {(p["first"].rsplit("/", 1)[1], p["second"].rsplit("/", 1)[1], p["kind"]) for p in pairs}
-    assert found == {(original_files[5].name, "leak_exact.jpg", "exact"), (original_files[6].name, "leak_near.png", "near")}
+    assert {(p["first"].rsplit("/", 1)[1], p["second"].rsplit("/", 1)[1], p["kind"]) for p in pairs} == expected
+    turned = C.check_leakage(tmp_path / "train", tmp_path / "test", C.CurateConfig(near_turns=True))
+    found = {(p["first"].rsplit("/", 1)[1], p["second"].rsplit("/", 1)[1], p["kind"]): p for p in turned}
+    assert set(found) == expected | {(original_files[7].name, "leak_turned.png", "near")}
+    assert found[(original_files[7].name, "leak_turned.png", "near")]["turn"] > 0
+    hashes = C.check_leakage(tmp_path / "train", tmp_path / "test", C.CurateConfig(near_similarity=None))
+    assert {(p["first"].rsplit("/", 1)[1], p["second"].rsplit("/", 1)[1], p["kind"]) for p in hashes} <= expected
 
 
 @pytest.mark.browser

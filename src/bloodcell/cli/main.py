@@ -109,6 +109,9 @@ def leakage(
     second: Path = typer.Argument(..., help="Another dataset, e.g. the test folder."),
     near_dhash: int = typer.Option(10, help="Max dHash distance of a near copy."),
     near_phash: int = typer.Option(10, help="Max pHash distance of a near copy."),
+    similarity: bool = typer.Option(True, "--similarity/--hashes-only",
+                                    help="Also find copies edited several ways at once (aligned similarity)."),
+    turns: bool = typer.Option(False, "--turns", help="Also find copies turned by quarter turns or mirrored."),
     out: Optional[Path] = typer.Option(None, help="Write the pairs found as CSV here."),
 ):
     """Report images of FIRST that also appear, exactly or nearly, in SECOND. Exit 1 if any do."""
@@ -118,11 +121,14 @@ def leakage(
 
     with user_errors():
         with console.status("hashing both datasets"):
-            pairs = check_leakage(first, second, CurateConfig(near_dhash=near_dhash, near_phash=near_phash))
+            settings = CurateConfig(near_dhash=near_dhash, near_phash=near_phash, near_turns=turns,
+                                    **({} if similarity else {"near_similarity": None}))
+            pairs = check_leakage(first, second, settings)
         if out:
             with open(out, "w", newline="") as handle:
                 writer = csv.DictWriter(
-                    handle, fieldnames=["first", "second", "kind", "dhash_distance", "phash_distance"]
+                    handle, fieldnames=["first", "second", "kind", "dhash_distance", "phash_distance", "found_by",
+                                        "similarity", "turn"]
                 )
                 writer.writeheader()
                 writer.writerows(pairs)

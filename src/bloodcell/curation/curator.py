@@ -556,21 +556,50 @@ def curate(
 
 
 def check_leakage(first: str | Path, second: str | Path, config: CurateConfig | None = None) -> list[dict]:
-    """Images of ``first`` that also appear (exactly or nearly) in ``second``."""
+    """Images of ``first`` that also appear (exactly or nearly) in ``second``: pairs close in both
+    hashes and, with ``config.near_similarity`` set (the default), pairs the similarity search
+    finds, every near pair confirmed as in :func:`duplicate_groups`."""
     config = config or CurateConfig()
     scans = [scan(open_source(p), config) for p in (first, second)]
     a, b = scans
-    found = []
     ok_a, ok_b = np.flatnonzero(a.ok), np.flatnonzero(b.ok)
     codes = np.concatenate([a.dhash[ok_a], b.dhash[ok_b]])
     pairs = hashing.near_pairs(codes, config.near_dhash)
     pairs = pairs[(pairs[:, 0] < len(ok_a)) & (pairs[:, 1] >= len(ok_a))]
-    for p, q in pairs:
+    if len(pairs):
+        both = np.concatenate([a.phash[ok_a], b.phash[ok_b]])
+        pairs = pairs[hashing.hamming(both[pairs[:, 0]], both[pairs[:, 1]]) <= config.near_phash]
+    hashed = {tuple(p) for p in pairs.tolist()}
+    similar: dict[tuple[int, int], tuple[float, int]] = {}
+    if config.near_similarity is not None and len(ok_a) and len(ok_b):
+        loads = [fine_thumbnails(a.source, config), fine_thumbnails(b.source, config)]
+
+        def fine(rows: np.ndarray) -> np.ndarray:
+            out = np.empty((len(rows), similarity.FINE, similarity.FINE, 3), np.uint8)
+            in_a = rows < len(ok_a)
+            if in_a.any():
+                out[in_a] = loads[0](ok_a[rows[in_a]])
+            if (~in_a).any():
+                out[~in_a] = loads[1](ok_b[rows[~in_a] - len(ok_a)])
+            return out
+
+        found = similarity.similar_pairs(np.concatenate([a.thumbs[ok_a], b.thumbs[ok_b]]), fine,
+                                         neighbours=config.near_neighbours, threshold=config.near_similarity,
+                                         turns=config.near_turns, proposed=pairs)
+        for (p, q), value, turn in zip(np.sort(found.pairs, axis=1).tolist(), found.similarity, found.turn):
+            if p < len(ok_a) <= q:
+                similar[(p, q)] = (round(float(value), 4), int(turn))
+        # Identical pixels leak whatever the confirmation says (a flat picture correlates with nothing).
+        exact = {(p, q) for p, q in hashed if a.md5[ok_a[p]] == b.md5[ok_b[q - len(ok_a)]]}
+        pairs = np.array(sorted(set(similar) | exact), dtype=np.int64).reshape(-1, 2)
+    found_rows = []
+    for p, q in pairs.tolist():
         i, j = ok_a[p], ok_b[q - len(ok_a)]
-        ddist = int(hashing.hamming(a.dhash[i], b.dhash[j]))
-        pdist = int(hashing.hamming(a.phash[i], b.phash[j]))
-        if pdist <= config.near_phash:
-            kind = "exact" if a.md5[i] == b.md5[j] else "near"
-            found.append({"first": a.source.items[i].path, "second": b.source.items[j].path, "kind": kind,
-                          "dhash_distance": ddist, "phash_distance": pdist})
-    return found
+        kind = "exact" if a.md5[i] == b.md5[j] else "near"
+        value, turn = similar.get((p, q), (None, 0))
+        found_rows.append({"first": a.source.items[i].path, "second": b.source.items[j].path, "kind": kind,
+                           "dhash_distance": int(hashing.hamming(a.dhash[i], b.dhash[j])),
+                           "phash_distance": int(hashing.hamming(a.phash[i], b.phash[j])),
+                           "found_by": "hashes" if (p, q) in hashed else "similarity",
+                           "similarity": value, "turn": turn})
+    return found_rows
