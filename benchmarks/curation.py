@@ -269,8 +269,9 @@ def scale_run(seed_codes: np.ndarray, n: int = 1_000_000, radius: int = 10, plan
 def similarity_scale_run(pbc: Path, n: int = 1_000_000, planted: int = 10_000, seed: int = 0) -> dict:
     """The near-duplicate similarity search over 1,000,000 images, with planted combined copies.
 
-    The images are 32 px thumbnails of random windows of PBC images (a side of 112-224 px at a
-    random place, in a random quarter turn or mirror image): cell pictures, mostly distinct.
+    The images are 32 px thumbnails of windows of PBC images (a side of 112-224 px at a place on
+    a 16 px grid, in one of the 8 quarter turns and mirror images; no window twice): cell
+    pictures, each distinct from the others by more than any near copy's shift or stretch.
     ``planted`` of them get a near copy (every edit at once, made at 96 px); the search must find
     them. Only the search is timed, not the making of the thumbnails.
     """
@@ -281,12 +282,17 @@ def similarity_scale_run(pbc: Path, n: int = 1_000_000, planted: int = 10_000, s
     with ThreadPoolExecutor(2) as pool:
         originals = list(pool.map(lambda item: _load(item.path, 224), source.items, chunksize=64))
     base = n - planted
-    which = rng.integers(len(originals), size=base)
-    side = rng.integers(112, 225, size=base)
-    top = (rng.random(base) * (225 - side)).astype(int)
-    left = (rng.random(base) * (225 - side)).astype(int)
-    turn = rng.integers(8, size=base)
-
+    # Windows on a grid (sides 1.15x apart, places 16 px apart, 8 turns), none twice from one
+    # picture: two windows of one cell then differ by a shift or scale beyond any near copy's.
+    grid = [(side, top, left, turn) for side in (112, 128, 148, 170, 196, 224)
+            for top in range(0, 225 - side, 16) for left in range(0, 225 - side, 16) for turn in range(8)]
+    which = np.arange(base) % len(originals)
+    combo = np.empty(base, np.int64)
+    per_picture = -(-base // len(originals))
+    for picture in range(len(originals)):
+        rows = np.flatnonzero(which == picture)
+        combo[rows] = rng.choice(len(grid), size=min(per_picture, len(grid)), replace=False)[: len(rows)]
+    side, top, left, turn = (np.array([grid[c][k] for c in combo]) for k in range(4))
     def window(i: int, size: int) -> np.ndarray:
         box = (int(left[i]), int(top[i]), int(left[i] + side[i]), int(top[i] + side[i]))
         image = Image.fromarray(originals[which[i]]).resize((size, size), Image.Resampling.BOX, box=box)

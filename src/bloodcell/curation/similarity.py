@@ -310,8 +310,11 @@ def similar_pairs(thumbs: np.ndarray, fine_thumbs: Callable[[np.ndarray], np.nda
         pairs, turn = pairs[keep], turn[keep]
     looked["spectrum"] = len(pairs)
     if len(pairs):
-        b = _turned(thumbs[pairs[:, 1]], turn)
-        keep = first_look(thumbs[pairs[:, 0]].astype(np.float32), b.astype(np.float32)) >= first_look_min
+        keep = np.zeros(len(pairs), bool)
+        for start in range(0, len(pairs), 16384):  # gathered a chunk at a time: memory stays flat
+            part = slice(start, start + 16384)
+            b = _turned(thumbs[pairs[part, 1]], turn[part])
+            keep[part] = first_look(thumbs[pairs[part, 0]].astype(np.float32), b.astype(np.float32)) >= first_look_min
         pairs, turn = pairs[keep], turn[keep]
     looked["first_look"] = len(pairs)
     if proposed is not None and len(proposed):
