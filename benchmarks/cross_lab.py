@@ -33,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import cpu_name  # benchmarks/machine.py
+
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
@@ -192,16 +194,6 @@ def main() -> None:
         print(f"{Path(r['set']).name:<16}{r['as_given']['accuracy']:>10.3f}{r['as_given']['balanced_accuracy']:>10.3f}"
               f"{r['as_given']['ece']:>7.3f}{adapted:>18}{both:>14}{unl:>12}{auroc:>8}")
     print(f"written to {args.out}")
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

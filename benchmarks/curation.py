@@ -39,6 +39,8 @@ from concurrent.futures import ThreadPoolExecutor
 from itertools import combinations
 from pathlib import Path
 
+from machine import cpu_name  # benchmarks/machine.py
+
 import numpy as np
 from PIL import Image
 
@@ -347,7 +349,7 @@ def main():
     parser.add_argument("--out", type=Path, default=HERE / "results" / "curation.json")
     args = parser.parse_args()
 
-    results: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "cpu": _cpu_name()}}
+    results: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "cpu": cpu_name()}}
     if not args.only_scale:
         results["runs"] = {}
         for size in [int(s) for s in args.sizes.split(",")]:
@@ -376,16 +378,6 @@ def main():
         results = {**json.loads(args.out.read_text()), **results}
     args.out.write_text(json.dumps(results, indent=2, default=float))
     print(json.dumps(results, indent=2, default=float))
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":
