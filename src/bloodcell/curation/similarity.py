@@ -331,10 +331,10 @@ def similar_pairs(thumbs: np.ndarray, fine_thumbs: Callable[[np.ndarray], np.nda
                              fine[row[:, 0]], _turned(fine[row[:, 1]], turn))
         keep = similarity >= threshold
         pairs, turn, similarity = pairs[keep], turn[keep], similarity[keep]
-    looked["confirmed"] = len(pairs)
     # One row per pair of images: the best-matching turn.
     order = np.argsort(-similarity, kind="stable")
     pairs, turn, similarity = pairs[order], turn[order], similarity[order]
     _, first = np.unique(np.sort(pairs, axis=1), axis=0, return_index=True)
     first = np.sort(first)
+    looked["confirmed"] = len(first)  # pairs of images (a pair found both ways round counts once)
     return SimilarPairs(pairs[first], turn[first], similarity[first], looked)
