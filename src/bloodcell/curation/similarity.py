@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..data.synthetic import dihedral
+
 THUMB = 32  # the scan's thumbnails
 FINE = 64  # the confirmation's
 GRID = 8  # the layout embedding's side
@@ -49,12 +51,6 @@ class SimilarPairs:
     turn: np.ndarray  # (M,) int64 in 0..7
     similarity: np.ndarray  # (M,) float32: the confirmation's NCC
     looked_at: dict  # how many pairs reached each look
-
-
-def dihedral(images: np.ndarray, k: int) -> np.ndarray:
-    """The k-th of the 8 symmetries of the square, on a stack (N, H, W, ...): k quarter turns, mirrored when k >= 4."""
-    out = np.rot90(images, k % 4, axes=(1, 2))
-    return np.ascontiguousarray(out[:, :, ::-1] if k >= 4 else out)
 
 
 def _grey(thumbs: np.ndarray) -> np.ndarray:

@@ -81,10 +81,11 @@ def resized(image: np.ndarray, scale: float = 0.75) -> np.ndarray:
 NEAR_DUPLICATE_TRANSFORMS = {"jpeg": jpeg_reencode, "brightness_shift": brightness_shift, "resize": resized}
 
 
-def dihedral(image: np.ndarray, k: int) -> np.ndarray:
-    """The k-th of an image's 8 quarter turns and mirror images (k = 0: the image itself)."""
-    out = np.rot90(image, k % 4, axes=(0, 1))
-    return np.ascontiguousarray(out[:, ::-1] if k >= 4 else out)
+def dihedral(images: np.ndarray, k: int) -> np.ndarray:
+    """The k-th of the 8 symmetries of the square: k quarter turns, mirrored when k >= 4
+    (k = 0: unchanged). Works on one image (H, W, C) or a stack (..., H, W, C)."""
+    out = np.rot90(images, k % 4, axes=(-3, -2))
+    return np.ascontiguousarray(np.flip(out, axis=-2) if k >= 4 else out)
 
 
 def combined_copy(image: np.ndarray, rng: np.random.Generator, turn: bool = False) -> np.ndarray:
