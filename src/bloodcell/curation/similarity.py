@@ -23,6 +23,7 @@ With ``turns``, every image is also looked up turned by quarter turns and mirror
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -54,7 +55,17 @@ class SimilarPairs:
 
 
 def _grey(thumbs: np.ndarray) -> np.ndarray:
-    return np.asarray(thumbs, np.float32).mean(axis=3)
+    return np.asarray(thumbs).sum(axis=3, dtype=np.float32) / np.float32(thumbs.shape[3])
+
+
+def _threaded(function, parts: list) -> list:
+    """``function`` over ``parts`` on one thread per core: NumPy, SciPy and the FFTs release the GIL."""
+    if len(parts) < 2:
+        return [function(part) for part in parts]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(len(parts), os.cpu_count() or 1)) as pool:
+        return list(pool.map(function, parts))
 
 
 def _gaussian(x: np.ndarray, sigma: float, axes: tuple[int, int] = (1, 2)) -> np.ndarray:
@@ -93,7 +104,8 @@ def layout_embedding(thumbs: np.ndarray, spread: float = 0.22, chunk: int = 3276
     """(N, 64) unit vectors: the grey thumbnail in its own frame (stain-weighted centre at the
     middle, per-axis spread fixed), averaged to 8 x 8, zero mean."""
     if len(thumbs) > chunk:
-        return np.concatenate([layout_embedding(thumbs[s : s + chunk], spread, chunk) for s in range(0, len(thumbs), chunk)])
+        return np.concatenate(_threaded(lambda s: layout_embedding(thumbs[s : s + chunk], spread, chunk),
+                                        list(range(0, len(thumbs), chunk))))
     grey = _grey(thumbs)
     n, size = grey.shape[:2]
     flat = grey.reshape(n, -1)
@@ -119,7 +131,8 @@ def spectrum_embedding(thumbs: np.ndarray, chunk: int = 32768) -> np.ndarray:
     Hann-windowed grey thumbnail, zero mean. Unchanged by a shift; a quarter turn or a mirror
     image turns or mirrors it."""
     if len(thumbs) > chunk:
-        return np.concatenate([spectrum_embedding(thumbs[s : s + chunk], chunk) for s in range(0, len(thumbs), chunk)])
+        return np.concatenate(_threaded(lambda s: spectrum_embedding(thumbs[s : s + chunk], chunk),
+                                        list(range(0, len(thumbs), chunk))))
     grey = _grey(thumbs)
     size = grey.shape[1]
     window = np.hanning(size).astype(np.float32)
@@ -194,12 +207,14 @@ def _scaled(images: np.ndarray, sy: float, sx: float) -> np.ndarray:
 
 def first_look(a: np.ndarray, b: np.ndarray, chunk: int = 2048) -> np.ndarray:
     """(P,) band-passed NCC of 32 px RGB thumbnail pairs at the best shift of up to 2 px, either way round."""
-    out = np.empty(len(a), np.float32)
-    for start in range(0, len(a), chunk):
+
+    def look(start: int) -> np.ndarray:
         pa = band_pass(a[start : start + chunk], FIRST_BAND)
         pb = band_pass(b[start : start + chunk], FIRST_BAND)
-        out[start : start + chunk] = np.maximum(shifted_ncc(pa, pb, 2), shifted_ncc(pb, pa, 2))
-    return out
+        return np.maximum(shifted_ncc(pa, pb, 2), shifted_ncc(pb, pa, 2))
+
+    parts = _threaded(look, list(range(0, len(a), chunk)))
+    return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
 
 def confirm(a32: np.ndarray, b32: np.ndarray, a64: np.ndarray, b64: np.ndarray, chunk: int = 512) -> np.ndarray:
