@@ -194,6 +194,13 @@ def fine_thumbnails(source: Source, config: CurateConfig) -> Callable[[np.ndarra
     return load
 
 
+def similar_search(thumbs: np.ndarray, fine: Callable[[np.ndarray], np.ndarray], config: CurateConfig,
+                   proposed: np.ndarray) -> similarity.SimilarPairs:
+    """The similarity search with curation's settings; ``proposed`` (the hash pairs) must pass its confirmation."""
+    return similarity.similar_pairs(thumbs, fine, neighbours=config.near_neighbours, threshold=config.near_similarity,
+                                    turns=config.near_turns, proposed=proposed)
+
+
 def duplicate_groups(result: Scan, config: CurateConfig) -> tuple[np.ndarray, np.ndarray, list[dict], dict]:
     """Group decoded items that are exact or near copies.
 
@@ -221,9 +228,7 @@ def duplicate_groups(result: Scan, config: CurateConfig) -> tuple[np.ndarray, np
         # Hash pairs must pass the aligned confirmation too: at 96 px two distinct cells can be
         # within 10 bits on both hashes (benchmarks/curation.py).
         load = fine_thumbnails(result.source, config)
-        found = similarity.similar_pairs(result.thumbs[reps], lambda rows: load(reps[rows]),
-                                         neighbours=config.near_neighbours, threshold=config.near_similarity,
-                                         turns=config.near_turns, proposed=pairs)
+        found = similar_search(result.thumbs[reps], lambda rows: load(reps[rows]), config, pairs)
         looks = found.looked_at
         hashed = {tuple(sorted(p)) for p in pairs.tolist()}
         near = [{"a": int(reps[i]), "b": int(reps[j]), "how": "hashes" if (min(i, j), max(i, j)) in hashed else "aligned",
@@ -583,9 +588,7 @@ def check_leakage(first: str | Path, second: str | Path, config: CurateConfig | 
                 out[~in_a] = loads[1](ok_b[rows[~in_a] - len(ok_a)])
             return out
 
-        found = similarity.similar_pairs(np.concatenate([a.thumbs[ok_a], b.thumbs[ok_b]]), fine,
-                                         neighbours=config.near_neighbours, threshold=config.near_similarity,
-                                         turns=config.near_turns, proposed=pairs)
+        found = similar_search(np.concatenate([a.thumbs[ok_a], b.thumbs[ok_b]]), fine, config, pairs)
         for (p, q), value, turn in zip(np.sort(found.pairs, axis=1).tolist(), found.similarity, found.turn):
             if p < len(ok_a) <= q:
                 similar[(p, q)] = (round(float(value), 4), int(turn))

@@ -186,9 +186,8 @@ def shifted_ncc(a: np.ndarray, b: np.ndarray, max_shift: int) -> np.ndarray:
 
 def _stretch_matrix(size: int, scale: float) -> np.ndarray:
     """(size, size) linear interpolation that stretches one axis by ``scale`` about the centre (edges repeated)."""
-    c = (size - 1) / 2
-    where = np.clip(c + (np.arange(size, dtype=np.float32) - c) / scale, 0, size - 1)
-    return np.clip(1 - np.abs(where[:, None] - np.arange(size, dtype=np.float32)[None, :]), 0, None).astype(np.float32)
+    centre = np.array([(size - 1) / 2], np.float32)
+    return _sampling_matrices(centre, np.array([1 / scale], np.float32), size, size)[0]
 
 
 def _scaled(images: np.ndarray, sy: float, sx: float) -> np.ndarray:
@@ -325,7 +324,7 @@ def similar_pairs(thumbs: np.ndarray, fine_thumbs: Callable[[np.ndarray], np.nda
         for start in range(0, len(pairs), 16384):  # gathered a chunk at a time: memory stays flat
             part = slice(start, start + 16384)
             b = _turned(thumbs[pairs[part, 1]], turn[part])
-            keep[part] = first_look(thumbs[pairs[part, 0]].astype(np.float32), b.astype(np.float32)) >= first_look_min
+            keep[part] = first_look(thumbs[pairs[part, 0]], b) >= first_look_min  # band_pass makes them float
         pairs, turn = pairs[keep], turn[keep]
     looked["first_look"] = len(pairs)
     if proposed is not None and len(proposed):
