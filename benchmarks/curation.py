@@ -1,4 +1,4 @@
-"""Curation against known answers, imagededup for comparison, and a 1M-hash scale run.
+"""Curation against known answers, imagededup for comparison, and 1M-image scale runs.
 
 Builds, from ../shared/data/pbc224, a contaminated training file in the course's
 format (.npz with images N x 224 x 224 x 3 uint8 and labels) holding every real
@@ -20,8 +20,8 @@ The set is built at each of ``--sizes`` (224 px as PBC ships, 96 px as the cours
 arrays), and ``bloodcell curate`` runs on it with hashes only, with the default
 similarity search, and with ``near_turns``. Prints recall per kind of copy, how many
 pairs of distinct PBC cells were merged, runs imagededup on the 224 px set where it
-is installed, and times the near-duplicate searches over 1,000,000 images (hashes,
-and the similarity search). Writes everything to benchmarks/results/curation.json.
+is installed, and times the near-duplicate searches over 1,000,000 images: the
+similarity search (the default) and the hash search (``near_similarity: null``). Writes everything to benchmarks/results/curation.json.
 
     .venv/bin/pip install imagededup   # once, for the comparison
     .venv/bin/python benchmarks/curation.py [--pbc ../shared/data/pbc224]
@@ -370,9 +370,9 @@ def main():
         source = open_source(args.pbc)
         sample = [np.asarray(Image.open(item.path).convert("RGB")) for item in source.items[::3]]
         results["scale"] = scale_run(hashing.dhash_batch(sample))
-        print("1M hashes:", results["scale"], flush=True)
+        print("1M, the hashes-only search (near_similarity: null):", results["scale"], flush=True)
         results["similarity_scale"] = similarity_scale_run(args.pbc)
-        print("1M similarity:", results["similarity_scale"], flush=True)
+        print("1M, the default search (similarity):", results["similarity_scale"], flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if (args.only_scale or args.skip_scale) and args.out.is_file():  # keep the other half's figures
         results = {**json.loads(args.out.read_text()), **results}

@@ -107,10 +107,11 @@ def curate(
 def leakage(
     first: Path = typer.Argument(..., help="A dataset, e.g. the training folder."),
     second: Path = typer.Argument(..., help="Another dataset, e.g. the test folder."),
-    near_dhash: int = typer.Option(10, help="Max dHash distance of a near copy."),
-    near_phash: int = typer.Option(10, help="Max pHash distance of a near copy."),
+    near_dhash: int = typer.Option(10, help="With --hashes-only: max dHash distance of a near copy."),
+    near_phash: int = typer.Option(10, help="With --hashes-only: max pHash distance of a near copy."),
     similarity: bool = typer.Option(True, "--similarity/--hashes-only",
-                                    help="Also find copies edited several ways at once (aligned similarity)."),
+                                    help="Find near copies by aligned similarity (also copies edited several ways at "
+                                    "once), or by hashes only (faster, misses combined edits)."),
     turns: bool = typer.Option(False, "--turns", help="Also find copies turned by quarter turns or mirrored."),
     out: Optional[Path] = typer.Option(None, help="Write the pairs found as CSV here."),
 ):

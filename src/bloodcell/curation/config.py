@@ -23,12 +23,14 @@ class SplitConfig(BaseModel):
 class CurateConfig(BaseModel):
     """Settings of ``bloodcell curate``; defaults chosen by measurement (see README)."""
 
-    near_dhash: int = Field(10, ge=0, le=32, description="max dHash distance (bits of 64) of near duplicates")
-    near_phash: int = Field(10, ge=0, le=32, description="max pHash distance (bits of 64) of near duplicates")
+    near_dhash: int = Field(10, ge=0, le=32, description="with near_similarity none: max dHash distance (bits of 64) "
+                            "of near duplicates")
+    near_phash: int = Field(10, ge=0, le=32, description="with near_similarity none: max pHash distance (bits of 64) "
+                            "of near duplicates")
     near_similarity: float | None = Field(
-        0.9, ge=0, le=1, description="near duplicates that hashes miss (copies re-encoded, re-lit, shifted, cropped and "
-        "resized at once): aligned cross-correlation at 64 px at least this (copies measured above 0.93, distinct "
-        "PBC cells below 0.79: docs/curation.md); none: hashes only")
+        0.9, ge=0, le=1, description="near duplicates, also copies re-encoded, re-lit, shifted, cropped and resized at "
+        "once: aligned cross-correlation at 64 px at least this (copies measured above 0.93, distinct PBC cells below "
+        "0.79: docs/curation.md); none: close in both hashes instead (faster, misses combined edits)")
     near_neighbours: int = Field(10, ge=1, le=100, description="nearest images by layout checked per image")
     near_turns: bool = Field(False, description="also find copies turned by quarter turns or mirrored (8x the search)")
     max_copies: int = Field(

@@ -195,8 +195,8 @@ def fine_thumbnails(source: Source, config: CurateConfig) -> Callable[[np.ndarra
 
 
 def similar_search(thumbs: np.ndarray, fine: Callable[[np.ndarray], np.ndarray], config: CurateConfig,
-                   proposed: np.ndarray) -> similarity.SimilarPairs:
-    """The similarity search with curation's settings; ``proposed`` (the hash pairs) must pass its confirmation."""
+                   proposed: np.ndarray | None = None) -> similarity.SimilarPairs:
+    """The similarity search with curation's settings; ``proposed`` pairs must pass its confirmation."""
     return similarity.similar_pairs(thumbs, fine, neighbours=config.near_neighbours, threshold=config.near_similarity,
                                     turns=config.near_turns, proposed=proposed)
 
@@ -207,9 +207,9 @@ def duplicate_groups(result: Scan, config: CurateConfig) -> tuple[np.ndarray, np
     Returns (group, exact_group, near, looks): per item, the id of its duplicate group and of
     its exact (same pixels) group, -1 for unreadable items; the near-duplicate pairs (item
     positions ``a``, ``b``, ``how`` found, ``similarity``, ``turn``); and how many pairs reached
-    each look of the similarity search. Near duplicates are pairs close in *both* dHash and
-    pHash, or found by the similarity search (:mod:`bloodcell.curation.similarity`); with the
-    search on (the default), every pair must pass its aligned confirmation (measured:
+    each look of the similarity search. Near duplicates are the pairs the similarity search
+    finds and confirms (:mod:`bloodcell.curation.similarity`, the default), or with
+    ``near_similarity`` None the pairs close in *both* dHash and pHash (measured:
     docs/curation.md).
     """
     n = len(result.md5)
@@ -219,23 +219,23 @@ def duplicate_groups(result: Scan, config: CurateConfig) -> tuple[np.ndarray, np
         exact_group[i] = first_of.setdefault(result.md5[i], len(first_of))
     # One representative per exact group goes into the near-duplicate search.
     reps = np.array(sorted({g: i for i, g in reversed(list(enumerate(exact_group))) if g >= 0}.values()), dtype=np.int64)
-    pairs = hashing.near_pairs(result.dhash[reps], config.near_dhash)
-    if len(pairs):
-        pdist = hashing.hamming(result.phash[reps[pairs[:, 0]]], result.phash[reps[pairs[:, 1]]])
-        pairs = pairs[pdist <= config.near_phash]
     looks: dict = {}
     if config.near_similarity is not None and len(reps) > 1 and result.thumbs is not None:
-        # Hash pairs must pass the aligned confirmation too: at 96 px two distinct cells can be
-        # within 10 bits on both hashes (benchmarks/curation.py).
+        # The similarity search alone: the exhaustive hash search finds no pair it misses on the
+        # benchmark's sets, and costs 83 s of a million images' search (docs/curation.md). Its
+        # pairs had to pass the same confirmation anyway: at 96 px two distinct cells can be
+        # within 10 bits on both hashes.
         load = fine_thumbnails(result.source, config)
-        found = similar_search(result.thumbs[reps], lambda rows: load(reps[rows]), config, pairs)
+        found = similar_search(result.thumbs[reps], lambda rows: load(reps[rows]), config)
         looks = found.looked_at
-        hashed = {tuple(sorted(p)) for p in pairs.tolist()}
-        near = [{"a": int(reps[i]), "b": int(reps[j]), "how": "hashes" if (min(i, j), max(i, j)) in hashed else "aligned",
-                 "similarity": round(float(v), 4), "turn": int(t)}
+        near = [{"a": int(reps[i]), "b": int(reps[j]), "how": "aligned", "similarity": round(float(v), 4), "turn": int(t)}
                 for (i, j), v, t in zip(found.pairs.tolist(), found.similarity, found.turn)]
         pairs = found.pairs.reshape(-1, 2)
     else:
+        pairs = hashing.near_pairs(result.dhash[reps], config.near_dhash)
+        if len(pairs):
+            pdist = hashing.hamming(result.phash[reps[pairs[:, 0]]], result.phash[reps[pairs[:, 1]]])
+            pairs = pairs[pdist <= config.near_phash]
         near = [{"a": int(reps[i]), "b": int(reps[j]), "how": "hashes", "similarity": None, "turn": 0} for i, j in pairs]
     rep_component = _components(len(reps), pairs)
     component_of_exact = np.empty(len(first_of), dtype=np.int64)
@@ -561,20 +561,13 @@ def curate(
 
 
 def check_leakage(first: str | Path, second: str | Path, config: CurateConfig | None = None) -> list[dict]:
-    """Images of ``first`` that also appear (exactly or nearly) in ``second``: pairs close in both
-    hashes and, with ``config.near_similarity`` set (the default), pairs the similarity search
-    finds, every near pair confirmed as in :func:`duplicate_groups`."""
+    """Images of ``first`` that also appear (exactly or nearly) in ``second``: identical pixels and
+    the pairs the similarity search finds and confirms, as in :func:`duplicate_groups`; with
+    ``config.near_similarity`` None, identical pixels and pairs close in both hashes."""
     config = config or CurateConfig()
     scans = [scan(open_source(p), config) for p in (first, second)]
     a, b = scans
     ok_a, ok_b = np.flatnonzero(a.ok), np.flatnonzero(b.ok)
-    codes = np.concatenate([a.dhash[ok_a], b.dhash[ok_b]])
-    pairs = hashing.near_pairs(codes, config.near_dhash)
-    pairs = pairs[(pairs[:, 0] < len(ok_a)) & (pairs[:, 1] >= len(ok_a))]
-    if len(pairs):
-        both = np.concatenate([a.phash[ok_a], b.phash[ok_b]])
-        pairs = pairs[hashing.hamming(both[pairs[:, 0]], both[pairs[:, 1]]) <= config.near_phash]
-    hashed = {tuple(p) for p in pairs.tolist()}
     similar: dict[tuple[int, int], tuple[float, int]] = {}
     if config.near_similarity is not None and len(ok_a) and len(ok_b):
         loads = [fine_thumbnails(a.source, config), fine_thumbnails(b.source, config)]
@@ -588,13 +581,25 @@ def check_leakage(first: str | Path, second: str | Path, config: CurateConfig | 
                 out[~in_a] = loads[1](ok_b[rows[~in_a] - len(ok_a)])
             return out
 
-        found = similar_search(np.concatenate([a.thumbs[ok_a], b.thumbs[ok_b]]), fine, config, pairs)
+        found = similar_search(np.concatenate([a.thumbs[ok_a], b.thumbs[ok_b]]), fine, config)
         for (p, q), value, turn in zip(np.sort(found.pairs, axis=1).tolist(), found.similarity, found.turn):
             if p < len(ok_a) <= q:
                 similar[(p, q)] = (round(float(value), 4), int(turn))
         # Identical pixels leak whatever the confirmation says (a flat picture correlates with nothing).
-        exact = {(p, q) for p, q in hashed if a.md5[ok_a[p]] == b.md5[ok_b[q - len(ok_a)]]}
+        in_b: dict[str, list[int]] = {}
+        for q, j in enumerate(ok_b):
+            in_b.setdefault(b.md5[j], []).append(q + len(ok_a))
+        exact = {(p, q) for p, i in enumerate(ok_a) for q in in_b.get(a.md5[i], [])}
+        hashed: set = set()
         pairs = np.array(sorted(set(similar) | exact), dtype=np.int64).reshape(-1, 2)
+    else:
+        codes = np.concatenate([a.dhash[ok_a], b.dhash[ok_b]])
+        pairs = hashing.near_pairs(codes, config.near_dhash)
+        pairs = pairs[(pairs[:, 0] < len(ok_a)) & (pairs[:, 1] >= len(ok_a))]
+        if len(pairs):
+            both = np.concatenate([a.phash[ok_a], b.phash[ok_b]])
+            pairs = pairs[hashing.hamming(both[pairs[:, 0]], both[pairs[:, 1]]) <= config.near_phash]
+        hashed = {tuple(p) for p in pairs.tolist()}
     found_rows = []
     for p, q in pairs.tolist():
         i, j = ok_a[p], ok_b[q - len(ok_a)]
@@ -603,6 +608,6 @@ def check_leakage(first: str | Path, second: str | Path, config: CurateConfig | 
         found_rows.append({"first": a.source.items[i].path, "second": b.source.items[j].path, "kind": kind,
                            "dhash_distance": int(hashing.hamming(a.dhash[i], b.dhash[j])),
                            "phash_distance": int(hashing.hamming(a.phash[i], b.phash[j])),
-                           "found_by": "hashes" if (p, q) in hashed else "similarity",
+                           "found_by": "hashes" if (p, q) in hashed else "md5" if (p, q) not in similar else "similarity",
                            "similarity": value, "turn": turn})
     return found_rows

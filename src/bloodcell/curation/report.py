@@ -108,10 +108,11 @@ def write_curation_report(curation: Curation, summary: dict, path: Path, max_gro
         table(["status", "items"], [[s, n] for s, n in statuses.items()], numeric={1}),
         f"<p>{summary['duplicate_groups']} duplicate groups, {summary['label_conflict_groups']} with conflicting labels, "
         f"{summary['contaminant_groups']} contaminants (counting a repeated picture once). "
-        f"Near duplicates: dHash &le; {curation.config.near_dhash} and pHash &le; {curation.config.near_phash} bits of 64"
-        + (f", or aligned similarity &ge; {curation.config.near_similarity}"
+        + (f"Near duplicates: aligned similarity &ge; {curation.config.near_similarity}"
            + (" in any quarter turn or mirror image" if curation.config.near_turns else "")
-           if curation.config.near_similarity is not None else "") + ".</p>",
+           if curation.config.near_similarity is not None else
+           f"Near duplicates: dHash &le; {curation.config.near_dhash} and pHash &le; {curation.config.near_phash} bits of 64")
+        + ".</p>",
     ]
     parts += ["<h2>Classes</h2>", f"<img src='{_class_chart(curation)}' alt='class distribution'>"]
     weights_path = path.parent / "class_weights.json"
