@@ -182,6 +182,9 @@ def test_leakage_check_finds_copies_across_datasets(tmp_path, original_files):
     for f in original_files[30:50]:
         (test / f.name).write_bytes(f.read_bytes())
     (test / "leak_exact.jpg").write_bytes(original_files[5].read_bytes())
+    # A flat picture correlates with nothing: identical pixels must leak all the same (by md5).
+    Image.new("RGB", (96, 96), (240, 230, 220)).save(train / "flat.png")
+    Image.new("RGB", (96, 96), (240, 230, 220)).save(test / "flat_copy.png")
     from bloodcell.data import synthetic
 
     near = synthetic.jpeg_reencode(np.asarray(Image.open(original_files[6]).convert("RGB")), 70)
@@ -191,9 +194,10 @@ def test_leakage_check_finds_copies_across_datasets(tmp_path, original_files):
     Image.fromarray(synthetic.combined_copy(original, rng)).save(test / "leak_combined.png")
     Image.fromarray(synthetic.combined_copy(original, rng, turn=True)).save(test / "leak_turned.png")
     expected = {(original_files[5].name, "leak_exact.jpg", "exact"), (original_files[6].name, "leak_near.png", "near"),
-                (original_files[7].name, "leak_combined.png", "near")}
+                (original_files[7].name, "leak_combined.png", "near"), ("flat.png", "flat_copy.png", "exact")}
     pairs = C.check_leakage(tmp_path / "train", tmp_path / "test")
     assert {(p["first"].rsplit("/", 1)[1], p["second"].rsplit("/", 1)[1], p["kind"]) for p in pairs} == expected
+    assert {p["found_by"] for p in pairs if p["first"].endswith("flat.png")} == {"md5"}
     turned = C.check_leakage(tmp_path / "train", tmp_path / "test", C.CurateConfig(near_turns=True))
     found = {(p["first"].rsplit("/", 1)[1], p["second"].rsplit("/", 1)[1], p["kind"]): p for p in turned}
     assert set(found) == expected | {(original_files[7].name, "leak_turned.png", "near")}
