@@ -69,7 +69,7 @@ def curate(
     input_path: Path = typer.Argument(..., metavar="INPUT", help="A folder of class folders, or an .npz file."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (created; the input is never changed)."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML file of curation settings."),
-    set_: list[str] = typer.Option([], "--set", help="Override a setting, e.g. --set near_dhash=8 --set split.seed=1."),
+    set_: list[str] = typer.Option([], "--set", help="Override a setting, e.g. --set near_turns=true --set split.seed=1."),
     classes: Optional[str] = typer.Option(None, help="Comma-separated class names, in label order."),
     no_images: bool = typer.Option(False, "--no-images", help="Write the manifest and report only, no cleaned copy."),
 ):
