@@ -194,11 +194,11 @@ def fine_thumbnails(source: Source, config: CurateConfig) -> Callable[[np.ndarra
     return load
 
 
-def similar_search(thumbs: np.ndarray, fine: Callable[[np.ndarray], np.ndarray], config: CurateConfig,
-                   proposed: np.ndarray | None = None) -> similarity.SimilarPairs:
-    """The similarity search with curation's settings; ``proposed`` pairs must pass its confirmation."""
+def similar_search(thumbs: np.ndarray, fine: Callable[[np.ndarray], np.ndarray], config: CurateConfig
+                   ) -> similarity.SimilarPairs:
+    """The similarity search with curation's settings."""
     return similarity.similar_pairs(thumbs, fine, neighbours=config.near_neighbours, threshold=config.near_similarity,
-                                    turns=config.near_turns, proposed=proposed)
+                                    turns=config.near_turns)
 
 
 def duplicate_groups(result: Scan, config: CurateConfig) -> tuple[np.ndarray, np.ndarray, list[dict], dict]:
@@ -221,10 +221,10 @@ def duplicate_groups(result: Scan, config: CurateConfig) -> tuple[np.ndarray, np
     reps = np.array(sorted({g: i for i, g in reversed(list(enumerate(exact_group))) if g >= 0}.values()), dtype=np.int64)
     looks: dict = {}
     if config.near_similarity is not None and len(reps) > 1 and result.thumbs is not None:
-        # The similarity search alone: the exhaustive hash search finds no pair it misses on the
-        # benchmark's sets, and costs 83 s of a million images' search (docs/curation.md). Its
-        # pairs had to pass the same confirmation anyway: at 96 px two distinct cells can be
-        # within 10 bits on both hashes.
+        # The similarity search alone: on the benchmark's sets the exhaustive hash search links
+        # no images that it leaves apart, and it costs 83 s of a million images' search
+        # (docs/curation.md). Its pairs would have to pass the same confirmation anyway: at 96 px
+        # two distinct cells can be within 10 bits on both hashes.
         load = fine_thumbnails(result.source, config)
         found = similar_search(result.thumbs[reps], lambda rows: load(reps[rows]), config)
         looks = found.looked_at

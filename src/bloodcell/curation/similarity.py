@@ -295,12 +295,11 @@ def _turned(images: np.ndarray, turn: np.ndarray) -> np.ndarray:
 
 def similar_pairs(thumbs: np.ndarray, fine_thumbs: Callable[[np.ndarray], np.ndarray], *, neighbours: int = 10,
                   spectrum_min: float = 0.95, first_look_min: float = 0.84, threshold: float = 0.9,
-                  turns: bool = False, proposed: np.ndarray | None = None) -> SimilarPairs:
+                  turns: bool = False) -> SimilarPairs:
     """The near duplicates among ``thumbs`` ((N, 32, 32, 3) uint8), through the four looks.
 
     ``fine_thumbs(indices)`` returns those images at 64 px ((len, 64, 64, 3)); it is called once,
-    for the few images whose pairs reach the confirmation. ``proposed`` pairs (found by other
-    means: the hashes) go straight to the confirmation and are kept only if they pass it.
+    for the few images whose pairs reach the confirmation.
     """
     thumbs = np.asarray(thumbs)
     pairs, turn = candidate_pairs(thumbs, neighbours, turns)
@@ -330,11 +329,6 @@ def similar_pairs(thumbs: np.ndarray, fine_thumbs: Callable[[np.ndarray], np.nda
             keep[part] = first_look(thumbs[pairs[part, 0]], b) >= first_look_min  # band_pass makes them float
         pairs, turn = pairs[keep], turn[keep]
     looked["first_look"] = len(pairs)
-    if proposed is not None and len(proposed):
-        proposed = np.sort(np.asarray(proposed, np.int64).reshape(-1, 2), axis=1)
-        looked["proposed"] = len(proposed)
-        pairs = np.concatenate([pairs, proposed])
-        turn = np.concatenate([turn, np.zeros(len(proposed), np.int64)])
     similarity = np.zeros(0, np.float32)
     if len(pairs):
         involved = np.unique(pairs)
