@@ -121,7 +121,7 @@ def leakage(
     from ..curation import CurateConfig, check_leakage
 
     with user_errors():
-        with console.status("hashing both datasets"):
+        with console.status("comparing both datasets"):
             settings = CurateConfig(near_dhash=near_dhash, near_phash=near_phash, near_turns=turns,
                                     **({} if similarity else {"near_similarity": None}))
             pairs = check_leakage(first, second, settings)

@@ -568,7 +568,13 @@ def check_leakage(first: str | Path, second: str | Path, config: CurateConfig | 
     scans = [scan(open_source(p), config) for p in (first, second)]
     a, b = scans
     ok_a, ok_b = np.flatnonzero(a.ok), np.flatnonzero(b.ok)
+    # Identical pixels leak whatever the search says (a flat picture correlates with nothing).
+    in_b: dict[str, list[int]] = {}
+    for q, j in enumerate(ok_b):
+        in_b.setdefault(b.md5[j], []).append(q + len(ok_a))
+    exact = {(p, q) for p, i in enumerate(ok_a) for q in in_b.get(a.md5[i], [])}
     similar: dict[tuple[int, int], tuple[float, int]] = {}
+    hashed: set[tuple[int, int]] = set()
     if config.near_similarity is not None and len(ok_a) and len(ok_b):
         loads = [fine_thumbnails(a.source, config), fine_thumbnails(b.source, config)]
 
@@ -585,21 +591,15 @@ def check_leakage(first: str | Path, second: str | Path, config: CurateConfig | 
         for (p, q), value, turn in zip(np.sort(found.pairs, axis=1).tolist(), found.similarity, found.turn):
             if p < len(ok_a) <= q:
                 similar[(p, q)] = (round(float(value), 4), int(turn))
-        # Identical pixels leak whatever the confirmation says (a flat picture correlates with nothing).
-        in_b: dict[str, list[int]] = {}
-        for q, j in enumerate(ok_b):
-            in_b.setdefault(b.md5[j], []).append(q + len(ok_a))
-        exact = {(p, q) for p, i in enumerate(ok_a) for q in in_b.get(a.md5[i], [])}
-        hashed: set = set()
-        pairs = np.array(sorted(set(similar) | exact), dtype=np.int64).reshape(-1, 2)
-    else:
+    elif len(ok_a) and len(ok_b):
         codes = np.concatenate([a.dhash[ok_a], b.dhash[ok_b]])
         pairs = hashing.near_pairs(codes, config.near_dhash)
         pairs = pairs[(pairs[:, 0] < len(ok_a)) & (pairs[:, 1] >= len(ok_a))]
         if len(pairs):
             both = np.concatenate([a.phash[ok_a], b.phash[ok_b]])
             pairs = pairs[hashing.hamming(both[pairs[:, 0]], both[pairs[:, 1]]) <= config.near_phash]
-        hashed = {tuple(p) for p in pairs.tolist()}
+        hashed = {(int(p), int(q)) for p, q in pairs.tolist()}
+    pairs = np.array(sorted(exact | set(similar) | hashed), dtype=np.int64).reshape(-1, 2)
     found_rows = []
     for p, q in pairs.tolist():
         i, j = ok_a[p], ok_b[q - len(ok_a)]
@@ -608,6 +608,6 @@ def check_leakage(first: str | Path, second: str | Path, config: CurateConfig | 
         found_rows.append({"first": a.source.items[i].path, "second": b.source.items[j].path, "kind": kind,
                            "dhash_distance": int(hashing.hamming(a.dhash[i], b.dhash[j])),
                            "phash_distance": int(hashing.hamming(a.phash[i], b.phash[j])),
-                           "found_by": "hashes" if (p, q) in hashed else "md5" if (p, q) not in similar else "similarity",
+                           "found_by": "similarity" if (p, q) in similar else "hashes" if (p, q) in hashed else "md5",
                            "similarity": value, "turn": turn})
     return found_rows

@@ -2,8 +2,8 @@
 
 At 96 px such a copy can move 20-30 bits of 64 in dHash and pHash, as far as distinct cells lie,
 so no hash radius finds it without merging distinct cells (docs/experiments.md, tenth and
-twelfth sessions). Here a pair has to pass four looks, each cheaper than the next and each
-measured to keep every copy (`benchmarks/curation.py`):
+twelfth sessions). Here a pair has to pass four looks, each costlier than the last and applied
+to fewer pairs, each measured to keep every copy (`benchmarks/curation.py`):
 
 1. **Candidates**: each image's ``k`` nearest neighbours by its *layout*: the grey 32 px
    thumbnail resampled so that its stain-weighted centre is central and its spread fixed
@@ -68,13 +68,11 @@ def _threaded(function, parts: list) -> list:
         return list(pool.map(function, parts))
 
 
-def _gaussian(x: np.ndarray, sigma: float, axes: tuple[int, int] = (1, 2)) -> np.ndarray:
+def _gaussian(x: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian blur over the two image axes of (N, H, W[, C])."""
     from scipy import ndimage
 
-    sigmas = [0.0] * x.ndim
-    for axis in axes:
-        sigmas[axis] = sigma
-    return ndimage.gaussian_filter(x, sigmas)
+    return ndimage.gaussian_filter(x, [0.0, sigma, sigma] + [0.0] * (x.ndim - 3))
 
 
 def band_pass(x: np.ndarray, band: tuple[float, float]) -> np.ndarray:
