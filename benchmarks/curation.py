@@ -21,7 +21,8 @@ arrays), and ``bloodcell curate`` runs on it with hashes only, with the default
 similarity search, and with ``near_turns``. Prints recall per kind of copy, how many
 pairs of distinct PBC cells were merged, runs imagededup on the 224 px set where it
 is installed, and times the near-duplicate searches over 1,000,000 images: the
-similarity search (the default) and the hash search (``near_similarity: null``). Writes everything to benchmarks/results/curation.json.
+similarity search (the default) and the hash search (``near_similarity: null``).
+Writes everything to benchmarks/results/curation.json.
 
     .venv/bin/pip install imagededup   # once, for the comparison
     .venv/bin/python benchmarks/curation.py [--pbc ../shared/data/pbc224]
