@@ -47,20 +47,23 @@ def train_section(config_path: Path) -> dict:
 
 
 def pack(curated: Path, out: Path, config_path: Path, quality: int = 80, test_quality: int = 90,
-         workers: int = 2) -> dict:
+         workers: int = 2, foreign: list[Path] | None = None) -> dict:
     from bloodcell.data import load_item, open_source, preprocess
 
     settings = train_section(config_path)
     size, framing = settings.get("image_size", 128), settings.get("framing")
     counts = {}
-    for split in ("train", "val", "test"):
-        source = open_source(curated / "images" / split)
+    sets = [(split, curated / "images" / split, out / "images" / split) for split in ("train", "val", "test")]
+    sets += [(f"foreign/{path.name}", path, out / "foreign" / path.name) for path in foreign or []]
+    for split, folder, target_dir in sets:
+        source = open_source(folder)
 
-        def write(item, source=source, split=split):
+        def write(item, source=source, split=split, target_dir=target_dir):
             image = preprocess(load_item(source, item)[0], size, framing)
-            target = out / "images" / split / source.class_names[item.label] / (Path(item.path).stem + ".webp")
+            target = target_dir / source.class_names[item.label] / (Path(item.path).stem + ".webp")
             target.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(np.ascontiguousarray(image)).save(target, quality=test_quality if split == "test" else quality, method=4)
+            Image.fromarray(np.ascontiguousarray(image)).save(target, quality=quality if split in ("train", "val") else test_quality,
+                                                              method=4)
 
         with ThreadPoolExecutor(workers) as pool:
             list(pool.map(write, source.items))
@@ -80,7 +83,7 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
 
 
 def train_and_score(data: Path, config_path: Path, name: str, overrides: list[str], root: Path, workers: int,
-                    weights: Path | None = None) -> dict:
+                    weights: Path | None = None, quick: bool = False) -> dict:
     """One variant in its own process: `bloodcell train`, then evaluation of its run directory."""
     run_dir = root / name
     settings = train_section(config_path)
@@ -106,19 +109,30 @@ def train_and_score(data: Path, config_path: Path, name: str, overrides: list[st
     from bloodcell.evaluation import evaluate_model
     from bloodcell.models import load_checkpoint
 
-    # The kept checkpoint, with and without TTA, and the last epoch's weights (keep: last).
-    last_dir = write_last_epoch_run(run_dir, root / f"{name}-last")
-    for suffix, model_dir, tta in (("", run_dir, False), ("_tta", run_dir, True), ("_last", last_dir, False)):
+    # The kept checkpoint, with and without TTA, and the last epoch's weights (keep: last); --quick: the kept one alone.
+    scored = [("", run_dir, False)]
+    if not quick:
+        last_dir = write_last_epoch_run(run_dir, root / f"{name}-last")
+        scored += [("_tta", run_dir, True), ("_last", last_dir, False)]
+    for suffix, model_dir, tta in scored:
         metrics = evaluate_model(model_dir, data, root / f"{name}-eval{suffix}", tta=tta)
         result.update({f"accuracy{suffix}": round(metrics["accuracy"], 4), f"macro_f1{suffix}": round(metrics["macro_f1"], 4),
                        f"ece{suffix}": round(metrics["ece"], 4),
                        f"errors{suffix}": int(round((1 - metrics["accuracy"]) * metrics["count"]))})
+    # Other labs' cells packed beside the splits (pack --foreign): never trained on, scored as they are.
+    for folder in sorted((data / "foreign").glob("*")):
+        metrics = evaluate_model(run_dir, folder, root / f"{name}-{folder.name}")
+        shift = metrics.get("domain_shift") or {}
+        result[folder.name] = {key: round(float(metrics[key]), 4) for key in ("accuracy", "balanced_accuracy", "macro_f1", "ece")}
+        result[folder.name]["shift_score"] = shift.get("score")
+        result[folder.name]["recall"] = {name: round(float(v["recall"]), 3) for name, v in metrics["per_class"].items()
+                                         if v.get("support")}
     result["best_epoch"] = load_checkpoint(run_dir / "best.safetensors")[1].get("epoch")
     return result
 
 
 def run(data: Path, config_path: Path, variants: list[str], parallel: int, workers: int, root: Path, json_path: Path,
-        weights: Path | None = None) -> list[dict]:
+        weights: Path | None = None, quick: bool = False) -> list[dict]:
     import torch
 
     root.mkdir(parents=True, exist_ok=True)
@@ -130,7 +144,7 @@ def run(data: Path, config_path: Path, variants: list[str], parallel: int, worke
 
     def one(text):
         name, overrides = parse_variant(text)
-        result = train_and_score(data, config_path, name, overrides, root, workers, weights)
+        result = train_and_score(data, config_path, name, overrides, root, workers, weights, quick)
         with lock:
             print(json.dumps(result), flush=True)
             results.append(result)
@@ -140,13 +154,18 @@ def run(data: Path, config_path: Path, variants: list[str], parallel: int, worke
     start = time.perf_counter()
     with ThreadPoolExecutor(parallel) as pool:
         list(pool.map(one, variants))
-    print(f"\n{'variant':<14} {'overrides':<34} {'min':>5} {'acc':>7} {'F1':>7} {'ECE':>7} {'acc TTA':>8} {'acc last':>8}")
+    foreign = sorted({key for r in results for key, value in r.items() if isinstance(value, dict)})
+    print(f"\n{'variant':<14} {'overrides':<34} {'min':>5} {'acc':>7} {'F1':>7} {'ECE':>7} {'acc TTA':>8} {'acc last':>8}"
+          + "".join(f" {name + ' acc/bal/ECE':>20}" for name in foreign))
     for r in sorted(results, key=lambda r: r["variant"]):
         if r["exit_code"]:
             print(f"{r['variant']:<14} failed (exit {r['exit_code']}):\n{r.get('log_tail', '')}")
             continue
         print(f"{r['variant']:<14} {','.join(r['overrides']) or '-':<34} {r['train_s'] / 60:5.1f} "
-              f"{r['accuracy']:7.4f} {r['macro_f1']:7.4f} {r['ece']:7.4f} {r['accuracy_tta']:8.4f} {r['accuracy_last']:8.4f}")
+              f"{r['accuracy']:7.4f} {r['macro_f1']:7.4f} {r['ece']:7.4f} {r.get('accuracy_tta', float('nan')):8.4f} "
+              f"{r.get('accuracy_last', float('nan')):8.4f}"
+              + "".join(f" {r[n]['accuracy']:6.3f}/{r[n]['balanced_accuracy']:.3f}/{r[n]['ece']:.3f}" if n in r else " -"
+                        for n in foreign))
     print(f"sweep wall {(time.perf_counter() - start) / 60:.1f} min; {json_path}")
     return results
 
@@ -159,7 +178,9 @@ def main():
     p.add_argument("out", type=Path)
     p.add_argument("--config", type=Path, required=True)
     p.add_argument("--quality", type=int, default=80, help="WebP quality of train and val")
-    p.add_argument("--test-quality", type=int, default=90)
+    p.add_argument("--test-quality", type=int, default=90, help="WebP quality of test and foreign sets")
+    p.add_argument("--foreign", type=Path, action="append", default=[],
+                   help="another lab's class folders, framed and packed under OUT/foreign/NAME and scored by run")
     r = commands.add_parser("run")
     r.add_argument("data", type=Path)
     r.add_argument("--config", type=Path, required=True)
@@ -169,11 +190,13 @@ def main():
     r.add_argument("--weights", type=Path, help="pretrained weights file, where the config's path is not there")
     r.add_argument("--root", type=Path, default=Path("runs/sweep"))
     r.add_argument("--json", type=Path, default=HERE / "results" / "sweep.json")
+    r.add_argument("--quick", action="store_true", help="score the kept checkpoint only (no TTA, no last epoch)")
     args = parser.parse_args()
     if args.command == "pack":
-        pack(args.curated, args.out, args.config, args.quality, args.test_quality)
+        pack(args.curated, args.out, args.config, args.quality, args.test_quality, foreign=args.foreign)
     else:
-        run(args.data, args.config, args.variant, args.parallel, args.workers, args.root, args.json, args.weights)
+        run(args.data, args.config, args.variant, args.parallel, args.workers, args.root, args.json, args.weights,
+            args.quick)
 
 
 if __name__ == "__main__":

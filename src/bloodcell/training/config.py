@@ -15,6 +15,7 @@ from ..core.errors import BloodcellError
 from ..data.augment import AugmentConfig
 from ..data.framing import FramingConfig
 from ..models import CNNConfig
+from ..models.feature_style import FeatureStyleConfig
 from .distill import DistillConfig
 
 
@@ -125,6 +126,9 @@ class TrainConfig(BaseModel):
     framing: FramingConfig | None = Field(None, description="crop a window around the stained cell before the resize (bloodcell.data.framing)")
     input_norm: Literal["grey_world"] | None = Field(
         None, description="grey-world colour constancy inside the network (each image's channel means made equal), or none")
+    feature_style: FeatureStyleConfig | None = Field(
+        None, description="perturb the early blocks' feature statistics while training (MixStyle or DSU; "
+        "bloodcell.models.feature_style), or none")
     subclasses: SubclassConfig | None = Field(None, description="train on subclasses named in the file names (SubclassConfig)")
     progressive: ProgressiveConfig | None = Field(None, description="progressive resizing of the training crops (ProgressiveConfig)")
     distill: DistillConfig | None = Field(None, description="learn from teachers' probabilities as well (bloodcell.training.distill)")

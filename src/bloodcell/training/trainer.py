@@ -29,6 +29,7 @@ from ..evaluation.calibration import calibrate_run
 from ..evaluation.shift import fit_run_shift
 from ..inference.teachers import path_key
 from ..models import create_model, has_folded_batchnorm, load_checkpoint, recalibrate_folded_batchnorm, save_checkpoint
+from ..models.feature_style import add_feature_style
 from .config import TrainConfig
 from .distill import DistillationLoss, load_targets, targets_for
 from .distributed import Dist, init_distributed, sync_buffers
@@ -134,6 +135,8 @@ def build_model(config: TrainConfig, class_names: list[str], subclasses: Subclas
         framing=config.framing.model_dump() if config.framing else None, input_norm=config.input_norm,
         cnn=config.cnn.model_dump() if config.model == "cnn" else None,
         subclasses=ContractSubclasses(names=subclasses.names, parents=subclasses.parents) if subclasses else None)
+    if config.feature_style is not None:
+        add_feature_style(model.net, config.feature_style)
     return model, contract
 
 
