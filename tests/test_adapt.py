@@ -105,6 +105,36 @@ def test_unlabelled_adaptation_skips_unreadable_files(run, lab):
     contract = json.loads((run / "adapted-unl" / "model.json").read_text())
     assert contract["adapted"]["mode"] == "unlabelled" and contract["adapted"]["unlabelled_images"] == 30
     assert any("broken.png" in line and line.startswith("skipped") for line in lines)
+    assert (run / "adapted-unl" / "to_label.csv").is_file()
+
+
+def test_least_certain_ranks_by_the_margin_of_the_two_best_classes():
+    from bloodcell.training.adapt import least_certain
+
+    probs = np.array([[0.9, 0.05, 0.05], [0.4, 0.35, 0.25], [0.5, 0.1, 0.4], [0.34, 0.33, 0.33], [0.6, 0.4, 0.0]])
+    # margins: 0.85, 0.05, 0.10, 0.01, 0.20
+    assert least_certain(probs, 3).tolist() == [3, 1, 2]
+    assert least_certain(probs, 10).tolist() == [3, 1, 2, 4, 0]
+    assert least_certain(probs, 0).size == 0 and least_certain(np.zeros((0, 3)), 5).size == 0
+
+
+def test_labelled_and_unlabelled_cells_list_the_cells_to_label_next(run, lab):
+    import csv
+
+    lines = []
+    summary = adapt_model(run / "run", run / "adapted-next", lab["labelled"], lab["unlabelled"], AdaptConfig(steps=5),
+                          folds=0, export=False, log=lines.append, suggest=7)
+    with open(run / "adapted-next" / "to_label.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert summary["to_label"]["cells"] == len(rows) == 7
+    pool = {str(p) for p in lab["unlabelled"].iterdir() if p.name != "broken.png"}
+    assert {row["image"] for row in rows} <= pool and len({row["image"] for row in rows}) == 7
+    margins = [float(row["margin"]) for row in rows]
+    assert margins == sorted(margins) and all(float(r["confidence"]) >= float(r["second_confidence"]) for r in rows)
+    assert any("to_label.csv" in line for line in lines)
+    adapt_model(run / "run", run / "adapted-none", lab["labelled"], lab["unlabelled"], AdaptConfig(steps=2),
+                folds=0, export=False, log=lines.append, suggest=0)
+    assert not (run / "adapted-none" / "to_label.csv").exists()
 
 
 def test_mean_alignment_moves_the_labs_mean_feature_onto_the_source_mean():

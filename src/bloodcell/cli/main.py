@@ -378,6 +378,7 @@ def adapt(
     seed: int = typer.Option(0),
     onnx: bool = typer.Option(True, "--onnx/--no-onnx", help="Also export OUT/model.onnx."),
     lab_frequencies: bool = typer.Option(False, "--lab-frequencies", help="With --data and --unlabelled: correct for the lab's class frequencies, estimated on the unlabelled cells."),
+    suggest: int = typer.Option(20, help="With --unlabelled: list this many of those cells, the adapted model's least certain, in OUT/to_label.csv (0: none)."),
 ):
     """Adapt a model to one lab's images; OUT works with every --model (evaluate, predict, serve, export)."""
     from ..training.adapt import AdaptConfig
@@ -387,7 +388,7 @@ def adapt(
         log = lambda line: console.print(line, highlight=False, markup=False)  # noqa: E731
         with console.status("adapting"):
             adapt_model(model, out, data, unlabelled, AdaptConfig(steps=steps, seed=seed, lab_frequencies=lab_frequencies),
-                        folds, onnx, log)
+                        folds, onnx, log, suggest)
         Console().print(f"Adapted model: {out}")
 
 

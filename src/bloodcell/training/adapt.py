@@ -113,6 +113,17 @@ def align_feature_mean(model: nn.Module, unlabelled: torch.Tensor, source_mean: 
     return {"method": "feature mean alignment", "cells": len(unlabelled), "shift_norm": float(shift.norm())}
 
 
+def least_certain(probabilities: np.ndarray, count: int) -> np.ndarray:
+    """Indices of the ``count`` answers with the smallest margin between the two most likely classes,
+    least certain first (margin sampling, Scheffer et al. 2001): the cells worth a person's label next."""
+    probabilities = np.asarray(probabilities)
+    if len(probabilities) == 0 or count <= 0:
+        return np.zeros(0, dtype=np.int64)
+    top = np.sort(probabilities, axis=1)
+    margin = top[:, -1] - (top[:, -2] if probabilities.shape[1] > 1 else 0.0)
+    return np.argsort(margin, kind="stable")[:count]
+
+
 def estimate_class_prior(probabilities: np.ndarray, trained_prior: np.ndarray, iterations: int = 100,
                          floor: float = 0.005) -> np.ndarray:
     """A lab's class frequencies from a model's answers on its unlabelled cells (EM, Saerens et al. 2002).
