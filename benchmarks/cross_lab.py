@@ -13,6 +13,11 @@ subfolder one lab); default: ``$BLOODCELL_DATA/foreign/jtsc``. For each set it r
   (``--folds``, as the command does by default);
 - the same draws with the rest of the set given as unlabelled cells too (``adapt --data
   --unlabelled --lab-frequencies``: the lab's class frequencies), without cross-validation;
+- with ``--next N``: the cells to label next, as a lab would follow them. The first adaptation
+  is also given the rest as unlabelled cells, so it lists the ``N`` it is least sure of
+  (``to_label.csv``). Those ``N``, with their labels, join the labelled cells, and adapt runs
+  again from the model. The same is done with ``N`` cells drawn at random. Both, and the
+  first adaptation, are scored on the rest less both picks;
 - after ``adapt --unlabelled`` on all of the set's images (labels unused), scored on the set;
 - the out-of-distribution AUROC of the PBC test split (``--pbc-test``: a curated PBC folder;
   its ``images/test``) against the set, and how many random batches of 50 PBC test images
@@ -99,6 +104,44 @@ def ood_figures(model: str, pbc_test: Path | None, set_dir: Path) -> dict | None
             "pbc_batches_tried": len(batches)}
 
 
+def label_next(args, root: Path, train: dict[str, list[Path]], rest: dict[str, list[Path]], draw: int) -> dict:
+    """Label the cells the adapted model listed (``root/model/to_label.csv``) or as many at random, adapt
+    again from the model, and score both and the first adaptation on the cells neither picked."""
+    import csv
+
+    from bloodcell.evaluation import evaluate_model
+    from bloodcell.training.adapt import AdaptConfig
+    from bloodcell.workflows import adapt_model
+
+    with open(root / "model" / "to_label.csv") as handle:
+        # Each listed file is a link in root/rest/<class>/: its folder is its true label.
+        listed = [Path(row["image"]) for row in csv.DictReader(handle)]
+    by_link = {(name, path.name): path for name, paths in rest.items() for path in paths}
+    suggested = [(p.parent.name, by_link[(p.parent.name, p.name)]) for p in listed]
+    pool = [(name, path) for name, paths in rest.items() for path in paths]
+    order = np.random.default_rng(draw).permutation(len(pool))
+    randomly = [pool[i] for i in order[: len(suggested)]]
+    taken = {path for _, path in suggested + randomly}
+    common = {name: [p for p in paths if p not in taken] for name, paths in rest.items()}
+    link_tree(root / "common", common)
+    result = {"labelled_only": figures(evaluate_model(root / "model", root / "common", root / "eval-common")),
+              "picked": {arm: sorted({name for name, _ in picks}) for arm, picks in
+                         (("suggested", suggested), ("random", randomly))},
+              "common_cells": sum(len(v) for v in common.values())}
+    for arm, picks in (("suggested", suggested), ("random", randomly)):
+        labelled = {name: list(paths) for name, paths in train.items()}
+        for name, path in picks:
+            labelled.setdefault(name, []).append(path)
+        link_tree(root / f"train-{arm}", labelled)
+        adapt_model(args.model, root / f"model-{arm}", root / f"train-{arm}", None, AdaptConfig(steps=args.steps, seed=draw),
+                    folds=0, export=False, log=lambda line: None)
+        result[arm] = figures(evaluate_model(root / f"model-{arm}", root / "common", root / f"eval-{arm}"))
+    print(f"  draw {draw}: {len(suggested)} more cells, on {result['common_cells']} common cells: "
+          f"{result['labelled_only']['accuracy']:.3f} -> suggested {result['suggested']['accuracy']:.3f}, "
+          f"random {result['random']['accuracy']:.3f}", flush=True)
+    return result
+
+
 def bench_set(set_dir: Path, args, work: Path) -> dict:
     from bloodcell.evaluation import evaluate_model
     from bloodcell.training.adapt import AdaptConfig
@@ -112,7 +155,7 @@ def bench_set(set_dir: Path, args, work: Path) -> dict:
     report["as_given"] = {**figures(report["as_given"]), "domain_shift": report["as_given"].get("domain_shift")}
     print(f"{set_dir.name}: as given {report['as_given']['accuracy']:.3f}", flush=True)
     report["ood"] = ood_figures(args.model, args.pbc_test, set_dir)
-    draws, combined = [], []
+    draws, combined, following = [], [], []
     for draw in range(args.draws):
         rng = random.Random(draw)
         train, rest = {}, {}
@@ -125,8 +168,11 @@ def bench_set(set_dir: Path, args, work: Path) -> dict:
         link_tree(root / "train", train)
         link_tree(root / "rest", rest)
         t0 = time.perf_counter()
-        summary = adapt_model(args.model, root / "model", root / "train", None, AdaptConfig(steps=args.steps, seed=draw),
-                              folds=args.folds, export=False, log=quiet)
+        # The rest as unlabelled cells changes only the shift statistics and, with --next, lists the
+        # cells to label next; the labelled cells alone teach the classes.
+        summary = adapt_model(args.model, root / "model", root / "train", root / "rest" if args.next else None,
+                              AdaptConfig(steps=args.steps, seed=draw), folds=args.folds, export=False, log=quiet,
+                              suggest=args.next)
         seconds = time.perf_counter() - t0
         scored = figures(evaluate_model(root / "model", root / "rest", root / "eval"))
         draws.append({**scored, "adapt_seconds": round(seconds, 1), "labelled": summary["labelled_per_class"],
@@ -140,9 +186,14 @@ def bench_set(set_dir: Path, args, work: Path) -> dict:
         combined.append({**both, "adapt_seconds": round(time.perf_counter() - t0, 1)})
         print(f"  draw {draw}: adapted {scored['accuracy']:.3f} ({seconds:.0f} s); with the rest unlabelled "
               f"{both['accuracy']:.3f}", flush=True)
+        if args.next:
+            following.append(label_next(args, root, train, rest, draw))
     if draws:
         report["labelled"] = {"per_class": args.per_class, "draws": draws, **summarise(draws)}
         report["labelled_and_rest_unlabelled"] = {"per_class": args.per_class, "draws": combined, **summarise(combined)}
+    if following:
+        report["next"] = {"cells": args.next, "draws": following,
+                          **{arm: summarise([d[arm] for d in following]) for arm in ("labelled_only", "suggested", "random")}}
     if args.unlabelled:
         t0 = time.perf_counter()
         adapt_model(args.model, work / "unlabelled", None, set_dir, AdaptConfig(steps=args.steps), export=False,
@@ -164,6 +215,7 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=10)
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--folds", type=int, default=3, help="adapt's cross-validation (its estimate and temperature); 0: none")
+    parser.add_argument("--next", type=int, default=0, help="also label the N cells adapt lists next, against N at random; 0: off")
     parser.add_argument("--unlabelled", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "cross_lab.json")
     args = parser.parse_args()
@@ -193,6 +245,11 @@ def main() -> None:
         auroc = f"{r['ood']['auroc']:.3f}" if r.get("ood") else "-"
         print(f"{Path(r['set']).name:<16}{r['as_given']['accuracy']:>10.3f}{r['as_given']['balanced_accuracy']:>10.3f}"
               f"{r['as_given']['ece']:>7.3f}{adapted:>18}{both:>14}{unl:>12}{auroc:>8}")
+        if "next" in r:
+            n = r["next"]
+            print(f"{'':<16}{n['cells']} cells to label next, on the cells neither picked: "
+                  + ", ".join(f"{arm} {n[arm]['accuracy']['mean']:.3f}±{n[arm]['accuracy']['sd']:.3f}"
+                              for arm in ("labelled_only", "suggested", "random")))
     print(f"written to {args.out}")
 
 
