@@ -54,7 +54,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def load_test(url: str, payload: bytes, requests: int, clients: int) -> dict:
+def load_test(url: str, payload: bytes, requests: int, clients: int, per_request: int = 1) -> dict:
+    """``clients`` threads posting ``requests`` requests of ``per_request`` copies of one image each."""
     import httpx
 
     latencies: list[float] = []
@@ -69,7 +70,8 @@ def load_test(url: str, payload: bytes, requests: int, clients: int) -> dict:
                     if next(counter, None) is None:
                         return
                 start = time.perf_counter()
-                response = client.post(url, files={"files": ("cell.jpg", payload, "image/jpeg")})
+                response = client.post(url, files=[("files", (f"cell{k}.jpg", payload, "image/jpeg"))
+                                                   for k in range(per_request)])
                 elapsed = time.perf_counter() - start
                 with lock:
                     latencies.append(elapsed)
@@ -86,7 +88,8 @@ def load_test(url: str, payload: bytes, requests: int, clients: int) -> dict:
     ms = np.array(latencies) * 1000
     return {"requests": len(latencies), "clients": clients, "errors": len(errors),
             "p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
-            "p99_ms": float(np.percentile(ms, 99)), "throughput_rps": len(latencies) / wall}
+            "p99_ms": float(np.percentile(ms, 99)), "throughput_rps": len(latencies) / wall,
+            "images_per_request": per_request, "images_per_s": len(latencies) * per_request / wall}
 
 
 def step_costs(predictor, onnx_path: Path, files: list[Path], stream: list[Path], repeats: int = 3) -> dict:
@@ -193,8 +196,9 @@ def folder_rate(model: Path, folder: Path, out: Path, repeats: int = 3) -> dict:
             "cli_images_per_s": len(rows) / cli_median}
 
 
-def service_load(model: Path, payload: bytes, requests: int, extra: list[str]) -> dict:
-    """The service in a second process under 1, 8 and 32 clients of single-image requests."""
+def service_load(model: Path, payload: bytes, requests: int, extra: list[str], per_request: int = 16) -> dict:
+    """The service in a second process under 1, 8 and 32 clients of single-image requests, and 8 clients
+    sending ``per_request`` images per request (a slide's cells sent together)."""
     import httpx
 
     port = free_port()
@@ -211,7 +215,8 @@ def service_load(model: Path, payload: bytes, requests: int, extra: list[str]) -
         url = f"http://127.0.0.1:{port}/v1/predict"
         load_test(url, payload, 100, 8)  # warm-up: worker processes started, sessions warm
         return {"clients_1": load_test(url, payload, 300, 1), "clients_8": load_test(url, payload, requests, 8),
-                "clients_32": load_test(url, payload, requests, 32)}
+                "clients_32": load_test(url, payload, requests, 32),
+                f"clients_8_images_{per_request}": load_test(url, payload, max(requests // per_request, 50), 8, per_request)}
     finally:
         server.terminate()
         server.wait(timeout=20)
@@ -275,6 +280,7 @@ def main():
             folder_rate_now = results.get("folder", {}).get("images_per_s")
             if folder_rate_now:
                 service["throughput_8_over_predict"] = service["clients_8"]["throughput_rps"] / folder_rate_now
+                service["images_8_batched_over_predict"] = service["clients_8_images_16"]["images_per_s"] / folder_rate_now
             service["p99_8_over_p50_1"] = service["clients_8"]["p99_ms"] / service["clients_1"]["p50_ms"]
             results["service"] = service
             results.pop("service_single_client", None)
