@@ -263,9 +263,10 @@ def test_ddp_two_processes_end_with_identical_weights(tiny_data, tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    str(script), str(tiny_data), str(tmp_path)], check=True, env=env, timeout=300,
-                   capture_output=True)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), str(tiny_data), str(tmp_path)], env=env, timeout=300, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
     digests = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
     assert digests[0] == digests[1]
     assert (tmp_path / "run" / "metrics.csv").is_file()
