@@ -187,6 +187,9 @@ def test_out_of_distribution_scores_travel_with_the_model(run, onnx_model, cells
     contract = json.loads((run["run"] / "model.json").read_text())
     assert contract["shift"]["method"] == "mahalanobis" and (run["run"] / "shift.safetensors").is_file()
     assert onnx_model["outputs"] == ["logits", "ood_score"]
+    # Training also fits how fast confidence falls with the score; the ONNX file carries it too.
+    assert contract["ood_temperature"] >= 0
+    assert load_predictor(onnx_model["onnx"]).contract.ood_temperature == contract["ood_temperature"]
     torch_probs, torch_scores = load_predictor(run["run"]).scores(cells)
     for path in (onnx_model["onnx"], onnx_model["onnx_int8"]):
         probs, scores = load_predictor(path).scores(cells)

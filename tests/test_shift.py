@@ -92,3 +92,60 @@ def test_grey_world_input_takes_out_a_labs_colour_cast():
 
     with pytest.raises(BloodcellError, match="unknown input normalisation"):
         create_model("cnn", 8, pretrained=False, input_norm="white_patch")
+
+
+def test_shift_temperature_is_fitted_where_far_cells_are_often_wrong():
+    """Cells within the training lab's range (score <= 1) are right; far ones are often wrong.
+    The fit softens the far ones (gamma > 0) and prefers gamma 0 when no cell is far."""
+    from bloodcell.evaluation.shift import fit_ood_temperature
+
+    rng = np.random.default_rng(0)
+    n = 600
+    labels = rng.integers(0, 4, n)
+    logits = rng.normal(0, 1, (n, 4))
+    logits[np.arange(n), labels] += 8.0  # confident and right
+    far = np.arange(n) >= n // 2
+    ood = np.where(far, rng.uniform(1.5, 3.0, n), rng.uniform(0.1, 0.9, n))
+    wrong = far & (rng.random(n) < 0.5)
+    logits[wrong] = np.roll(logits[wrong], 1, axis=1)  # equally confident, wrong
+    gamma, nll = fit_ood_temperature(logits, ood, labels, 1.0)
+    assert gamma > 0
+    assert nll < fit_ood_temperature(logits, ood, labels, 1.0, np.zeros(1))[1]
+    near_only, _ = fit_ood_temperature(logits[~far], ood[~far], labels[~far], 1.0)
+    assert near_only == 0.0
+
+
+def test_shift_temperature_softens_only_far_cells_and_keeps_every_answer(tmp_path):
+    from bloodcell.core.contract import ModelContract
+    from bloodcell.inference.predictor import Predictor
+
+    contract = ModelContract(model="cnn", class_names=["a", "b", "c"], image_size=32, mean=(0.5,) * 3, std=(0.2,) * 3,
+                             temperature=1.5, ood_temperature=2.0)
+    logits = np.array([[4.0, 1.0, 0.0], [4.0, 1.0, 0.0], [0.0, 3.0, 1.0]], np.float32)
+    ood = np.array([0.5, 2.0, 3.0], np.float32)
+    softened = Predictor(contract, "test", None, "x").softmax(logits, ood)
+    plain = Predictor(contract.model_copy(update={"ood_temperature": 0.0}), "test", None, "x").softmax(logits, ood)
+    np.testing.assert_allclose(softened[0], plain[0], rtol=1e-6)  # within the lab's range: as before
+    assert softened[1].max() < plain[1].max() and softened[2].max() < plain[2].max()
+    assert (softened.argmax(1) == plain.argmax(1)).all()
+    np.testing.assert_allclose(softened.sum(1), 1.0, rtol=1e-6)
+    # Score 2 at gamma 2: the logits are divided by 1.5 * 4.
+    expected = np.exp(logits[1] / 6.0) / np.exp(logits[1] / 6.0).sum()
+    np.testing.assert_allclose(softened[1], expected, rtol=1e-5)
+
+
+def test_synthetic_shifts_are_two_altered_copies_of_each_image():
+    from bloodcell.evaluation.shift import synthetic_shifts
+
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    images[3] = 200  # a flat image: its copies are told apart by the index, not by their looks
+    shifted, source = synthetic_shifts(images)
+    assert shifted.shape == (10, 3, 32, 32) and shifted.dtype == torch.uint8
+    assert source.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    # Each copy is nearer its own image than any other image (the stain copy keeps the layout).
+    for copy, k in zip(shifted[1::2], source[1::2]):
+        if k != 3:
+            distances = [(copy.float() - other.float()).abs().mean() for other in images]
+            assert int(np.argmin(distances)) == k
+    again, _ = synthetic_shifts(images)
+    assert torch.equal(again, shifted)  # seeded

@@ -233,7 +233,7 @@ def calibrate(
     data: Path = typer.Option(..., "--data", "-d", help="The split dataset it was trained on (the output of `bloodcell curate`)."),
     temperature: bool = typer.Option(True, help="Also refit the softmax temperature on the validation split."),
 ):
-    """Refit a run's temperature and out-of-distribution statistics (training happens to do both)."""
+    """Refit a run's temperature, out-of-distribution statistics and shift temperature (training does all three)."""
     from ..evaluation.shift import calibrate_from_data
 
     with user_errors():

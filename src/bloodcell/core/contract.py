@@ -51,6 +51,10 @@ class ModelContract(BaseModel):
     val_nll_after: float | None = None
     shift: dict[str, Any] | None = Field(
         None, description="out-of-distribution statistics stored beside the weights (bloodcell.models.shift), or None")
+    ood_temperature: float = Field(
+        0.0, ge=0, description="gamma: where the out-of-distribution score s exceeds 1, the logits are divided by "
+        "temperature * s ** gamma (confidence falls with the distance to the training lab); fitted on synthetic "
+        "shifts of the validation split (bloodcell.evaluation.shift); 0 leaves every answer's confidence as fitted")
     adapted: dict[str, Any] | None = Field(
         None, description="what the model was adapted on (bloodcell adapt): mode, images, classes, source model")
 

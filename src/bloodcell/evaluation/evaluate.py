@@ -55,7 +55,7 @@ def evaluate_model(model_path: str | Path, data: str | Path, out: str | Path, co
     images, labels, paths, source = load_eval_images(data, predictor)
     temperature = float(predictor.temperature)
     logits, ood = backend_scores(predictor, images, tta=tta)
-    probs = torch.softmax(logits / temperature, dim=1).numpy()
+    probs = predictor.softmax(logits.numpy(), ood)  # the temperature, and the shift's where the contract has one
     names = predictor.class_names
     result = compute_metrics(labels, probs, names)
     result = {**{k: result[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "top2_accuracy", "ece")},

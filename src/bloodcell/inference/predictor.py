@@ -73,10 +73,17 @@ class Predictor:
 
     def prepared_probabilities(self, batch: np.ndarray) -> np.ndarray:
         """Class probabilities for a uint8 (N, 3, S, S) batch already prepared as this model sees it."""
+        if self.run_with_shift is not None and self.contract.ood_temperature:
+            return self.prepared_scores(batch)[0]  # the confidence depends on the shift score
         return self.softmax(self.run(np.ascontiguousarray(batch)))
 
-    def softmax(self, logits: np.ndarray) -> np.ndarray:
-        logits = logits / self.temperature
+    def softmax(self, logits: np.ndarray, ood: np.ndarray | None = None) -> np.ndarray:
+        """Probabilities at the model's temperature; with out-of-distribution scores and the contract's
+        ``ood_temperature`` (gamma), an image scoring s > 1 gets ``temperature * s ** gamma``."""
+        scale = np.float32(self.temperature)
+        if ood is not None and self.contract.ood_temperature:
+            scale = scale * np.maximum(np.asarray(ood, np.float32), 1.0)[:, None] ** np.float32(self.contract.ood_temperature)
+        logits = logits / scale
         logits = logits - logits.max(1, keepdims=True)
         exp = np.exp(logits)
         return exp / exp.sum(1, keepdims=True)
@@ -100,7 +107,7 @@ class Predictor:
         if self.run_with_shift is None:
             return self.softmax(self.run(batch)), None
         logits, ood = self.run_with_shift(batch)
-        return self.softmax(logits), ood
+        return self.softmax(logits, ood), ood
 
 
 def onnx_session(path: Path, threads: int = 1):

@@ -26,7 +26,7 @@ from ..data import training_sources
 from ..data.augment import build_transform, load_donors
 from ..data.splits import Split, TensorImages, load_split
 from ..evaluation.calibration import calibrate_run
-from ..evaluation.shift import fit_run_shift
+from ..evaluation.shift import fit_run_ood_temperature, fit_run_shift
 from ..inference.teachers import path_key
 from ..models import create_model, has_folded_batchnorm, load_checkpoint, recalibrate_folded_batchnorm, save_checkpoint
 from ..models.feature_style import add_feature_style
@@ -353,6 +353,7 @@ def train(config: TrainConfig | None = None, resume: Path | None = None, log: Ca
     if dist.main and (run_dir / "best.safetensors").is_file():
         calibrate_run(run_dir, run.val_split.images, run.val_split.labels, log)
         fit_run_shift(run_dir, run.train_split.images, run.train_split.labels, run.val_split.images, log)
+        fit_run_ood_temperature(run_dir, run.val_split.images, run.val_split.labels, log)
     if dist.world > 1:
         import torch.distributed as torch_dist
 
