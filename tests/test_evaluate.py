@@ -35,6 +35,7 @@ def test_confusion_and_per_class_on_a_hand_made_case():
     assert m["accuracy"] == pytest.approx(4 / 6)
     # top-2: the true class is second for the two mistakes? Here all other classes tie at 0.1.
     assert m["top2_accuracy"] >= m["accuracy"]
+    assert m["mean_confidence"] == pytest.approx(0.8)  # every answer's top probability is 0.7 + 0.1
 
 
 def test_temperature_lowers_the_ece_of_an_overconfident_model():

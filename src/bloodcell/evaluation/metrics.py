@@ -47,6 +47,7 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray, class_names: list[str
         "macro_f1": float(f1_score(labels, pred, labels=present, average="macro", zero_division=0)),
         "top2_accuracy": float((top2 == labels[:, None]).any(1).mean()),
         "ece": expected_calibration_error(probs, labels),
+        "mean_confidence": float(probs.max(1).mean()),
         "count": int(len(labels)),
         "classes_present": [class_names[i] for i in present],
         "per_class": {
