@@ -94,6 +94,7 @@ def fit_run_ood_temperature(run_dir: str | Path, val_images: torch.Tensor, val_l
     Tecom with the shipped model, every gamma from 1 to 7 lowered its ECE (docs/experiments.md).
     """
     from ..inference import load_predictor
+    from .scoring import backend_scores
 
     run_dir = Path(run_dir)
     predictor = load_predictor(run_dir)
@@ -102,12 +103,8 @@ def fit_run_ood_temperature(run_dir: str | Path, val_images: torch.Tensor, val_l
     shifted, source = synthetic_shifts(val_images)
     images = torch.cat([val_images, shifted])
     labels = np.concatenate([np.asarray(val_labels), np.asarray(val_labels)[source]])
-    logits, ood = [], []
-    for start in range(0, len(images), 256):
-        part_logits, part_ood = predictor.run_with_shift(np.ascontiguousarray(images[start : start + 256].numpy()))
-        logits.append(part_logits)
-        ood.append(part_ood)
-    logits, ood = np.concatenate(logits), np.concatenate(ood)
+    logits, ood = backend_scores(predictor, images)
+    logits = logits.numpy()
     gamma, nll = fit_ood_temperature(logits, ood, labels, predictor.temperature)
     info = {"ood_temperature": gamma, "images": len(images), "nll": round(nll, 4),
             "nll_without": round(fit_ood_temperature(logits, ood, labels, predictor.temperature, np.zeros(1))[1], 4),
