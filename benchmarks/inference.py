@@ -13,7 +13,10 @@
   the allowed rate is the parallel efficiency. ``--reference`` (a CSV from an earlier version) checks
   that every image gets the same class and probabilities within 1e-4.
 - service: uvicorn in a second process on 127.0.0.1, single-image requests (one PBC JPEG) from
-  1, 8 and 32 client threads of this process; every response must be 200.
+  1, 8 and 32 clients, and 8 clients sending 16 images per request; every response must be 200.
+  The clients are a lean load generator (asyncio, keep-alive, the request built once, as wrk
+  does) so that they take little of the two cores the server runs on; the same 8 clients as
+  httpx threads are kept beside it (``clients_8_httpx``), with each generator's CPU per request.
 
 Writes benchmarks/results/inference.json (sections not run keep their earlier figures).
 """
@@ -21,6 +24,7 @@ Writes benchmarks/results/inference.json (sections not run keep their earlier fi
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import platform
@@ -78,6 +82,7 @@ def load_test(url: str, payload: bytes, requests: int, clients: int, per_request
                     if response.status_code != 200:
                         errors.append(str(response.status_code))
 
+    cpu = time.process_time()
     start = time.perf_counter()
     threads = [threading.Thread(target=worker) for _ in range(clients)]
     for t in threads:
@@ -85,11 +90,67 @@ def load_test(url: str, payload: bytes, requests: int, clients: int, per_request
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
+    return summarise(latencies, errors, clients, per_request, wall, time.process_time() - cpu)
+
+
+def multipart_request(host: str, port: int, path: str, payload: bytes, per_request: int = 1) -> bytes:
+    """A whole HTTP/1.1 POST of ``per_request`` copies of one image, built once and sent as is."""
+    boundary = "bloodcell-benchmark-7f3a9c"
+    part = (f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="cell.jpg"\r\n'
+            "Content-Type: image/jpeg\r\n\r\n").encode()
+    body = b"".join(part + payload + b"\r\n" for _ in range(per_request)) + f"--{boundary}--\r\n".encode()
+    head = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n")
+    return head.encode() + body
+
+
+def lean_load_test(host: str, port: int, payload: bytes, requests: int, clients: int, per_request: int = 1) -> dict:
+    """``clients`` keep-alive connections, each sending the next of ``requests`` prebuilt requests when its
+    answer is in. Every answer is read whole (Content-Length); one that is not 200 counts as an error."""
+    request = multipart_request(host, port, "/v1/predict", payload, per_request)
+    latencies: list[float] = []
+    errors: list[str] = []
+    left = [requests]
+
+    async def client():
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            while left[0] > 0:
+                left[0] -= 1
+                start = time.perf_counter()
+                writer.write(request)
+                status = await reader.readline()
+                length = None
+                while (line := await reader.readline()) not in (b"\r\n", b""):
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                if length is None:
+                    raise RuntimeError(f"an answer without Content-Length: {status!r}")
+                body = await reader.readexactly(length)
+                latencies.append(time.perf_counter() - start)
+                if status.split()[1:2] != [b"200"] or not body.startswith(b'{"results"'):
+                    errors.append(status.decode(errors="replace").strip())
+        finally:
+            writer.close()
+
+    async def run_all():
+        await asyncio.gather(*(client() for _ in range(clients)))
+
+    cpu = time.process_time()
+    start = time.perf_counter()
+    asyncio.run(run_all())
+    wall = time.perf_counter() - start
+    return summarise(latencies, errors, clients, per_request, wall, time.process_time() - cpu)
+
+
+def summarise(latencies: list[float], errors: list[str], clients: int, per_request: int, wall: float, cpu: float) -> dict:
     ms = np.array(latencies) * 1000
     return {"requests": len(latencies), "clients": clients, "errors": len(errors),
             "p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
             "p99_ms": float(np.percentile(ms, 99)), "throughput_rps": len(latencies) / wall,
-            "images_per_request": per_request, "images_per_s": len(latencies) * per_request / wall}
+            "images_per_request": per_request, "images_per_s": len(latencies) * per_request / wall,
+            "client_cpu_ms_per_request": 1000 * cpu / max(len(latencies), 1)}
 
 
 def step_costs(predictor, onnx_path: Path, files: list[Path], stream: list[Path], repeats: int = 3) -> dict:
@@ -200,8 +261,8 @@ BATCHED = 16  # images per request in the batched service figure
 
 
 def service_load(model: Path, payload: bytes, requests: int, extra: list[str], per_request: int = BATCHED) -> dict:
-    """The service in a second process under 1, 8 and 32 clients of single-image requests, and 8 clients
-    sending ``per_request`` images per request (a slide's cells sent together)."""
+    """The service in a second process under 1, 8 and 32 clients of single-image requests, 8 clients
+    sending ``per_request`` images per request (a slide's cells sent together), and 8 httpx clients."""
     import httpx
 
     port = free_port()
@@ -216,10 +277,13 @@ def service_load(model: Path, payload: bytes, requests: int, extra: list[str], p
             except httpx.HTTPError:
                 time.sleep(0.2)
         url = f"http://127.0.0.1:{port}/v1/predict"
-        load_test(url, payload, 100, 8)  # warm-up: worker processes started, sessions warm
-        return {"clients_1": load_test(url, payload, 300, 1), "clients_8": load_test(url, payload, requests, 8),
-                "clients_32": load_test(url, payload, requests, 32),
-                f"clients_8_images_{per_request}": load_test(url, payload, max(requests // per_request, 50), 8, per_request)}
+        lean_load_test("127.0.0.1", port, payload, 500, 8)  # warm-up: worker processes started, sessions warm
+        return {"clients_1": lean_load_test("127.0.0.1", port, payload, 400, 1),
+                "clients_8": lean_load_test("127.0.0.1", port, payload, requests, 8),
+                "clients_32": lean_load_test("127.0.0.1", port, payload, requests, 32),
+                f"clients_8_images_{per_request}": lean_load_test("127.0.0.1", port, payload,
+                                                                  max(requests // per_request, 50), 8, per_request),
+                "clients_8_httpx": load_test(url, payload, requests, 8)}
     finally:
         server.terminate()
         server.wait(timeout=20)
@@ -284,7 +348,9 @@ def main():
             if folder_rate_now:
                 service["throughput_8_over_predict"] = service["clients_8"]["throughput_rps"] / folder_rate_now
                 service["images_8_batched_over_predict"] = service[f"clients_8_images_{BATCHED}"]["images_per_s"] / folder_rate_now
+                service["throughput_8_httpx_over_predict"] = service["clients_8_httpx"]["throughput_rps"] / folder_rate_now
             service["p99_8_over_p50_1"] = service["clients_8"]["p99_ms"] / service["clients_1"]["p50_ms"]
+            service["load_generator"] = "asyncio keep-alive, prebuilt requests (clients_8_httpx: httpx threads)"
             results["service"] = service
             results.pop("service_single_client", None)
             print(json.dumps(service, indent=1))

@@ -17,6 +17,9 @@ nothing from it), so a script without an ``if __name__ == "__main__":`` guard is
 from __future__ import annotations
 
 import os
+import pickle
+import socket
+import struct
 import sys
 import tempfile
 import threading
@@ -221,3 +224,51 @@ class Preparer:
                     yield receive(*pending.popleft())
             while pending:
                 yield receive(*pending.popleft())
+
+
+# Framing of the messages between the service and its preparing workers: an 8-byte length, then a pickle.
+FRAME_HEADER = struct.Struct("!Q")
+
+
+def _recv_exactly(sock: socket.socket, size: int) -> bytes | None:
+    """``size`` bytes from ``sock``, or None when the other side closed it."""
+    buffer = bytearray(size)
+    view, got = memoryview(buffer), 0
+    while got < size:
+        count = sock.recv_into(view[got:])
+        if count == 0:
+            return None
+        got += count
+    return bytes(buffer)
+
+
+def serve_prepare(sock: socket.socket, size: int, framing: dict | None, max_pixels: int) -> None:
+    """A worker's loop: read ``(job, entries)`` frames from ``sock`` and answer ``(job, Prepared or error)``.
+
+    Ends when the other side closes the socket. Unreadable images are in the answer's ``failed``;
+    anything else that goes wrong is sent back as its message, for that job only.
+    """
+    with sock:
+        while True:
+            header = _recv_exactly(sock, FRAME_HEADER.size)
+            if header is None:
+                return
+            body = _recv_exactly(sock, FRAME_HEADER.unpack(header)[0])
+            if body is None:
+                return
+            job, entries = pickle.loads(body)
+            try:
+                answer: Prepared | str = prepare_entries(entries, size, framing, max_pixels)
+            except Exception as exc:  # noqa: BLE001 - reported to the one request it concerns
+                answer = f"{type(exc).__name__}: {exc}"
+            reply = pickle.dumps((job, answer), protocol=pickle.HIGHEST_PROTOCOL)
+            sock.sendall(FRAME_HEADER.pack(len(reply)) + reply)
+
+
+def start_prepare_worker(size: int, framing: dict | None, max_pixels: int) -> tuple[socket.socket, ForkServerProcess]:
+    """A process running :func:`serve_prepare`, and this side's end of its socket."""
+    ours, theirs = socket.socketpair()
+    process = _context().Process(target=serve_prepare, args=(theirs, size, framing, max_pixels), daemon=True)
+    process.start()
+    theirs.close()
+    return ours, process

@@ -30,10 +30,11 @@ from starlette.datastructures import Headers  # noqa: E402
 
 from ..core.errors import BloodcellError, ImageReadError  # noqa: E402
 from ..data import decode_bytes  # noqa: E402
-from ..data.pipeline import Preparer, usable_cores  # noqa: E402
+from ..data.pipeline import usable_cores  # noqa: E402
 from ..inference import differential_count, load_predictor  # noqa: E402
 from ..models.ood import batch_shift, out_of_distribution  # noqa: E402
 from .batcher import DynamicBatcher  # noqa: E402
+from .workers import AsyncPreparer  # noqa: E402
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # a whole request
 MAX_IMAGE_PIXELS = 25_000_000  # one image
@@ -78,7 +79,7 @@ def create_app(model: str | Path, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_
         # One core is left to this process (the event loop and the network): measured on 2 cores,
         # one decoding worker serves 8 clients ~10% faster than two.
         prep_workers = max(usable_cores() - 1, 1)
-    preparer = Preparer(predictor.image_size, predictor.framing, prep_workers, max_pixels)
+    preparer = AsyncPreparer(predictor.image_size, predictor.framing, prep_workers, max_pixels)
     batcher = DynamicBatcher(predictor.prepared_scores, max_batch, batch_window_ms / 1000)
     counter, no_counter = None, "this service has no cell detector: start it with --detector RUN"
     if detector is not None:
@@ -192,7 +193,7 @@ def create_app(model: str | Path, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_
         names, contents = read
         batcher.expect()
         try:
-            prepared = await asyncio.wrap_future(preparer.submit(contents))
+            prepared = await preparer(contents)
         except BaseException:
             batcher.withdraw()
             raise

@@ -30,7 +30,7 @@ class DynamicBatcher:
 
     def __init__(self, score: Callable[[np.ndarray], Scores], max_batch: int = 64, window_s: float = 0.0):
         self.score, self.max_batch, self.window_s = score, max_batch, window_s
-        self.queue: queue.Queue[tuple[np.ndarray, Future]] = queue.Queue()
+        self.queue: queue.Queue[tuple[np.ndarray, Future | asyncio.Future]] = queue.Queue()
         self._incoming = 0
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -48,9 +48,9 @@ class DynamicBatcher:
         with self._lock:
             self._incoming -= 1
 
-    def submit(self, batch: np.ndarray, expected: bool = True) -> Future:
-        """Queue a prepared batch; a Future of its :data:`Scores`."""
-        future: Future = Future()
+    def submit(self, batch: np.ndarray, expected: bool = True, future: Future | asyncio.Future | None = None) -> Future:
+        """Queue a prepared batch; a Future of its :data:`Scores` (``future``: an asyncio one to resolve instead)."""
+        future = Future() if future is None else future
         if expected:
             self.withdraw()
         self.queue.put((batch, future))
@@ -61,7 +61,9 @@ class DynamicBatcher:
         return future
 
     async def __call__(self, batch: np.ndarray, expected: bool = True) -> Scores:
-        return await asyncio.wrap_future(self.submit(batch, expected))
+        # An asyncio future, resolved on its loop once per network call for all the requests it
+        # held (one wake-up of the loop per batch, rather than one per request).
+        return await self.submit(batch, expected, asyncio.get_running_loop().create_future())
 
     def _gather(self) -> list[tuple[np.ndarray, Future]]:
         items = [self._held or self.queue.get()]
@@ -92,13 +94,39 @@ class DynamicBatcher:
             try:
                 probs, ood = self.score(np.concatenate([batch for batch, _ in items]))
             except Exception as exc:  # noqa: BLE001 - handed to every request of the batch
-                for _, future in items:
-                    future.set_exception(exc)
+                _deliver([(future, exc, False) for _, future in items])
                 continue
             self.batches += 1
             self.images += len(probs)
-            start = 0
+            answers, start = [], 0
             for batch, future in items:
                 end = start + len(batch)
-                future.set_result((probs[start:end], None if ood is None else ood[start:end]))
+                answers.append((future, (probs[start:end], None if ood is None else ood[start:end]), True))
                 start = end
+            _deliver(answers)
+
+
+def _deliver(answers: list[tuple[Future | asyncio.Future, object, bool]]) -> None:
+    """Resolve each future with (value, True) or (exception, False): asyncio ones by one call on each loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+    for future, value, ok in answers:
+        if isinstance(future, asyncio.Future):
+            by_loop.setdefault(future.get_loop(), []).append((future, value, ok))
+        elif ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+    for loop, group in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_resolve, group)
+        except RuntimeError:  # the loop has closed: nobody awaits these any more
+            pass
+
+
+def _resolve(group: list) -> None:
+    for future, value, ok in group:
+        if not future.done():  # a request cancelled while it waited (its client went away)
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
