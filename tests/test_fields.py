@@ -91,6 +91,9 @@ def test_crops_drop_cells_mostly_outside_and_clip_the_rest():
     sliver = clip_boxes(boxes, 0, 0, 100, 100, min_visible=0.1)
     assert sliver.kinds.tolist() == [0, 1, 2]
     np.testing.assert_allclose(sliver.xyxy[2], [95, 0, 100, 10])
+    # One bar per kind: slivers kept for kind 2 only.
+    by_kind = clip_boxes(Boxes(boxes.xyxy[[2, 2]], np.array([1, 2])), 0, 0, 100, 100, min_visible=np.array([0.35, 0.35, 0.1]))
+    assert by_kind.kinds.tolist() == [2]
 
 
 def test_zoomed_out_samples_tile_fields_and_keep_boxes_inside():

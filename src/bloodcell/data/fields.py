@@ -255,9 +255,15 @@ def scaled(image: np.ndarray, boxes: Boxes, scale: float) -> tuple[np.ndarray, B
     return image, Boxes(boxes.xyxy * np.array([new_w / width, new_h / height] * 2, np.float32), boxes.kinds)
 
 
-def clip_boxes(boxes: Boxes, left: float, top: float, width: int, height: int, min_visible: float = 0.35,
+def clip_boxes(boxes: Boxes, left: float, top: float, width: int, height: int, min_visible: float | np.ndarray = 0.35,
                min_side: float = 3.0) -> Boxes:
-    """Boxes moved into a crop's frame; cells mostly outside the crop are dropped."""
+    """Boxes moved into a crop's frame; cells mostly outside the crop are dropped.
+
+    ``min_visible``: the share of a cell that must be inside to keep its box, one for every kind
+    or one per kind (indexed by the boxes' kinds).
+    """
+    if np.ndim(min_visible):
+        min_visible = np.asarray(min_visible, np.float32)[boxes.kinds]
     xyxy = boxes.xyxy - np.array([left, top, left, top], np.float32)
     clipped = np.clip(xyxy, 0, [width, height, width, height]).astype(np.float32)
     area = (xyxy[:, 2] - xyxy[:, 0]) * (xyxy[:, 3] - xyxy[:, 1])
@@ -268,7 +274,7 @@ def clip_boxes(boxes: Boxes, left: float, top: float, width: int, height: int, m
 
 
 def mosaic(fields: list[tuple[np.ndarray, Boxes]], size: int, crop: int, zoom: float,
-           rng: np.random.Generator, min_visible: float = 0.35) -> tuple[np.ndarray, Boxes]:
+           rng: np.random.Generator, min_visible: float | np.ndarray = 0.35) -> tuple[np.ndarray, Boxes]:
     """A crop x crop training sample at ``zoom`` times the letterbox scale of ``size``.
 
     Zoomed in, one field is cropped; zoomed out, fields are tiled side by side until the crop
@@ -342,7 +348,7 @@ def blank_sample(fields: list[tuple[np.ndarray, Boxes]], crop: int, rng: np.rand
 def training_sample(fields: list[tuple[np.ndarray, Boxes]], size: int, crop: int, rng: np.random.Generator,
                     patches: list[PastePatch] | None = None, zoom: tuple[float, float] = (0.3, 1.5),
                     platelets: tuple[int, int] = (0, 4), blank_p: float = 0.0,
-                    min_visible: float = 0.35) -> tuple[np.ndarray, Boxes]:
+                    min_visible: float | np.ndarray = 0.35) -> tuple[np.ndarray, Boxes]:
     """One augmented crop: pasted platelets, zoom (log-uniform), tiling, flips, turns and colour; or, with
     probability ``blank_p``, an empty field."""
     if blank_p and rng.random() < blank_p:

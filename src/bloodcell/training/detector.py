@@ -66,6 +66,8 @@ class DetectorTrainConfig(BaseModel):
     blank_p: float = Field(0.05, ge=0, le=1, description="share of samples that are empty fields (no cells, no boxes)")
     min_visible: float = Field(0.35, ge=0, le=1, description="a cell cut by a training crop's edge keeps its box when this "
                                "share of it is inside (the data's own labels include slivers at the field's edge)")
+    min_visible_by_kind: dict[str, float] = Field(default_factory=dict, description="min_visible for some kinds "
+                                                  "(white_cell, red_cell, platelet), the others keeping min_visible")
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     warmup_steps: int = Field(300, ge=0)
@@ -124,6 +126,10 @@ def train_detector(config: DetectorTrainConfig | None = None, resume: Path | Non
     log(f"fields: {len(train_fields)} train, {len(val_fields)} val "
         f"({', '.join(f'{sum(int((b.kinds == k).sum()) for _, b in train_fields)} {n}' for k, n in enumerate(KINDS))} in train)")
 
+    unknown = sorted(set(config.min_visible_by_kind) - set(KINDS))
+    if unknown:
+        raise BloodcellError(f"min_visible_by_kind: unknown kind {', '.join(unknown)}; the kinds are {', '.join(KINDS)}")
+    min_visible = np.array([config.min_visible_by_kind.get(kind, config.min_visible) for kind in KINDS], np.float32)
     platelet_dir = config.platelets or (data_root() / "pbc224" / "platelet" if data_root() else None)
     patches = []
     if config.max_pasted and platelet_dir is not None and Path(platelet_dir).is_dir():
@@ -177,7 +183,7 @@ def train_detector(config: DetectorTrainConfig | None = None, resume: Path | Non
             for _ in range(config.batch_size):
                 chosen = [train_fields[i] for i in rng.integers(len(train_fields), size=config.fields_per_sample)]
                 image, boxes = training_sample(chosen, size, config.crop, rng, patches, config.zoom,
-                                               (0, config.max_pasted), config.blank_p, config.min_visible)
+                                               (0, config.max_pasted), config.blank_p, min_visible)
                 images.append(torch.from_numpy(image).permute(2, 0, 1).float() / 255.0)
                 targets.append({"boxes": torch.from_numpy(boxes.xyxy).reshape(-1, 4), "labels": torch.from_numpy(boxes.kinds)})
             losses = model(images, targets)
