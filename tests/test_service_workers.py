@@ -31,7 +31,9 @@ def jpeg(seed: int, size: int = 96) -> bytes:
 
 
 def test_workers_prepare_exactly_what_the_caller_would_and_survive_a_dead_worker():
-    requests = [[jpeg(0)], [jpeg(1), b"not an image", jpeg(2)], [b"\x89PNG broken"], [jpeg(3)] * 5]
+    # The last request is larger than a socket's buffer both ways: written and read in parts.
+    requests = [[jpeg(0)], [jpeg(1), b"not an image", jpeg(2)], [b"\x89PNG broken"], [jpeg(3)] * 5,
+                [jpeg(seed, 160) for seed in range(300)]]
 
     async def scenario():
         preparer = AsyncPreparer(32, FRAMING, workers=2)
