@@ -542,6 +542,17 @@ def test_the_service_answers_concurrent_clients_as_it_answers_one(onnx_model, ce
     assert app.state.batcher.images == 8 + 24 and app.state.batcher.batches < 8 + 24  # some calls held several
 
 
+def test_the_service_starts_its_decoding_workers_with_itself_and_stops_them(onnx_model, cells):
+    app = create_app(onnx_model["onnx"], prep_workers=1, detector=None)
+    with TestClient(app) as client:  # start-up and shut-down run
+        workers = list(app.state.preparer._workers)
+        assert len(workers) == 1 and workers[0].process.is_alive()  # before any request
+        files = [("files", ("c.png", png_bytes(cells[0]), "image/png"))]
+        assert client.post("/v1/predict", files=files).status_code == 200
+        assert app.state.preparer._workers == workers  # the same worker answered
+    assert not workers[0].process.is_alive()
+
+
 def test_serve_with_several_server_processes(onnx_model, cells, tmp_path):
     import subprocess
     import sys

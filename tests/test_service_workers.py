@@ -111,3 +111,4 @@ def test_the_batcher_answers_awaiting_requests_with_their_own_rows_in_shared_cal
 
     with pytest.raises(ZeroDivisionError):
         asyncio.run(failing())
+

@@ -96,11 +96,13 @@ def create_app(model: str | Path, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        await preparer.start()
         yield
         preparer.close()
 
     app = FastAPI(title="bloodcell", version="1", description="Peripheral blood cell classification", lifespan=lifespan)
     app.state.batcher = batcher
+    app.state.preparer = preparer
     card = _model_card(predictor.source)
 
     def error(status: int, message: str, file: str | None = None) -> JSONResponse:

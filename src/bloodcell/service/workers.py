@@ -163,6 +163,11 @@ class AsyncPreparer:
                 self._workers.append(worker)
         return self._workers
 
+    async def start(self) -> None:
+        """Start the workers now (the service does at start-up, so its first request does not wait for them)."""
+        if self.workers:
+            self._ready(asyncio.get_running_loop())
+
     async def __call__(self, entries: list) -> Prepared:
         if self.workers == 0:
             return prepare_entries(entries, self.size, self.framing, self.max_pixels)
