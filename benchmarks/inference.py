@@ -17,7 +17,9 @@
   The clients are a lean load generator (asyncio, keep-alive, the request built once, as wrk
   does) so that they take little of the two cores the server runs on; the same 8 clients as
   httpx threads are kept beside it (``clients_8_httpx``), with each generator's CPU per request.
-  Each figure is the run of median throughput of three, every run's figures beside it.
+  Each figure is the run of median throughput of three, every run's figures beside it. Three
+  pairs of (`predict` over ``--pbc``, 8 clients) measured in turn give ``paired_8_over_predict``,
+  a ratio that a drift of the machine's speed between sections does not enter.
 
 Writes benchmarks/results/inference.json (sections not run keep their earlier figures).
 """
@@ -275,7 +277,8 @@ def repeated(measure, times: int = SERVICE_REPEATS) -> dict:
     return median
 
 
-def service_load(model: Path, payload: bytes, requests: int, extra: list[str], per_request: int = BATCHED) -> dict:
+def service_load(model: Path, payload: bytes, requests: int, extra: list[str], per_request: int = BATCHED,
+                 predict_rate=None) -> dict:
     """The service in a second process under 1, 8 and 32 clients of single-image requests, 8 clients
     sending ``per_request`` images per request (a slide's cells sent together), and 8 httpx clients."""
     import httpx
@@ -297,7 +300,16 @@ def service_load(model: Path, payload: bytes, requests: int, extra: list[str], p
         def lean(count: int, clients: int, per_request: int = 1) -> dict:
             return lean_load_test("127.0.0.1", port, payload, count, clients, per_request)
 
-        return {"clients_1": repeated(lambda: lean(400, 1)), "clients_8": repeated(lambda: lean(requests, 8)),
+        figures = {}
+        if predict_rate is not None:
+            # predict and the service measured in turn, three times: each ratio from neighbouring
+            # measurements, so a drift of the machine's speed between sections does not enter it.
+            pairs = [(predict_rate(), lean(requests, 8)["throughput_rps"]) for _ in range(SERVICE_REPEATS)]
+            figures["paired_8_over_predict"] = {
+                "predict_images_per_s": [rate for rate, _ in pairs], "service_8_rps": [rps for _, rps in pairs],
+                "ratios": [rps / rate for rate, rps in pairs],
+                "median_ratio": float(np.median([rps / rate for rate, rps in pairs]))}
+        return figures | {"clients_1": repeated(lambda: lean(400, 1)), "clients_8": repeated(lambda: lean(requests, 8)),
                 "clients_32": repeated(lambda: lean(requests, 32)),
                 f"clients_8_images_{per_request}": repeated(lambda: lean(max(requests // per_request, 50), 8, per_request)),
                 "clients_8_httpx": repeated(lambda: load_test(url, payload, requests, 8))}
@@ -359,7 +371,17 @@ def main():
         if "service" in sections:
             # The same kind of file predict reads (a PBC JPEG, 224 px); the figures before 0.5.0 sent
             # it re-encoded as PNG, whose decoding alone costs 1.3 ms more than the JPEG's.
-            service = service_load(onnx_path, files[0].read_bytes(), args.requests, args.serve_args.split())
+            from bloodcell.inference import predict_paths, write_predictions
+
+            def predict_rate() -> float:
+                """predict_paths + CSV over ``--pbc``, as the folder section measures it (one run)."""
+                start = time.perf_counter()
+                rows, _ = predict_paths(predictor, [args.pbc])
+                write_predictions(rows, predictor.class_names, Path(tmp) / "paired.csv")
+                return len(rows) / (time.perf_counter() - start)
+
+            service = service_load(onnx_path, files[0].read_bytes(), args.requests, args.serve_args.split(),
+                                   predict_rate=predict_rate)
             service["serve_args"] = args.serve_args
             folder_rate_now = results.get("folder", {}).get("images_per_s")
             if folder_rate_now:
