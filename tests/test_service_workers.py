@@ -6,6 +6,7 @@ import asyncio
 import io
 import os
 import signal
+import sys
 
 import numpy as np
 import pytest
@@ -112,3 +113,12 @@ def test_the_batcher_answers_awaiting_requests_with_their_own_rows_in_shared_cal
     with pytest.raises(ZeroDivisionError):
         asyncio.run(failing())
 
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread priorities are Linux's")
+def test_the_network_thread_yields_to_the_decoding_workers():
+    batcher = DynamicBatcher(lambda batch: (batch.reshape(len(batch), -1)[:, :3].astype(np.float32), None), niceness=5)
+    batcher.submit(np.zeros((1, 3, 2, 2), np.uint8), expected=False).result(timeout=10)
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    assert os.getpriority(os.PRIO_PROCESS, batcher.thread_id) == min(own + 5, 19)
+    assert os.getpriority(os.PRIO_PROCESS, 0) == own  # the process and its other threads keep theirs

@@ -39,6 +39,7 @@ from .workers import AsyncPreparer  # noqa: E402
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # a whole request
 MAX_IMAGE_PIXELS = 25_000_000  # one image
 MAX_FILES = 256
+NETWORK_NICENESS = 5  # the network thread yields to the decoding workers (service/batcher.py)
 API_KEY_ENV = "BLOODCELL_API_KEY"
 API_KEY_HEADER = "x-api-key"
 log = logging.getLogger("bloodcell.service")
@@ -80,7 +81,7 @@ def create_app(model: str | Path, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_
         # one decoding worker serves 8 clients ~10% faster than two.
         prep_workers = max(usable_cores() - 1, 1)
     preparer = AsyncPreparer(predictor.image_size, predictor.framing, prep_workers, max_pixels)
-    batcher = DynamicBatcher(predictor.prepared_scores, max_batch, batch_window_ms / 1000)
+    batcher = DynamicBatcher(predictor.prepared_scores, max_batch, batch_window_ms / 1000, niceness=NETWORK_NICENESS)
     counter, no_counter = None, "this service has no cell detector: start it with --detector RUN"
     if detector is not None:
         from ..inference.count import FieldCounter

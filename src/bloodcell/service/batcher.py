@@ -10,7 +10,9 @@ one client nothing waits: a request that arrives alone is run at once.
 from __future__ import annotations
 
 import asyncio
+import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -25,11 +27,17 @@ class DynamicBatcher:
     """Run ``score`` (uint8 (N, 3, S, S) -> :data:`Scores`) over requests gathered into batches.
 
     ``window_s``: how long a batch may wait for requests already on their way; ``max_batch``:
-    the most images in one network call (a request larger than that runs alone).
+    the most images in one network call (a request larger than that runs alone). ``niceness``:
+    how much lower than the server's the network thread's scheduling priority is (Linux), so
+    that on a busy machine the decoding workers, the slowest stage, are not held up by it; the
+    network then runs in their gaps, on larger batches (measured on 2 cores at 8 clients:
+    +8% requests/s, p99 −20%; docs/experiments.md).
     """
 
-    def __init__(self, score: Callable[[np.ndarray], Scores], max_batch: int = 64, window_s: float = 0.0):
-        self.score, self.max_batch, self.window_s = score, max_batch, window_s
+    def __init__(self, score: Callable[[np.ndarray], Scores], max_batch: int = 64, window_s: float = 0.0,
+                 niceness: int = 0):
+        self.score, self.max_batch, self.window_s, self.niceness = score, max_batch, window_s, niceness
+        self.thread_id: int | None = None  # the network thread's native id, once it runs
         self.queue: queue.Queue[tuple[np.ndarray, Future | asyncio.Future]] = queue.Queue()
         self._incoming = 0
         self._lock = threading.Lock()
@@ -89,6 +97,12 @@ class DynamicBatcher:
         return items
 
     def _run(self) -> None:
+        self.thread_id = threading.get_native_id()
+        if self.niceness and sys.platform.startswith("linux"):
+            try:  # on Linux, a thread's own priority (raising niceness needs no privilege)
+                os.setpriority(os.PRIO_PROCESS, self.thread_id, os.getpriority(os.PRIO_PROCESS, self.thread_id) + self.niceness)
+            except OSError:
+                pass
         while True:
             items = self._gather()
             try:
