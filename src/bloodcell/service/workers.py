@@ -2,10 +2,11 @@
 
 Each worker (:func:`bloodcell.data.pipeline.serve_prepare`) holds one end of a socket pair; the
 event loop writes a request's bytes to the least busy worker and reads the prepared batch back
-from callbacks on the socket (no thread, no task per worker). Compared with a ``ProcessPoolExecutor`` this saves, per request, the
-pool's feeder and manager threads and their hand-offs through the GIL, which the service's
-main process otherwise spends beside HTTP and the network. A worker that dies fails only the
-requests it held, and is started again for the next one.
+from callbacks on the socket (no thread, no task per worker). Compared with a
+``ProcessPoolExecutor`` this saves, per request, the pool's feeder and manager threads and
+their hand-offs through the GIL, which the service's main process otherwise spends beside HTTP
+and the network. A worker that dies fails only the requests it held, and is started again for
+the next one.
 """
 
 from __future__ import annotations
@@ -65,18 +66,24 @@ class _Worker:
         self.sock.close()  # the worker reads the end of its input and exits
 
     def _on_readable(self) -> None:
+        ended = None
         try:
             while True:
                 chunk = self.sock.recv(1 << 18)
                 if not chunk:
-                    self.stop("its process ended")
-                    return
+                    ended = "its process ended"
+                    break
                 self.inbox += chunk
         except BlockingIOError:
             pass
         except OSError as exc:
-            self.stop(str(exc))
-            return
+            ended = str(exc)
+        self._answer()  # what arrived before the worker ended still answers its requests
+        if ended is not None:
+            self.stop(ended)
+
+    def _answer(self) -> None:
+        """Resolve the requests whose whole answers are in the inbox."""
         while len(self.inbox) >= FRAME_HEADER.size:
             size = FRAME_HEADER.unpack_from(self.inbox)[0]
             end = FRAME_HEADER.size + size
