@@ -122,3 +122,31 @@ def test_the_network_thread_yields_to_the_decoding_workers():
     own = os.getpriority(os.PRIO_PROCESS, 0)
     assert os.getpriority(os.PRIO_PROCESS, batcher.thread_id) == min(own + 5, 19)
     assert os.getpriority(os.PRIO_PROCESS, 0) == own  # the process and its other threads keep theirs
+
+
+def test_an_answer_sent_just_before_a_worker_ends_still_reaches_its_request():
+    import pickle
+    import socket
+
+    from bloodcell.data.pipeline import FRAME_HEADER, Prepared
+    from bloodcell.service.workers import _Worker
+
+    async def scenario():
+        ours, theirs = socket.socketpair()
+        worker = _Worker.__new__(_Worker)  # its socket without a process: the far end is played here
+        worker.sock, worker.process = ours, None
+        ours.setblocking(False)
+        worker.fd, worker.pending, worker.inbox, worker.outbox = ours.fileno(), {}, bytearray(), bytearray()
+        worker.loop, worker.alive = None, True
+        worker.attach(asyncio.get_running_loop())
+        answered, lost = worker.send(1, [b"x"]), worker.send(2, [b"y"])
+        reply = pickle.dumps((1, Prepared(np.zeros((1, 3, 4, 4), np.uint8), [0], [])))
+        theirs.sendall(FRAME_HEADER.pack(len(reply)) + reply)
+        theirs.close()  # the answer and the end arrive together
+        prepared = await asyncio.wait_for(answered, 10)
+        with pytest.raises(BloodcellError, match="worker stopped"):
+            await asyncio.wait_for(lost, 10)
+        return prepared, worker.alive
+
+    prepared, alive = asyncio.run(scenario())
+    assert prepared.kept == [0] and prepared.batch.shape == (1, 3, 4, 4) and not alive
