@@ -133,11 +133,7 @@ def test_an_answer_sent_just_before_a_worker_ends_still_reaches_its_request():
 
     async def scenario():
         ours, theirs = socket.socketpair()
-        worker = _Worker.__new__(_Worker)  # its socket without a process: the far end is played here
-        worker.sock, worker.process = ours, None
-        ours.setblocking(False)
-        worker.fd, worker.pending, worker.inbox, worker.outbox = ours.fileno(), {}, bytearray(), bytearray()
-        worker.loop, worker.alive = None, True
+        worker = _Worker(ours)  # no process: the far end of the socket is played here
         worker.attach(asyncio.get_running_loop())
         answered, lost = worker.send(1, [b"x"]), worker.send(2, [b"y"])
         reply = pickle.dumps((1, Prepared(np.zeros((1, 3, 4, 4), np.uint8), [0], [])))

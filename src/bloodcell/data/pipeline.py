@@ -230,16 +230,17 @@ class Preparer:
 FRAME_HEADER = struct.Struct("!Q")
 
 
-def _recv_exactly(sock: socket.socket, size: int) -> bytes | None:
+def _recv_exactly(sock: socket.socket, size: int) -> bytearray | None:
     """``size`` bytes from ``sock``, or None when the other side closed it."""
     buffer = bytearray(size)
-    view, got = memoryview(buffer), 0
-    while got < size:
-        count = sock.recv_into(view[got:])
-        if count == 0:
-            return None
-        got += count
-    return bytes(buffer)
+    got = 0
+    with memoryview(buffer) as view:
+        while got < size:
+            count = sock.recv_into(view[got:])
+            if count == 0:
+                return None
+            got += count
+    return buffer
 
 
 def serve_prepare(sock: socket.socket, size: int, framing: dict | None, max_pixels: int) -> None:

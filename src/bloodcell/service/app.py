@@ -9,7 +9,6 @@ constant time) guards every ``/v1`` route but ``/v1/health``.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import ipaddress
 import json

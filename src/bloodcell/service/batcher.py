@@ -56,7 +56,8 @@ class DynamicBatcher:
         with self._lock:
             self._incoming -= 1
 
-    def submit(self, batch: np.ndarray, expected: bool = True, future: Future | asyncio.Future | None = None) -> Future:
+    def submit(self, batch: np.ndarray, expected: bool = True,
+               future: Future | asyncio.Future | None = None) -> Future | asyncio.Future:
         """Queue a prepared batch; a Future of its :data:`Scores` (``future``: an asyncio one to resolve instead)."""
         future = Future() if future is None else future
         if expected:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import pickle
+import socket
 
 from ..core.errors import BloodcellError
 from ..data.pipeline import (
@@ -22,6 +23,7 @@ from ..data.pipeline import (
     prepare_entries,
     start_prepare_worker,
 )
+from ..data.sources import DEFAULT_MAX_PIXELS
 
 
 class _Worker:
@@ -31,8 +33,9 @@ class _Worker:
     a new loop); a request still waiting when its loop changes is failed, never left hanging.
     """
 
-    def __init__(self, size: int, framing: dict | None, max_pixels: int):
-        self.sock, self.process = start_prepare_worker(size, framing, max_pixels)
+    def __init__(self, sock: socket.socket, process=None):
+        """``sock``: this side of the worker's socket; ``process``: the worker (None where another end plays it)."""
+        self.sock, self.process = sock, process
         self.sock.setblocking(False)
         self.fd = self.sock.fileno()
         self.pending: dict[int, asyncio.Future] = {}
@@ -131,9 +134,15 @@ class _Worker:
             self.loop.add_writer(self.fd, self._on_writable)
         return future
 
+    @classmethod
+    def start(cls, size: int, framing: dict | None, max_pixels: int) -> _Worker:
+        return cls(*start_prepare_worker(size, framing, max_pixels))
+
     def close(self) -> None:
         if self.alive:
             self.stop("the service is shutting down")
+        if self.process is None:
+            return
         self.process.join(timeout=1)  # it exits on reading the end of its input
         if self.process.is_alive():
             self.process.kill()
@@ -147,8 +156,6 @@ class AsyncPreparer:
     """
 
     def __init__(self, size: int, framing: dict | None = None, workers: int = 1, max_pixels: int | None = None):
-        from ..data.sources import DEFAULT_MAX_PIXELS
-
         self.size, self.framing, self.workers = size, framing, max(workers, 0)
         self.max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
         self._workers: list[_Worker] = []
@@ -161,7 +168,7 @@ class AsyncPreparer:
         for index in range(self.workers):
             if index < len(self._workers) and self._workers[index].alive:
                 continue
-            worker = _Worker(self.size, self.framing, self.max_pixels)
+            worker = _Worker.start(self.size, self.framing, self.max_pixels)
             worker.attach(loop)
             if index < len(self._workers):
                 self._workers[index].close()
