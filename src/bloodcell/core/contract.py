@@ -42,6 +42,7 @@ class ModelContract(BaseModel):
     resize: str = RESIZE
     framing: dict[str, Any] | None = Field(None, description="bloodcell.data.framing.FramingConfig, or None")
     input_norm: str | None = Field(None, description="inside the network before mean/std: None, or 'grey_world' colour constancy")
+    per_image_norm: int = Field(0, ge=0, description="the first this many stages' BatchNorms normalise each image by its own statistics")
     cnn: dict[str, Any] | None = Field(None, description="bloodcell.models.CNNConfig of the custom CNN")
     subclasses: Subclasses | None = None
     temperature: float = Field(1.0, gt=0, description="softmax temperature fitted on validation")

@@ -47,7 +47,8 @@ def build_from_contract(contract: ModelContract) -> Classifier:
     cnn = CNNConfig(**contract.cnn) if contract.cnn else None
     parents = contract.subclasses.parents if contract.subclasses else None
     model, _ = create_model(contract.model, len(contract.class_names), pretrained=False, cnn=cnn,
-                            subclass_parents=parents, input_norm=contract.input_norm)
+                            subclass_parents=parents, input_norm=contract.input_norm,
+                            per_image_norm=contract.per_image_norm)
     return model
 
 

@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field
 from torch import nn
 
 from ..core.errors import BloodcellError
+from .batchnorm import use_per_image_norm
 
 
 class CNNConfig(BaseModel):
@@ -170,11 +171,14 @@ def create_model(
     cnn: CNNConfig | None = None,
     subclass_parents: list[int] | None = None,
     input_norm: str | None = None,
+    per_image_norm: int = 0,
 ) -> tuple[Classifier, dict]:
     """Build a classifier and its preprocessing contract (mean, std, interpolation).
 
     ``subclass_parents`` (each subclass's class index) makes the network score subclasses
-    and the classifier merge them back into ``num_classes`` classes.
+    and the classifier merge them back into ``num_classes`` classes. ``per_image_norm`` makes the
+    BatchNorms of the first that many stages normalise each image by its own statistics
+    (:func:`bloodcell.models.batchnorm.use_per_image_norm`).
     """
     outputs = len(subclass_parents) if subclass_parents is not None else num_classes
     if subclass_parents is not None and sorted(set(subclass_parents)) != list(range(num_classes)):
@@ -190,4 +194,9 @@ def create_model(
         data_config = timm.data.resolve_data_config({}, model=net)
         contract = {"mean": tuple(data_config["mean"]), "std": tuple(data_config["std"])}
         net.reset_classifier(outputs)
+    if per_image_norm:
+        try:
+            use_per_image_norm(net, per_image_norm)
+        except ValueError as exc:
+            raise BloodcellError(f"per_image_norm: {exc}") from None
     return Classifier(net, contract["mean"], contract["std"], subclass_parents, input_norm), contract

@@ -126,6 +126,9 @@ class TrainConfig(BaseModel):
     framing: FramingConfig | None = Field(None, description="crop a window around the stained cell before the resize (bloodcell.data.framing)")
     input_norm: Literal["grey_world"] | None = Field(
         None, description="grey-world colour constancy inside the network (each image's channel means made equal), or none")
+    per_image_norm: int = Field(
+        0, ge=0, description="the BatchNorms of the stem and the first blocks (this many stages in all) normalise each "
+        "image by its own channel statistics (instance normalisation, as IBN-Net), in training and at test time; 0: none")
     feature_style: FeatureStyleConfig | None = Field(
         None, description="perturb the early blocks' feature statistics while training (MixStyle or DSU; "
         "bloodcell.models.feature_style), or none")

@@ -129,10 +129,11 @@ def build_model(config: TrainConfig, class_names: list[str], subclasses: Subclas
     # from one process to the next (runs 11 and 12 of one config differed from epoch 1).
     seed_everything(config.seed)
     model, norm = create_model(config.model, len(class_names), backbone_weights(config), config.pretrained, config.cnn,
-                               subclasses.parents if subclasses else None, config.input_norm)
+                               subclasses.parents if subclasses else None, config.input_norm, config.per_image_norm)
     contract = ModelContract(
         model=config.model, class_names=class_names, image_size=config.image_size, mean=norm["mean"], std=norm["std"],
         framing=config.framing.model_dump() if config.framing else None, input_norm=config.input_norm,
+        per_image_norm=config.per_image_norm,
         cnn=config.cnn.model_dump() if config.model == "cnn" else None,
         subclasses=ContractSubclasses(names=subclasses.names, parents=subclasses.parents) if subclasses else None)
     if config.feature_style is not None:

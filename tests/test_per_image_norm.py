@@ -1,0 +1,120 @@
+"""Per-image normalisation of the early stages (IBN-style): torch's InstanceNorm as the reference,
+contrast taken out, the pretrained function kept by recalibration, contracts and ONNX carry it."""
+
+import numpy as np
+import pytest
+import torch
+
+from bloodcell.models import (
+    build_from_contract,
+    create_model,
+    recalibrate_folded_batchnorm,
+)
+from bloodcell.models.batchnorm import (
+    PerImageNorm,
+    _PerImage,
+    per_image_norm_layers,
+    use_per_image_norm,
+)
+from bloodcell.training.config import TrainConfig
+from bloodcell.training.trainer import build_model
+
+from .conftest import SHARED, require
+
+WEIGHTS = SHARED.parent / "weights" / "tf_mobilenetv3_small_100.from_tflite_int8ptq.safetensors"
+
+
+def test_matches_torch_instance_norm_in_both_modes_and_keeps_the_state_dict():
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm2d(5)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2.0)
+        bn.bias.uniform_(-1.0, 1.0)
+        bn.running_mean.uniform_(-3, 3)
+    keys = set(bn.state_dict())
+    reference = torch.nn.InstanceNorm2d(5, affine=True, eps=bn.eps)
+    reference.load_state_dict({"weight": bn.weight, "bias": bn.bias})
+    bn.__class__ = PerImageNorm
+    x = torch.randn(4, 5, 7, 9) * 3 + 2
+    for mode in (True, False):
+        bn.train(mode)
+        assert torch.allclose(bn(x), reference(x), atol=1e-5)
+    assert set(bn.state_dict()) == keys  # checkpoints load either way
+
+
+def test_custom_cnn_stages_convert_and_input_contrast_is_taken_out():
+    model, _ = create_model("cnn", 8, per_image_norm=1)
+    per_image = [m for m in model.modules() if isinstance(m, _PerImage)]
+    first_stage = [m for m in model.net.blocks[0].modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert per_image == first_stage and len(per_image) == 2  # two convs in the first block, nothing later
+    stage = model.net.blocks[0].eval()
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        # the first conv has no bias: a contrast change of the input scales its output, and the norm takes it out
+        assert torch.allclose(stage(x), stage(2.5 * x), atol=1e-3)  # up to eps
+        plain, _ = create_model("cnn", 8)
+        plain.load_state_dict(model.state_dict())
+        assert not torch.allclose(plain.net.blocks[0].eval()(x), plain.net.blocks[0](2.5 * x), atol=1e-2)
+
+
+def test_stages_of_mobilenet_count_the_stem_first():
+    model, _ = create_model("tf_mobilenetv3_small_100", 8, pretrained=False)
+    net = model.net
+    assert per_image_norm_layers(net, 0) == []
+    assert per_image_norm_layers(net, 1) == [net.bn1]
+    deeper = per_image_norm_layers(net, 3)
+    assert deeper[0] is net.bn1 and len(deeper) > 3
+    assert all(any(m is layer for m in list(net.blocks[0].modules()) + list(net.blocks[1].modules()))
+               for layer in deeper[1:])
+    assert use_per_image_norm(net, 3) == len(deeper)
+    x = torch.randn(2, net.bn1.num_features, 8, 8) * 5
+    with torch.no_grad():  # timm's BatchNormAct2d keeps its activation after the per-image norm
+        expected = net.bn1.act(torch.nn.functional.instance_norm(x, weight=net.bn1.weight, bias=net.bn1.bias,
+                                                                             eps=net.bn1.eps))
+        assert torch.allclose(net.bn1.eval()(x), expected, atol=1e-5)
+
+
+def test_recalibration_keeps_the_pretrained_function_for_typical_images():
+    require(WEIGHTS)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(60, 200, (96, 3, 64, 64), generator=generator, dtype=torch.uint8)
+    pretrained, _ = create_model("tf_mobilenetv3_small_100", 8, WEIGHTS)
+    model, _ = create_model("tf_mobilenetv3_small_100", 8, WEIGHTS, per_image_norm=3)
+    model.load_state_dict(pretrained.state_dict())
+    recalibrate_folded_batchnorm(model, images)
+    pretrained.eval()
+    model.eval()
+    with torch.no_grad():
+        a, b = pretrained.features(images[:16]), model.features(images[:16])
+    assert torch.nn.functional.cosine_similarity(a, b).min() > 0.95
+    assert all(m.per_image for m in model.modules() if isinstance(m, _PerImage))  # switched back on after measuring
+
+
+def test_training_config_records_it_and_the_contract_rebuilds_it(tmp_path):
+    config = TrainConfig(model="tf_mobilenetv3_small_100", pretrained=False, data="unused", per_image_norm=2)
+    model, contract = build_model(config, [str(i) for i in range(8)], None)
+    assert contract.per_image_norm == 2
+    again = build_from_contract(contract)
+    again.load_state_dict(model.state_dict())
+    images = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
+    model.eval()
+    again.eval()
+    with torch.no_grad():
+        assert torch.equal(model(images), again(images))
+    kinds = [type(m).__name__ for m in again.modules() if isinstance(m, _PerImage)]
+    assert len(kinds) == len(per_image_norm_layers(again.net, 2))
+
+
+def test_onnx_export_gives_the_same_answers(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    model, _ = create_model("tf_mobilenetv3_small_100", 8, pretrained=False, per_image_norm=3)
+    model.eval()
+    images = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(model, images[:1], str(path), input_names=["images"], output_names=["logits"],
+                      dynamic_axes={"images": {0: "n"}}, opset_version=17, dynamo=False)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        expected = model(images).numpy()
+    got = session.run(None, {"images": images.numpy()})[0]
+    assert np.abs(got - expected).max() < 1e-3
