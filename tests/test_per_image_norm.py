@@ -5,10 +5,12 @@ import numpy as np
 import pytest
 import torch
 
+from bloodcell.core.contract import write_contract
 from bloodcell.models import (
-    build_from_contract,
     create_model,
+    load_model,
     recalibrate_folded_batchnorm,
+    save_checkpoint,
 )
 from bloodcell.models.batchnorm import (
     PerImageNorm,
@@ -90,19 +92,20 @@ def test_recalibration_keeps_the_pretrained_function_for_typical_images():
     assert all(m.per_image for m in model.modules() if isinstance(m, _PerImage))  # switched back on after measuring
 
 
-def test_training_config_records_it_and_the_contract_rebuilds_it(tmp_path):
+def test_a_saved_run_loads_back_with_per_image_layers(tmp_path):
     config = TrainConfig(model="tf_mobilenetv3_small_100", pretrained=False, data="unused", per_image_norm=2)
     model, contract = build_model(config, [str(i) for i in range(8)], None)
     assert contract.per_image_norm == 2
-    again = build_from_contract(contract)
-    again.load_state_dict(model.state_dict())
+    write_contract(tmp_path, contract)
+    save_checkpoint(tmp_path / "best.safetensors", model.state_dict(), {"epoch": 1})
+    loaded, loaded_contract = load_model(tmp_path)
+    assert loaded_contract.per_image_norm == 2
+    layers = per_image_norm_layers(loaded.net, 2)
+    assert layers and all(isinstance(m, _PerImage) for m in layers)
+    assert not any(isinstance(m, _PerImage) for m in per_image_norm_layers(loaded.net, 3)[len(layers):])
     images = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
-    model.eval()
-    again.eval()
     with torch.no_grad():
-        assert torch.equal(model(images), again(images))
-    kinds = [type(m).__name__ for m in again.modules() if isinstance(m, _PerImage)]
-    assert len(kinds) == len(per_image_norm_layers(again.net, 2))
+        assert torch.equal(model.eval()(images), loaded(images))
 
 
 def test_onnx_export_gives_the_same_answers(tmp_path):
