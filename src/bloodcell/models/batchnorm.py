@@ -84,7 +84,6 @@ def recalibrate_folded_batchnorm(model: nn.Module, images: torch.Tensor, batch_s
     return len(layers)
 
 
-
 class _PerImage:
     """Normalise each image by its own channel statistics (instance normalisation), with the BatchNorm's affine.
 
