@@ -398,3 +398,15 @@ def test_blank_training_samples_have_no_boxes():
     image, boxes = training_sample([field], 128, 96, rng, blank_p=1.0)
     assert image.shape == (96, 96, 3) and len(boxes) == 0
     assert image.std() < 40  # background with light and noise, no structure
+
+
+def test_detector_config_refuses_an_unknown_kind_in_min_visible_by_kind():
+    from pydantic import ValidationError
+
+    from bloodcell.training.detector import DetectorTrainConfig
+
+    assert DetectorTrainConfig(min_visible_by_kind={"white_cell": 0.1}).min_visible_by_kind == {"white_cell": 0.1}
+    with pytest.raises(ValidationError, match="unknown kind neutrophil"):
+        DetectorTrainConfig(min_visible_by_kind={"neutrophil": 0.1})
+    with pytest.raises(ValidationError, match="between 0 and 1"):
+        DetectorTrainConfig(min_visible_by_kind={"platelet": 1.5})

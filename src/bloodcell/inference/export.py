@@ -204,6 +204,8 @@ def export_onnx(model: str | Path, out: str | Path, check_images: list[np.ndarra
         with warnings.catch_warnings():  # the TorchScript exporter's notes on constant folding and its own deprecation
             warnings.filterwarnings("ignore", message=".*[Cc]onstant folding.*")
             warnings.filterwarnings("ignore", category=DeprecationWarning)
+            # per-image normalisation (train.per_image_norm) uses each image's statistics by design
+            warnings.filterwarnings("ignore", message=".*'instance_norm' is set to train=True.*")
             torch.onnx.export(exported, (example,), str(traced), input_names=["images"], output_names=outputs,
                               dynamic_axes={"images": {0: "batch"}, **{name: {0: "batch"} for name in outputs}},
                               opset_version=17, dynamo=False)

@@ -22,7 +22,7 @@ from typing import Literal
 import numpy as np
 import torch
 import yaml
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from ..core.errors import BloodcellError
 from ..core.settings import data_root, default_weights, resolve_weights
@@ -75,6 +75,16 @@ class DetectorTrainConfig(BaseModel):
                                         "validation mAP50's (noisy with few platelets: 3 in the Raabin val split)")
     seed: int = 0
 
+    @field_validator("min_visible_by_kind")
+    @classmethod
+    def _known_kinds(cls, value: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(value) - set(KINDS))
+        if unknown:
+            raise ValueError(f"unknown kind {', '.join(unknown)}; the kinds are {', '.join(KINDS)}")
+        if any(not 0 <= share <= 1 for share in value.values()):
+            raise ValueError("each share must lie between 0 and 1")
+        return value
+
 
 def _sample_rng(config: DetectorTrainConfig, epoch: int) -> np.random.Generator:
     return np.random.default_rng([config.seed, epoch])
@@ -126,9 +136,6 @@ def train_detector(config: DetectorTrainConfig | None = None, resume: Path | Non
     log(f"fields: {len(train_fields)} train, {len(val_fields)} val "
         f"({', '.join(f'{sum(int((b.kinds == k).sum()) for _, b in train_fields)} {n}' for k, n in enumerate(KINDS))} in train)")
 
-    unknown = sorted(set(config.min_visible_by_kind) - set(KINDS))
-    if unknown:
-        raise BloodcellError(f"min_visible_by_kind: unknown kind {', '.join(unknown)}; the kinds are {', '.join(KINDS)}")
     min_visible = np.array([config.min_visible_by_kind.get(kind, config.min_visible) for kind in KINDS], np.float32)
     platelet_dir = config.platelets or (data_root() / "pbc224" / "platelet" if data_root() else None)
     patches = []
