@@ -149,3 +149,18 @@ def test_synthetic_shifts_are_two_altered_copies_of_each_image():
             assert int(np.argmin(distances)) == k
     again, _ = synthetic_shifts(images)
     assert torch.equal(again, shifted)  # seeded
+
+
+@pytest.mark.parametrize("size", [1, 2, 7, 32, 33, 200])
+def test_batch_shift_reads_small_and_large_batches_alike(size):
+    """Small batches are read in Python (the service's single images), large ones in NumPy: the same verdict."""
+    from bloodcell.models.ood import OOD_THRESHOLD, out_of_distribution
+
+    scores = np.random.default_rng(size).gamma(2.0, 0.5, size).astype(np.float32)
+    verdict = batch_shift(scores)
+    median = float(np.median(scores.astype(np.float64)))
+    assert verdict["score"] == round(median, 4)
+    assert verdict["flagged"] is (median > OOD_THRESHOLD)
+    assert verdict["images_flagged"] == int((scores > OOD_THRESHOLD).sum()) and verdict["images"] == size
+    assert out_of_distribution(float(scores[0])) is bool(scores[0] > OOD_THRESHOLD)
+    assert out_of_distribution(scores).tolist() == (scores > OOD_THRESHOLD).tolist()

@@ -104,6 +104,7 @@ def create_app(model: str | Path, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_
     app.state.batcher = batcher
     app.state.preparer = preparer
     card = _model_card(predictor.source)
+    class_names = list(predictor.class_names)
 
     def error(status: int, message: str, file: str | None = None) -> JSONResponse:
         return JSONResponse(status_code=status, content={"error": message, **({"file": file} if file else {})})
@@ -204,15 +205,17 @@ def create_app(model: str | Path, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_
             batcher.withdraw()
             return unreadable(errors)
         probs, ood = await batcher(prepared.batch)
+        # Python floats at once (tolist): the answer is built per request on the event loop.
+        ood_scores = None if ood is None else ood.tolist()
         results = []
-        for position, (index, row) in enumerate(zip(prepared.kept, probs)):
-            confidence = float(row.max())
-            result = {"index": index, "file": names[index], "class": predictor.class_names[int(row.argmax())],
+        for position, (index, row) in enumerate(zip(prepared.kept, probs.tolist())):
+            confidence = max(row)
+            result = {"index": index, "file": names[index], "class": class_names[row.index(confidence)],
                       "confidence": confidence, "abstained": confidence < abstain_below}
-            if ood is not None:
-                result["ood_score"] = float(ood[position])
-                result["out_of_distribution"] = bool(out_of_distribution(ood[position]))
-            result["probabilities"] = {c: float(p) for c, p in zip(predictor.class_names, row)}
+            if ood_scores is not None:
+                result["ood_score"] = ood_scores[position]
+                result["out_of_distribution"] = bool(out_of_distribution(ood_scores[position]))
+            result["probabilities"] = dict(zip(class_names, row))
             results.append(result)
         rows = [{"pred": r["class"], "abstained": r["abstained"], "out_of_distribution": r.get("out_of_distribution")}
                 for r in results]
