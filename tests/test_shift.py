@@ -164,3 +164,34 @@ def test_batch_shift_reads_small_and_large_batches_alike(size):
     assert verdict["images_flagged"] == int((scores > OOD_THRESHOLD).sum()) and verdict["images"] == size
     assert out_of_distribution(float(scores[0])) is bool(scores[0] > OOD_THRESHOLD)
     assert out_of_distribution(scores).tolist() == (scores > OOD_THRESHOLD).tolist()
+
+
+def test_grey_input_sees_luminance_only():
+    """input_norm="grey": Pillow's luma (convert("L")) in every channel, so a change of hue at equal
+    luminance does not reach the network."""
+    import torch
+    from PIL import Image
+
+    from bloodcell.models import create_model
+
+    torch.manual_seed(0)
+    model, _ = create_model("cnn", 8, pretrained=False, input_norm="grey")
+    model.eval()
+    rgb = np.random.default_rng(0).integers(0, 256, (24, 24, 3), dtype=np.uint8)
+    reference = np.asarray(Image.fromarray(rgb).convert("L"), dtype=np.float32)
+    with torch.no_grad():
+        x = model.normalise(torch.from_numpy(rgb).permute(2, 0, 1)[None])
+        seen = (x + model.shift) / model.scale  # back to 0-255, per channel
+    assert seen.shape == (1, 3, 24, 24)
+    for channel in range(3):  # Pillow rounds; the model keeps the fraction
+        assert np.abs(seen[0, channel].numpy() - reference).max() <= 0.5 + 1e-3
+    # the same luminance in another hue: red-heavy against green-heavy
+    a = torch.tensor([200.0, 100.0, 50.0]).view(1, 3, 1, 1).expand(1, 3, 32, 32)
+    luma = float((a[0, :, 0, 0] * torch.tensor([0.299, 0.587, 0.114])).sum())
+    g = (luma - 0.299 * 80 - 0.114 * 120) / 0.587
+    b = torch.tensor([80.0, g, 120.0]).view(1, 3, 1, 1).expand(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model(a), model(b), atol=1e-4)
+        plain, _ = create_model("cnn", 8, pretrained=False)
+        assert not torch.allclose(plain.normalise(a), plain.normalise(b), atol=1e-2)
+    assert "luma" not in model.state_dict()  # saved models keep their keys

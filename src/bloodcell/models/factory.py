@@ -62,6 +62,8 @@ class Classifier(nn.Module):
         self.input_norm = input_norm
         self.register_buffer("scale", (1.0 / (255.0 * torch.tensor(std))).view(1, 3, 1, 1))
         self.register_buffer("shift", (torch.tensor(mean) / torch.tensor(std)).view(1, 3, 1, 1))
+        # Not in the state dict: a constant of the "grey" input, so every saved model loads as before.
+        self.register_buffer("luma", torch.tensor(LUMA).view(1, 3, 1, 1), persistent=False)
         # With subclasses the network scores each subclass; the classifier still answers with
         # classes, unless training asks for the subclasses' own logits (emit_subclasses).
         self.emit_subclasses = False
@@ -71,12 +73,16 @@ class Classifier(nn.Module):
         """uint8 RGB -> the network's input: (x / 255 - mean) / std, folded into one multiply-add.
 
         With ``input_norm="grey_world"`` each image's channels are first scaled so that their
-        means are equal (grey-world colour constancy: a lab's colour cast is taken out).
+        means are equal (grey-world colour constancy: a lab's colour cast is taken out). With
+        ``"grey"`` the network sees only luminance (ITU-R BT.601 luma in all three channels): a
+        colour-blind model, which no lab's stain hue can mislead.
         """
         x = images.float()
         if self.input_norm == "grey_world":
             channel_mean = x.mean(dim=(2, 3), keepdim=True).clamp_min(1.0)
             x = (x * (channel_mean.mean(dim=1, keepdim=True) / channel_mean)).clamp(0, 255)
+        elif self.input_norm == "grey":
+            x = (x * self.luma).sum(dim=1, keepdim=True).expand(-1, 3, -1, -1)
         return x * self.scale - self.shift
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -103,7 +109,8 @@ class Classifier(nn.Module):
         return merge_subclasses(logits, self.subclass_mask)
 
 
-INPUT_NORMS = (None, "grey_world")
+INPUT_NORMS = (None, "grey_world", "grey")
+LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601, as Pillow's convert("L")
 
 
 def subclass_merge_mask(parents) -> torch.Tensor:
