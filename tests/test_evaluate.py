@@ -143,3 +143,49 @@ def test_temperature_stays_finite_on_a_model_that_learnt_nothing():
     for logits in (torch.randn(80, 8) * 0.01, torch.zeros(80, 8), torch.randn(80, 8) * 50):
         t = fit_temperature(logits, labels)
         assert np.isfinite(t) and 0.05 <= t <= 20.0
+
+
+def test_evaluate_fields_finds_the_white_cell_of_each_labelled_field(tmp_path, original_files):
+    """Whole fields, one white cell each, labelled by folder: --fields finds the cell with the detector and
+    classifies it as `count` does, where plain evaluation frames the whole field."""
+    import csv
+
+    from PIL import Image
+
+    from bloodcell.core.errors import BloodcellError
+    from bloodcell.data.fields import fill_colour
+    from bloodcell.evaluation import evaluate_model
+    from bloodcell.inference.detect import load_detector
+
+    try:
+        load_detector("default")
+    except BloodcellError as exc:
+        pytest.skip(str(exc))
+    rng = np.random.default_rng(0)
+    fields = tmp_path / "fields"
+    for cls in ("eosinophil", "lymphocyte", "neutrophil"):
+        (fields / cls).mkdir(parents=True)
+        for f in [f for f in original_files if f.parent.name == cls][:4]:
+            cell = np.asarray(Image.open(f).convert("RGB"))
+            h, w = cell.shape[:2]
+            canvas = np.empty((3 * h, 4 * w, 3), np.uint8)  # a third of the magnification, somewhere in the field
+            canvas[:] = fill_colour(cell)
+            y, x = int(rng.integers(0, 2 * h)), int(rng.integers(0, 3 * w))
+            canvas[y : y + h, x : x + w] = cell
+            Image.fromarray(canvas).resize((640, 480), Image.Resampling.BILINEAR).save(fields / cls / f"{f.stem}.png")
+    (fields / "neutrophil" / "broken.png").write_bytes(b"not a PNG")
+    before = sorted((p.relative_to(fields), p.stat().st_mtime_ns) for p in fields.rglob("*"))
+    plain = evaluate_model("default", fields, tmp_path / "plain")
+    found = evaluate_model("default", fields, tmp_path / "found", fields=True)
+    assert sorted((p.relative_to(fields), p.stat().st_mtime_ns) for p in fields.rglob("*")) == before
+    assert found["count"] == 12 and found["fields"]["images"] == 12
+    assert found["fields"]["white_cell_found"] >= 10
+    assert [u["path"].endswith("broken.png") for u in found["fields"]["unreadable"]] == [True]
+    assert found["accuracy"] >= 0.75 and found["accuracy"] >= plain["accuracy"] + 0.25
+    rows = list(csv.DictReader((tmp_path / "found" / "predictions.csv").read_text().splitlines()))
+    assert list(rows[0])[-5:] == ["x0", "y0", "x1", "y1", "box_score"]
+    boxed = [r for r in rows if r["x0"]]
+    assert len(boxed) == found["fields"]["white_cell_found"]
+    assert all(0 <= float(r["x0"]) < float(r["x1"]) <= 640 and 0 <= float(r["y0"]) < float(r["y1"]) <= 480 for r in boxed)
+    with pytest.raises(BloodcellError, match="--corruptions"):
+        evaluate_model("default", fields, tmp_path / "both", fields=True, corruptions=True)

@@ -410,3 +410,108 @@ def test_detector_config_refuses_an_unknown_kind_in_min_visible_by_kind():
         DetectorTrainConfig(min_visible_by_kind={"neutrophil": 0.1})
     with pytest.raises(ValidationError, match="between 0 and 1"):
         DetectorTrainConfig(min_visible_by_kind={"platelet": 1.5})
+
+
+# --- fields at a lower magnification than the training fields --------------------------------
+
+
+def painted_network(min_side: float):
+    """A stand-in for the detector network: it "finds" the painted squares of a letterboxed canvas (red:
+    red cell, blue: white cell) as exactly as FCOS outputs would carry them, but only those at least
+    ``min_side`` pixels across in the canvas, as a detector misses cells much smaller than it was trained on."""
+    from scipy import ndimage
+
+    def run(canvases: np.ndarray):
+        boxes, scores = [], []
+        for canvas in canvases.transpose(0, 2, 3, 1):
+            rows_b, rows_s = [], []
+            for kind, channel in ((1, 0), (0, 2)):  # (kind index, the channel that paints it)
+                mask = (canvas[..., channel] > 200) & (canvas.sum(axis=2) < 400)
+                for sl in ndimage.find_objects(ndimage.label(mask)[0]):
+                    y0, y1, x0, x1 = sl[0].start, sl[0].stop, sl[1].start, sl[1].stop
+                    if max(x1 - x0, y1 - y0) >= min_side:
+                        rows_b.append([x0, y0, x1, y1])
+                        rows_s.append([0.9 if k == kind else 0.01 for k in range(3)])
+            rows_b += [[0, 0, 1, 1]] * (64 - len(rows_b))
+            rows_s += [[0.0, 0.0, 0.0]] * (64 - len(rows_s))
+            boxes.append(rows_b[:64])
+            scores.append(rows_s[:64])
+        return np.asarray(boxes, np.float32), np.asarray(scores, np.float32)
+
+    return run
+
+
+def ndimage_count(mask: np.ndarray) -> int:
+    from scipy import ndimage
+
+    return int(ndimage.label(mask)[1])
+
+
+def painted_field(side: int, red: int, rng) -> tuple[np.ndarray, np.ndarray]:
+    """A grey field with a grid of red squares ``red`` px across and one blue square twice that (the white cell)."""
+    image = np.full((side, side, 3), 120, np.uint8)
+    step, offset = 2 * red, int(rng.integers(0, red))
+    x, y = (int(v) for v in rng.integers(0, side - 2 * red, 2))
+    for top in range(offset, side - red, step):
+        for left in range(offset, side - red, step):
+            if box_iou(np.array([[left, top, left + red, top + red]], np.float32),
+                       np.array([[x - 2, y - 2, x + 2 * red + 2, y + 2 * red + 2]], np.float32))[0, 0] == 0:
+                image[top : top + red, left : left + red] = (230, 40, 40)
+    image[y : y + 2 * red, x : x + 2 * red] = (40, 40, 230)
+    return image, np.array([x, y, x + 2 * red, y + 2 * red], np.float32)
+
+
+def test_a_field_at_lower_magnification_is_read_again_on_magnified_tiles():
+    from bloodcell.inference.detect import CellDetector
+
+    rng = np.random.default_rng(0)
+    contract = DetectorContract(image_size=128, red_cell_side=20.0, magnify_below=0.7)
+    detector = CellDetector(painted_network(min_side=12), contract)
+    plain = CellDetector(painted_network(min_side=12), contract.model_copy(update={"red_cell_side": None}))
+    # the training magnification: red cells 20 px in the 128 px letterbox (a 512 px field, red cells 80 px)
+    image, white = painted_field(512, 80, rng)
+    assert detector.ruler(detector.detect(image), 512) == pytest.approx(20.0, abs=1.0)
+    # a third of it: red cells 7 px in the letterbox, too small for the network; the white cell 13 px
+    for _ in range(6):  # the cells fall on tiles' edges in some of these
+        image, white = painted_field(768, 40, rng)
+        seen = plain.detect(image)
+        assert not (seen.boxes.kinds == KINDS.index("red_cell")).any()
+        found = detector.detect(image)
+        red = found.boxes.xyxy[found.boxes.kinds == KINDS.index("red_cell")]
+        painted = ndimage_count(image[..., 0] > 200)
+        assert len(red) == painted  # every red cell once: none lost or doubled where tiles overlap
+        assert np.allclose(red[:, 2] - red[:, 0], 40, atol=2.5)  # in the field's own pixels (a letterbox pixel is ~2 of them)
+        whites = found.boxes.xyxy[found.boxes.kinds == KINDS.index("white_cell")]
+        assert len(whites) == 1 and box_iou(whites, white[None])[0, 0] > 0.95
+    # a field with no red cells at all keeps its one reading
+    blank = np.full((300, 300, 3), 120, np.uint8)
+    assert len(detector.detect(blank)) == 0
+
+
+def test_the_shipped_detector_reads_its_fields_at_a_third_of_their_magnification():
+    from bloodcell.data.fields import fill_colour, load_field, open_fields, read_kinds
+
+    detector = shipped_detector()
+    assert detector.contract.red_cell_side is not None
+    plain = type(detector)(detector._run, detector.contract.model_copy(update={"red_cell_side": None}))
+    root = require(FIELDS)
+    kinds = read_kinds(root)
+    white = KINDS.index("white_cell")
+    hits, plain_hits, fields = 0, 0, 0
+    for item in open_fields(root, "test")[:12]:
+        image, boxes = load_field(item, kinds)
+        height, width = image.shape[:2]
+        small = np.asarray(Image.fromarray(image).resize((width // 3, height // 3), Image.Resampling.BILINEAR))
+        canvas = np.empty_like(image)
+        canvas[:] = fill_colour(image)
+        canvas[: small.shape[0], : small.shape[1]] = small
+        truth = boxes.xyxy[boxes.kinds == white] / 3
+        for found, counter in ((detector.detect(canvas), "hits"), (plain.detect(canvas), "plain")):
+            mine = found.boxes.xyxy[found.boxes.kinds == white]
+            matched = int((box_iou(truth, mine) >= 0.5).any(axis=1).sum()) if len(mine) and len(truth) else 0
+            if counter == "hits":
+                hits += matched
+            else:
+                plain_hits += matched
+        fields += len(truth)
+    assert hits >= 0.8 * fields > plain_hits + 0.3 * fields  # found at a third; mostly missed without the ruler

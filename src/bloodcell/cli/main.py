@@ -178,6 +178,9 @@ def evaluate(
     corruptions: bool = typer.Option(False, "--corruptions", help="Also score 12 corruption families x 5 severities."),
     tta: bool = typer.Option(False, "--tta", help="Average over the 8 flips/rotations."),
     seed: int = typer.Option(0, help="Seed of the corruptions."),
+    fields: bool = typer.Option(False, "--fields", help="The images are whole fields, one white cell each: find it "
+                                "with the cell detector and classify it as `bloodcell count` does."),
+    detector: str = typer.Option("default", "--detector", help="With --fields: a train-detector run, or 'default'."),
 ):
     """Score a trained model: accuracy, macro-F1, per-class recall, calibration, robustness."""
     from ..evaluation import compare_runs, evaluate_model
@@ -208,7 +211,8 @@ def evaluate(
             raise BloodcellError("evaluate needs --model and --data (or --compare RUN_A --compare RUN_B)")
         out = out or model / "evaluation"
         with console.status("evaluating"):
-            result = evaluate_model(model, data, out, corruptions=corruptions, tta=tta, seed=seed)
+            result = evaluate_model(model, data, out, corruptions=corruptions, tta=tta, seed=seed, fields=fields,
+                                    detector=detector)
         table = Table(title=f"{model} on {data} ({result['count']} images)")
         table.add_column("metric")
         table.add_column("value", justify="right")
@@ -219,6 +223,10 @@ def evaluate(
             for family, value in result["corruptions"]["family_mean"].items():
                 table.add_row(f"  {family}", f"{value:.4f}")
         Console().print(table)
+        if "fields" in result:
+            found = result["fields"]
+            Console().print(f"White cell found in {found['white_cell_found']} of {found['images']} fields "
+                            "(the others were scored whole)", highlight=False)
         shift = result.get("domain_shift")
         if shift:
             verdict = "[bold yellow]flagged[/]: unlike the training lab's images" if shift["flagged"] else "not flagged"

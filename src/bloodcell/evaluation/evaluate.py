@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -37,22 +38,104 @@ def load_eval_images(data: str | Path, predictor: Predictor) -> tuple[torch.Tens
     return split.images, split.labels.numpy(), split.paths, source
 
 
-def write_predictions_csv(path: Path, paths: list[str], labels: np.ndarray, probs: np.ndarray, names: list[str]) -> None:
+@dataclass
+class FieldCells:
+    """Where each evaluated field's white cell was found: its box in the field's pixels and the detector's score."""
+
+    boxes: list[tuple[float, float, float, float] | None]  # None: no white cell found (the whole field was scored)
+    scores: list[float | None]
+    unreadable: list[dict] = field(default_factory=list)  # {"path", "error"} of files left out
+
+
+def load_field_eval_images(data: str | Path, predictor: Predictor, detector: str | Path = "default",
+                           batch_size: int = 16) -> tuple[torch.Tensor, np.ndarray, list[str], Source, FieldCells]:
+    """Like :func:`load_eval_images`, for whole fields holding one white cell each (labelled by their folder).
+
+    Each field goes through ``bloodcell count``'s path: the cell detector finds the white cells, the
+    most confident one is cut out as count cuts it (:func:`bloodcell.inference.count.square_crop`)
+    and prepared through the model's own preprocessing. A field where none is found is scored
+    whole, as plain evaluation would, and counted in the report.
+    """
+    from ..data.fields import KINDS
+    from ..data.sources import load_item
+    from ..inference.count import CROP_CONTEXT, square_crop
+    from ..inference.detect import load_detector
+
+    source = evaluation_source(data)
+    names = predictor.class_names
+    unknown = [c for c in source.class_names if c not in names]
+    if unknown:
+        raise BloodcellError(f"{source.root}: class(es) {', '.join(unknown)} unknown to the model "
+                             f"(it knows {', '.join(names)})")
+    finder = load_detector(detector)
+    white = KINDS.index("white_cell")
+    remap = [names.index(c) for c in source.class_names]
+    images, labels, paths, boxes, scores, unreadable = [], [], [], [], [], []
+    for start in range(0, len(source.items), batch_size):
+        chunk, decoded = [], []
+        for item in source.items[start : start + batch_size]:
+            try:
+                decoded.append(load_item(source, item)[0])
+            except Exception as exc:  # noqa: BLE001 - left out and listed, as curation lists such files
+                unreadable.append({"path": item.path, "error": str(exc)})
+                continue
+            chunk.append(item)
+        if not decoded:
+            continue
+        for item, field_image, found in zip(chunk, decoded, finder.detect_batch(decoded)):
+            mine = np.flatnonzero(found.boxes.kinds == white)
+            if len(mine):
+                best = mine[np.argmax(found.scores[mine])]
+                box = found.boxes.xyxy[best]
+                crop = square_crop(field_image, box, CROP_CONTEXT)
+                boxes.append(tuple(round(float(v), 1) for v in box))
+                scores.append(round(float(found.scores[best]), 4))
+            else:
+                crop = field_image
+                boxes.append(None)
+                scores.append(None)
+            images.append(torch.from_numpy(np.array(predictor.prepare(crop))).permute(2, 0, 1))
+            labels.append(remap[item.label])
+            paths.append(item.path)
+    if not images:
+        raise BloodcellError(f"{source.root}: no readable images")
+    return torch.stack(images), np.array(labels, dtype=np.int64), paths, source, FieldCells(boxes, scores, unreadable)
+
+
+def write_predictions_csv(path: Path, paths: list[str], labels: np.ndarray, probs: np.ndarray, names: list[str],
+                          cells: FieldCells | None = None) -> None:
+    """One row per image; with ``cells`` (whole fields), the white cell's box and detector score too (empty: none found)."""
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["path", "label", "pred", "confidence", *names])
-        for file, label, row in zip(paths, labels, probs):
+        writer.writerow(["path", "label", "pred", "confidence", *names,
+                         *(["x0", "y0", "x1", "y1", "box_score"] if cells else [])])
+        for index, (file, label, row) in enumerate(zip(paths, labels, probs)):
+            extra = []
+            if cells:
+                box = cells.boxes[index]
+                extra = [*(box if box else ("",) * 4), "" if cells.scores[index] is None else cells.scores[index]]
             writer.writerow([file, names[label], names[int(row.argmax())], f"{row.max():.6f}",
-                             *[f"{p:.6f}" for p in row]])
+                             *[f"{p:.6f}" for p in row], *extra])
 
 
 def evaluate_model(model_path: str | Path, data: str | Path, out: str | Path, corruptions: bool = False,
                    tta: bool = False, seed: int = 0, families: list[str] | None = None,
-                   corruption_limit: int | None = None) -> dict:
-    """Score ``model_path`` on ``data``; ``corruption_limit`` scores corruptions on a seeded subset."""
+                   corruption_limit: int | None = None, fields: bool = False,
+                   detector: str | Path = "default") -> dict:
+    """Score ``model_path`` on ``data``; ``corruption_limit`` scores corruptions on a seeded subset.
+
+    ``fields``: the images are whole fields with one white cell each, found by ``detector`` and
+    cut out as ``bloodcell count`` cuts them (:func:`load_field_eval_images`).
+    """
     out = Path(out)
+    if fields and corruptions:
+        raise BloodcellError("--corruptions scores single-cell crops; leave it out with --fields")
     predictor = load_predictor(model_path)  # a run, a checkpoint, an .onnx file or 'default'
-    images, labels, paths, source = load_eval_images(data, predictor)
+    cells = None
+    if fields:
+        images, labels, paths, source, cells = load_field_eval_images(data, predictor, detector)
+    else:
+        images, labels, paths, source = load_eval_images(data, predictor)
     temperature = float(predictor.temperature)
     logits, ood = backend_scores(predictor, images, tta=tta)
     probs = predictor.softmax(logits.numpy(), ood)  # the temperature, and the shift's where the contract has one
@@ -61,7 +144,13 @@ def evaluate_model(model_path: str | Path, data: str | Path, out: str | Path, co
     result = {**{k: result[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "top2_accuracy", "ece")},
               **result, "temperature": temperature, "tta": tta, "model": str(model_path), "data": str(data)}
     out.mkdir(parents=True, exist_ok=True)
-    write_predictions_csv(out / "predictions.csv", paths, labels, probs, names)
+    write_predictions_csv(out / "predictions.csv", paths, labels, probs, names, cells)
+    if cells is not None:
+        found = np.array([box is not None for box in cells.boxes])
+        result["fields"] = {"detector": str(detector), "images": len(found),
+                            "white_cell_found": int(found.sum()),
+                            "accuracy_where_found": float((probs[found].argmax(1) == labels[found]).mean()) if found.any() else None,
+                            "unreadable": cells.unreadable}
     result["abstain"] = abstain_table(probs, labels)
     if ood is not None:
         # Is this data like the training lab's? The batch verdict, and accuracy on the images it calls familiar.

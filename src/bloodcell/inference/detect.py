@@ -22,6 +22,13 @@ from ..models.detector import DETECTOR_FILE, DetectorContract, read_detector_con
 DEFAULT_DETECTOR = "default"
 ONNX_FILE = "detector.onnx"
 TOPK_CANDIDATES = 1000
+# Reading fields taken at a lower magnification than the training fields (CellDetector.magnified):
+RULER_SCORE = 0.3  # red cells scoring at least this measure the field's magnification
+RULER_CELLS = 3  # and at least this many of them
+MIN_MAGNIFICATION, MAX_MAGNIFICATION = 1.5, 6.0  # the range tried, relative to the letterboxed field
+MAX_MAGNIFIED_READINGS = 2
+TILE_OVERLAP = 0.5  # of a tile's side: a white cell (about twice a red cell) is whole in one tile
+TILE_BATCH = 8
 
 
 @dataclass
@@ -77,6 +84,13 @@ def postprocess(boxes: np.ndarray, scores: np.ndarray, contract: DetectorContrac
         best = np.argsort(-values, kind="stable")[:TOPK_CANDIDATES]
         locations, kinds, values = locations[best], kinds[best], values[best]
     candidates = np.clip(boxes[locations], 0, contract.image_size)  # as torchvision clips to the image
+    return suppress(candidates, kinds, values, contract)
+
+
+def suppress(candidates: np.ndarray, kinds: np.ndarray, values: np.ndarray,
+             contract: DetectorContract) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-kind NMS, nested suppression, the detection cap and cross-kind suppression, over scored boxes
+    (kinds index ``contract.kinds``); kept boxes, kinds and scores, best first."""
     kept = []
     for kind in np.unique(kinds):
         index = np.nonzero(kinds == kind)[0]
@@ -117,6 +131,18 @@ class CellDetector:
         self.contract = contract
 
     def detect_batch(self, images: list[np.ndarray]) -> list[Detections]:
+        """Each field read at the letterbox scale; one whose red cells come out too small to read (a lower
+        magnification than training's) is read again, magnified, on overlapping tiles (:meth:`magnified`)."""
+        found = self._letterboxed(images)
+        if self.contract.red_cell_side is None:
+            return found
+        for index, (image, detections) in enumerate(zip(images, found)):
+            found[index] = self.magnified(image, detections)
+        return found
+
+    def _letterboxed(self, images: list[np.ndarray]) -> list[Detections]:
+        if not images:
+            return []
         size = self.contract.image_size
         framed = [letterbox(image, size) for image in images]
         canvases = np.stack([c for c, _ in framed]).transpose(0, 3, 1, 2)
@@ -128,6 +154,78 @@ class CellDetector:
             original = frame.to_original(kept, image.shape[1], image.shape[0])
             found.append(Detections(Boxes(original, kinds), values))
         return found
+
+    def ruler(self, detections: Detections, side: float) -> float | None:
+        """The median side of the red cells found (score >= RULER_SCORE), in the letterbox pixels of a
+        window ``side`` field pixels across; None with fewer than RULER_CELLS of them."""
+        red = (detections.boxes.kinds == KINDS.index("red_cell")) & (detections.scores >= RULER_SCORE)
+        if red.sum() < RULER_CELLS:
+            return None
+        xyxy = detections.boxes.xyxy[red]
+        return float(np.median(np.maximum(xyxy[:, 2] - xyxy[:, 0], xyxy[:, 3] - xyxy[:, 1]))) * self.contract.image_size / side
+
+    def magnified(self, image: np.ndarray, detections: Detections) -> Detections:
+        """``detections`` of the whole field, or, where its red cells read smaller than ``magnify_below`` of
+        the training fields' (``red_cell_side``), the field read again on tiles magnified to bring them there.
+
+        Red cells are the ruler: they are the commonest cell of every field and nearly the same size
+        in every blood (7-8 um). A field with too few red cells found is tried at twice the
+        magnification. Of the readings made (at most three), the one whose red cells come closest to
+        the training size is kept.
+        """
+        reference, longer = self.contract.red_cell_side, max(image.shape[:2])
+        size = self.ruler(detections, longer)
+        readings = [(size, detections)]
+        magnification = 1.0
+        for _ in range(MAX_MAGNIFIED_READINGS):
+            if size is not None and size >= self.contract.magnify_below * reference:
+                break
+            # the red cells' size says how much more to magnify; none found says: try twice as much
+            wanted = magnification * (reference / size if size is not None else 2.0)
+            wanted = min(MAX_MAGNIFICATION, max(MIN_MAGNIFICATION, wanted))
+            if wanted <= magnification:
+                break
+            magnification = wanted
+            window = longer / magnification
+            tiled = self._tiled(image, window)
+            size = self.ruler(tiled, window)
+            readings.append((size, tiled))
+        measured = [(size, found) for size, found in readings if size is not None]
+        if not measured:
+            return detections
+        return min(measured, key=lambda reading: abs(np.log(reading[0] / reference)))[1]
+
+    def _tiled(self, image: np.ndarray, window: float) -> Detections:
+        """Detections over square tiles ``window`` pixels across, overlapping by TILE_OVERLAP, merged.
+
+        A box touching a tile's edge inside the field is a cell cut by the tile: a neighbouring tile,
+        which it overlaps, holds it whole.
+        """
+        height, width = image.shape[:2]
+        side = max(2, round(window))
+
+        def starts(extent: int) -> list[int]:
+            if extent <= side:
+                return [0]
+            count = int(np.ceil((extent - side) / (side * (1 - TILE_OVERLAP)))) + 1
+            return [round(i * (extent - side) / (count - 1)) for i in range(count)]
+
+        offsets = [(x, y) for y in starts(height) for x in starts(width)]
+        tiles = [image[y : y + side, x : x + side] for x, y in offsets]
+        boxes, kinds, scores = [], [], []
+        for start in range(0, len(tiles), TILE_BATCH):
+            for (x, y), tile, found in zip(offsets[start:], tiles[start : start + TILE_BATCH],
+                                           self._letterboxed(tiles[start : start + TILE_BATCH])):
+                th, tw = tile.shape[:2]
+                xyxy = found.boxes.xyxy
+                cut = (((xyxy[:, 0] <= 1) & (x > 0)) | ((xyxy[:, 1] <= 1) & (y > 0))
+                       | ((xyxy[:, 2] >= tw - 1) & (x + tw < width)) | ((xyxy[:, 3] >= th - 1) & (y + th < height)))
+                boxes.append(xyxy[~cut] + np.array([x, y, x, y], np.float32))
+                kinds.append(found.boxes.kinds[~cut])
+                scores.append(found.scores[~cut])
+        own = np.asarray([self.contract.kinds.index(KINDS[k]) for k in np.concatenate(kinds)], np.int64)
+        kept, own, values = suppress(np.concatenate(boxes), own, np.concatenate(scores), self.contract)
+        return Detections(Boxes(kept, np.asarray([KINDS.index(self.contract.kinds[k]) for k in own], np.int64)), values)
 
     def detect(self, image: np.ndarray) -> Detections:
         return self.detect_batch([image])[0]

@@ -50,6 +50,12 @@ class DetectorContract(BaseModel):
         description="per kind: a box sharing this much of the smaller box's area with a higher-scoring box of its kind goes "
                     "(a nucleus lobe beside its whole cell, or a second, larger box round it: their IoU is too small for NMS)")
     max_detections: int = Field(300, ge=1)
+    red_cell_side: float | None = Field(
+        None, gt=0, description="median red-cell box side, in letterbox pixels, over the training fields: the ruler "
+        "for fields taken at another magnification (None: every field is read at the letterbox scale alone)")
+    magnify_below: float = Field(
+        0.7, gt=0, lt=1, description="a field whose red cells come out smaller than this share of red_cell_side is "
+        "read again on overlapping tiles, magnified to bring them to red_cell_side")
     trained_on: dict = Field(default_factory=dict)
 
     def to_json(self) -> str:

@@ -95,6 +95,17 @@ def load_split(root: Path, split: str) -> list[tuple[np.ndarray, Boxes]]:
     return [load_field(item, kinds) for item in open_fields(root, split)]
 
 
+def red_cell_side(fields: list[tuple[np.ndarray, Boxes]], size: int) -> float | None:
+    """The median red-cell box side over ``fields``, in the pixels of their letterbox to ``size``: the
+    detector's ruler for fields taken at another magnification (None: no red cells labelled)."""
+    red = KINDS.index("red_cell")
+    sides = [np.maximum(b.xyxy[b.kinds == red, 2] - b.xyxy[b.kinds == red, 0],
+                        b.xyxy[b.kinds == red, 3] - b.xyxy[b.kinds == red, 1]) * size / max(image.shape[:2])
+             for image, b in fields]
+    sides = np.concatenate(sides) if sides else np.zeros(0)
+    return round(float(np.median(sides)), 1) if len(sides) else None
+
+
 def validate(graph: DetectorGraph, canvases: list[np.ndarray], truth: list[Boxes], contract: DetectorContract) -> dict:
     """AP50 per kind on letterboxed validation fields (boxes in canvas pixels)."""
     graph.eval()
@@ -145,7 +156,8 @@ def train_detector(config: DetectorTrainConfig | None = None, resume: Path | Non
     elif config.max_pasted:
         log("no platelet crops found (set platelets: DIR): platelets come from the fields alone")
 
-    contract = config.detector.model_copy(update={"trained_on": {
+    contract = config.detector.model_copy(update={"red_cell_side": red_cell_side(train_fields, config.detector.image_size),
+                                                  "trained_on": {
         "data": str(root), "fields": len(train_fields), "pasted_platelets_from": str(platelet_dir) if patches else None}})
     torch.manual_seed(config.seed)
     weights = resolve_weights(config.weights) if config.weights else default_weights(contract.backbone)
