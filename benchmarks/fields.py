@@ -9,7 +9,7 @@ Reports, on the ``--split`` fields of ``--data`` (default ``$BLOODCELL_DATA/fiel
 - the detector: AP50 per kind (and for white cells not cut by the field's edge) (PASCAL VOC, all points, IoU 0.5) from detections down to a
   score of 0.05, and recall and precision at its own threshold;
 - the same fields as another lab might photograph them: 300 px and 1,600 px wide, stretched to
-  640x480, half the magnification (four fields side by side), a purple stain cast, a yellow
+  640x480, a half, a third and a quarter of the magnification (2 x 2, 3 x 3 and 4 x 4 fields side by side, resized to one field), a purple stain cast, a yellow
   lamp, out of focus;
 - the classical baseline: stain thresholding, distance transform and watershed (scipy only),
   scored the same way;
@@ -140,21 +140,23 @@ def interior(found: list[Detections], fields, margin: float = 2.0) -> tuple[list
     return kept_found, kept_truth
 
 
-def zoomed_out(fields: list[tuple[np.ndarray, Boxes]], index: int) -> tuple[np.ndarray, Boxes]:
-    """Half the magnification: four consecutive fields side by side (2 x 2), with all their boxes."""
-    chosen = [fields[(index + k) % len(fields)] for k in range(4)]
+def zoomed_out(fields: list[tuple[np.ndarray, Boxes]], index: int, n: int = 2) -> tuple[np.ndarray, Boxes]:
+    """1/n of the magnification: n x n consecutive fields side by side, with all their boxes, resized
+    to one field's size (so the cells are n times smaller in a field of the usual size)."""
+    chosen = [fields[(index + k) % len(fields)] for k in range(n * n)]
     height = min(image.shape[0] for image, _ in chosen)
     width = min(image.shape[1] for image, _ in chosen)
-    canvas = np.zeros((2 * height, 2 * width, 3), np.uint8)
+    canvas = np.zeros((n * height, n * width, 3), np.uint8)
     xyxy, kinds = [], []
     for k, (image, boxes) in enumerate(chosen):
-        top, left = (k // 2) * height, (k % 2) * width
+        top, left = (k // n) * height, (k % n) * width
         canvas[top : top + height, left : left + width] = image[:height, :width]
         clipped = np.clip(boxes.xyxy, 0, [width, height, width, height])
         keep = (clipped[:, 2] - clipped[:, 0] > 2) & (clipped[:, 3] - clipped[:, 1] > 2)
         xyxy.append(clipped[keep] + np.array([left, top, left, top], np.float32))
         kinds.append(boxes.kinds[keep])
-    return canvas, Boxes(np.concatenate(xyxy).astype(np.float32), np.concatenate(kinds))
+    canvas = np.asarray(Image.fromarray(canvas).resize((width, height), Image.Resampling.BILINEAR))
+    return canvas, Boxes(np.concatenate(xyxy).astype(np.float32) / n, np.concatenate(kinds))
 
 
 def variant(image: np.ndarray, boxes: Boxes, name: str) -> tuple[np.ndarray, Boxes]:
@@ -175,7 +177,8 @@ def variant(image: np.ndarray, boxes: Boxes, name: str) -> tuple[np.ndarray, Box
     return np.clip(x, 0, 255).astype(np.uint8), boxes
 
 
-VARIANTS = ("300px", "1600px", "640x480", "zoomed_out", "purple_stain", "yellow_lamp", "blurred")
+VARIANTS = ("300px", "1600px", "640x480", "zoomed_out", "zoomed_out_3", "zoomed_out_4", "purple_stain", "yellow_lamp",
+            "blurred")
 
 
 def speed(detector_name: str, model: str, fields: list[Path], count: int) -> dict:
@@ -283,8 +286,11 @@ def main() -> None:
     classical = detection_metrics(classical_found, truth)
     variants = {}
     for name in VARIANTS:
-        changed = ([zoomed_out(fields, i) for i in range(len(fields))] if name == "zoomed_out"
-                   else [variant(image, boxes, name) for image, boxes in fields])
+        if name.startswith("zoomed_out"):
+            n = int(name.rpartition("_")[2]) if name[-1].isdigit() else 2
+            changed = [zoomed_out(fields, i, n) for i in range(len(fields))]
+        else:
+            changed = [variant(image, boxes, name) for image, boxes in fields]
         detector.contract = low
         found = [detector.detect(image) for image, _ in changed]
         detector.contract = saved
