@@ -178,6 +178,12 @@ def test_evaluate_fields_finds_the_white_cell_of_each_labelled_field(tmp_path, o
     plain = evaluate_model("default", fields, tmp_path / "plain")
     found = evaluate_model("default", fields, tmp_path / "found", fields=True)
     assert sorted((p.relative_to(fields), p.stat().st_mtime_ns) for p in fields.rglob("*")) == before
+    # plain evaluation says what it saw: whole fields, which --fields reads
+    from bloodcell.inference.count import count_field_like, mostly_fields
+
+    assert mostly_fields((plain["field_like"]["whole_fields"], plain["field_like"]["images_looked_at"]))
+    assert not mostly_fields(count_field_like([str(f) for f in original_files]))  # PBC's own crops are not fields
+    assert "field_like" not in found
     assert found["count"] == 12 and found["fields"]["images"] == 12
     assert found["fields"]["white_cell_found"] >= 10
     assert [u["path"].endswith("broken.png") for u in found["fields"]["unreadable"]] == [True]

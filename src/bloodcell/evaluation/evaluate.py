@@ -145,6 +145,12 @@ def evaluate_model(model_path: str | Path, data: str | Path, out: str | Path, co
               **result, "temperature": temperature, "tta": tta, "model": str(model_path), "data": str(data)}
     out.mkdir(parents=True, exist_ok=True)
     write_predictions_csv(out / "predictions.csv", paths, labels, probs, names, cells)
+    if cells is None:
+        from ..inference.count import count_field_like
+
+        counted = count_field_like(paths)  # are these whole fields, framed here as if each were one cell?
+        if counted is not None:
+            result["field_like"] = {"whole_fields": counted[0], "images_looked_at": counted[1]}
     if cells is not None:
         found = np.array([box is not None for box in cells.boxes])
         result["fields"] = {"detector": str(detector), "images": len(found),

@@ -64,6 +64,59 @@ def square_crop(image: np.ndarray, box: np.ndarray, context: float) -> np.ndarra
     return crop
 
 
+# An image is read as a whole field, not a single-cell crop, when the detector's best white cell is
+# smaller than this share of the image's shorter side (in PBC's crops 0.27-0.5), or lies off its centre.
+FIELD_CELL_SHARE = 0.2
+FIELD_OFF_CENTRE = 0.2  # of the image's side, between the white cell's centre and the image's
+
+
+def looks_like_field(image: np.ndarray, found) -> bool:
+    """Whether ``found`` (the detector's cells of ``image``) say it is a whole field rather than a crop
+    framed round one white cell: its white cell small for the frame or away from its centre, with red
+    cells around. An image without a white cell says nothing (a platelet's crop, or a field without one)."""
+    white = found.boxes.kinds == KINDS.index("white_cell")
+    red = int((found.boxes.kinds == KINDS.index("red_cell")).sum())
+    height, width = image.shape[:2]
+    if not white.any():
+        return False
+    best = found.boxes.xyxy[white][np.argmax(found.scores[white])]
+    side = max(best[2] - best[0], best[3] - best[1])
+    off = max(abs((best[0] + best[2]) / 2 - width / 2) / width, abs((best[1] + best[3]) / 2 - height / 2) / height)
+    return red >= 3 and (side < FIELD_CELL_SHARE * min(height, width) or off > FIELD_OFF_CENTRE)
+
+
+def count_field_like(paths: list[str], detector="default", sample: int = 16) -> tuple[int, int] | None:
+    """(whole fields, images looked at) among up to ``sample`` of ``paths`` taken evenly, or None where
+    no detector is installed. ``evaluate`` and ``predict`` say so when most are fields: a classifier
+    of single-cell crops frames a whole field as one cell, and ``count`` / ``evaluate --fields`` read it."""
+    from ..core.errors import BloodcellError
+    from ..data.sources import decode_file
+    from .detect import load_detector
+
+    if not paths:
+        return None
+    try:
+        finder = load_detector(detector)
+    except BloodcellError:
+        return None
+    chosen = [paths[i] for i in np.unique(np.linspace(0, len(paths) - 1, min(sample, len(paths))).round().astype(int))]
+    images = []
+    for path in chosen:
+        try:
+            images.append(decode_file(path)[0])
+        except Exception:  # noqa: BLE001, S112 - an unreadable file is reported by the caller's own reading
+            continue
+    if not images:
+        return None
+    found = finder.detect_batch(images)
+    return sum(bool(looks_like_field(image, f)) for image, f in zip(images, found)), len(images)
+
+
+def mostly_fields(counted: tuple[int, int] | None) -> bool:
+    """Whether :func:`count_field_like`'s sample says the images are whole fields (half or more of at least 4)."""
+    return counted is not None and counted[1] >= 4 and 2 * counted[0] >= counted[1]
+
+
 class FieldCounter:
     """Detector + classifier: every cell of a field, white cells typed, as rows and counts."""
 
