@@ -210,6 +210,13 @@ def test_train_detector_writes_a_run_resumes_and_exports(tmp_path):
     run = train_detector(config, log=lines.append)
     for name in ("config.yaml", "detector.json", "metrics.csv", "best.safetensors", "last.safetensors", "detector.onnx"):
         assert (run / name).is_file(), name
+    # the contract carries the training fields' red-cell ruler: from the YOLO labels of the (square) fields
+    red = (data / "classes.txt").read_text().split().index("red_cell")
+    sides = [max(float(w), float(h)) * TINY.image_size
+             for label in (data / "labels" / "train").glob("*.txt")
+             for kind, _, _, w, h in (line.split() for line in label.read_text().splitlines() if line.strip())
+             if int(kind) == red]
+    assert json.loads((run / "detector.json").read_text())["red_cell_side"] == pytest.approx(np.median(sides), abs=0.06)
     # resume: one more epoch, the first epoch's row kept
     (run / "config.yaml").write_text((run / "config.yaml").read_text().replace("epochs: 1", "epochs: 2"))
     train_detector(resume=run, log=lines.append)
