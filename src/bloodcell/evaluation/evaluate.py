@@ -26,15 +26,20 @@ from .robustness import corruption_accuracy
 from .scoring import backend_scores
 
 
-def load_eval_images(data: str | Path, predictor: Predictor) -> tuple[torch.Tensor, np.ndarray, list[str], Source]:
-    """The evaluation images (a split dataset's test split) at the model's size, labels in the model's classes."""
+def model_source(data: str | Path, predictor: Predictor) -> Source:
+    """What ``predictor`` is scored on (a split dataset's test split); a class it does not know is refused."""
     source = evaluation_source(data)
-    names = predictor.class_names
-    unknown = [c for c in source.class_names if c not in names]
+    unknown = [c for c in source.class_names if c not in predictor.class_names]
     if unknown:
         raise BloodcellError(f"{source.root}: class(es) {', '.join(unknown)} unknown to the model "
-                             f"(it knows {', '.join(names)})")
-    split = load_split(source, names, predictor.image_size, framing=predictor.framing)
+                             f"(it knows {', '.join(predictor.class_names)})")
+    return source
+
+
+def load_eval_images(data: str | Path, predictor: Predictor) -> tuple[torch.Tensor, np.ndarray, list[str], Source]:
+    """The evaluation images (a split dataset's test split) at the model's size, labels in the model's classes."""
+    source = model_source(data, predictor)
+    split = load_split(source, predictor.class_names, predictor.image_size, framing=predictor.framing)
     return split.images, split.labels.numpy(), split.paths, source
 
 
@@ -61,12 +66,8 @@ def load_field_eval_images(data: str | Path, predictor: Predictor, detector: str
     from ..inference.count import CROP_CONTEXT, square_crop
     from ..inference.detect import load_detector
 
-    source = evaluation_source(data)
+    source = model_source(data, predictor)
     names = predictor.class_names
-    unknown = [c for c in source.class_names if c not in names]
-    if unknown:
-        raise BloodcellError(f"{source.root}: class(es) {', '.join(unknown)} unknown to the model "
-                             f"(it knows {', '.join(names)})")
     finder = load_detector(detector)
     white = KINDS.index("white_cell")
     remap = [names.index(c) for c in source.class_names]
