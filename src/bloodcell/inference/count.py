@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 from ..core.classes import WHITE_CELLS
 from ..data.fields import KINDS, fill_colour
 from .batch import differential_count, prediction_row, to_check
-from .detect import CellDetector
+from .detect import CellDetector, Detections
 from .predictor import Predictor
 
 # PBC image side / detected white-cell box side: median 2.33 over 400 PBC training images
@@ -70,7 +70,7 @@ FIELD_CELL_SHARE = 0.2
 FIELD_OFF_CENTRE = 0.2  # of the image's side, between the white cell's centre and the image's
 
 
-def looks_like_field(image: np.ndarray, found) -> bool:
+def looks_like_field(image: np.ndarray, found: Detections) -> bool:
     """Whether ``found`` (the detector's cells of ``image``) say it is a whole field rather than a crop
     framed round one white cell: its white cell small for the frame or away from its centre, with red
     cells around. An image without a white cell says nothing (a platelet's crop, or a field without one)."""
