@@ -493,6 +493,9 @@ def test_a_field_at_lower_magnification_is_read_again_on_magnified_tiles():
     # a field with no red cells at all keeps its one reading
     blank = np.full((300, 300, 3), 120, np.uint8)
     assert len(detector.detect(blank)) == 0
+    # so does an image too small to cut into tiles worth reading (under 64 px across)
+    small, _ = painted_field(96, 8, rng)
+    assert np.array_equal(detector.detect(small).boxes.xyxy, plain.detect(small).boxes.xyxy)
 
 
 def test_the_shipped_detector_reads_its_fields_at_a_third_of_their_magnification():

@@ -29,6 +29,7 @@ MIN_MAGNIFICATION, MAX_MAGNIFICATION = 1.5, 6.0  # the range tried, relative to 
 MAX_MAGNIFIED_READINGS = 2
 TILE_OVERLAP = 0.5  # of a tile's side: a white cell (about twice a red cell) is whole in one tile
 TILE_BATCH = 8
+MIN_TILE = 64  # field pixels: a smaller tile is not magnified further (a small image is read as it is)
 
 
 @dataclass
@@ -183,8 +184,8 @@ class CellDetector:
             # the red cells' size says how much more to magnify; none found says: try twice as much
             wanted = magnification * (reference / size if size is not None else 2.0)
             wanted = min(MAX_MAGNIFICATION, max(MIN_MAGNIFICATION, wanted))
-            if wanted <= magnification:
-                break
+            if wanted <= magnification or longer / wanted < MIN_TILE:
+                break  # no more to gain, or tiles too few pixels across to hold a cell
             magnification = wanted
             window = longer / magnification
             tiled = self._tiled(image, window)
