@@ -525,3 +525,28 @@ def test_the_shipped_detector_reads_its_fields_at_a_third_of_their_magnification
                 plain_hits += matched
         fields += len(truth)
     assert hits >= 0.8 * fields > plain_hits + 0.3 * fields  # found at a third; mostly missed without the ruler
+
+
+def test_count_says_which_fields_it_read_magnified(tmp_path):
+    """A field at a third of the training magnification is listed with its magnification; one at it is not."""
+    from bloodcell.data.fields import fill_colour
+    from bloodcell.workflows import count_fields
+
+    shipped_detector()
+    root = require(FIELDS)
+    source = sorted((root / "images" / "test").glob("*.jpg"))[0]
+    image = np.asarray(Image.open(source).convert("RGB"))
+    height, width = image.shape[:2]
+    canvas = np.empty_like(image)
+    canvas[:] = fill_colour(image)
+    small = np.asarray(Image.fromarray(image).resize((width // 3, height // 3), Image.Resampling.BILINEAR))
+    canvas[: small.shape[0], : small.shape[1]] = small
+    fields = tmp_path / "in"
+    fields.mkdir()
+    shutil.copyfile(source, fields / "as_taken.jpg")
+    Image.fromarray(canvas).save(fields / "a_third.png")
+    summary = count_fields([fields], tmp_path / "out", "default", "default", overlays=False)
+    assert [m["image"].endswith("a_third.png") for m in summary["magnified"]] == [True]
+    assert 2 <= summary["magnified"][0]["magnification"] <= 6
+    assert summary["differential"]["fields_magnified"] == 1
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["magnified"] == summary["magnified"]

@@ -494,6 +494,11 @@ def count(
         table.add_row("to check (low confidence / unlike the training lab)", str(diff["to_check"]))
         table.add_row("fields without white cells", str(diff["fields_without_white_cells"]))
         console.print(table)
+        if summary["magnified"]:
+            factors = sorted(m["magnification"] for m in summary["magnified"])
+            console.print(f"{len(factors)} field(s) were taken at a lower magnification than the detector's training "
+                          f"fields and were read on tiles magnified {factors[0]:g}-{factors[-1]:g}x "
+                          "(summary.json lists them)", highlight=False)
         if diff["white_cell_boxes"] and diff["to_check"] > diff["white_cell_boxes"] / 2:
             console.print(Text.assemble(
                 ("warning", "bold yellow"),

@@ -37,6 +37,7 @@ class FieldResult:
     width: int
     height: int
     cells: list[dict] = field(default_factory=list)
+    magnification: float = 1.0  # > 1: taken at a lower magnification than the detector's training, read on tiles
 
     def counts(self, class_names: list[str]) -> dict:
         white = [c for c in self.cells if c["kind"] == "white_cell"]
@@ -136,7 +137,7 @@ class FieldCounter:
         crops, owners = [], []
         results = []
         for index, (image, name, det) in enumerate(zip(images, names, found)):
-            result = FieldResult(name, int(image.shape[1]), int(image.shape[0]))
+            result = FieldResult(name, int(image.shape[1]), int(image.shape[0]), magnification=det.magnification)
             for box, kind, score in zip(det.boxes.xyxy, det.boxes.kinds, det.scores):
                 cell = {"kind": KINDS[kind], "x0": round(float(box[0]), 1), "y0": round(float(box[1]), 1),
                         "x1": round(float(box[2]), 1), "y1": round(float(box[3]), 1), "score": round(float(score), 4),
@@ -171,6 +172,8 @@ def run_differential(results: list[FieldResult]) -> dict:
     counts["red_cells"] = sum(1 for r in results for c in r.cells if c["kind"] == "red_cell")
     counts["platelets"] = sum(1 for r in results for c in r.cells if c["kind"] == "platelet")
     counts["white_cell_types"] = list(WHITE_CELLS)
+    # Fields taken at a lower magnification than the detector's training fields, read on magnified tiles.
+    counts["fields_magnified"] = sum(1 for r in results if r.magnification > 1)
     return counts
 
 

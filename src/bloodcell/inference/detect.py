@@ -38,6 +38,7 @@ class Detections:
 
     boxes: Boxes
     scores: np.ndarray
+    magnification: float = 1.0  # how much more than the letterboxed field it was read at (CellDetector.magnified)
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -189,6 +190,7 @@ class CellDetector:
             magnification = wanted
             window = longer / magnification
             tiled = self._tiled(image, window)
+            tiled.magnification = round(magnification, 2)
             size = self.ruler(tiled, window)
             readings.append((size, tiled))
         measured = [(size, found) for size, found in readings if size is not None]

@@ -234,8 +234,8 @@ def create_app(model: str | Path, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_
         from ..inference.count import run_differential
 
         fields = counter.count(images, names)
-        results = [{"index": index, "file": name, "width": f.width, "height": f.height, "cells": f.cells,
-                    "counts": {k: v for k, v in f.counts(predictor.class_names).items() if k != "image"}}
+        results = [{"index": index, "file": name, "width": f.width, "height": f.height, "magnification": f.magnification,
+                    "cells": f.cells, "counts": {k: v for k, v in f.counts(predictor.class_names).items() if k != "image"}}
                    for index, name, f in zip(indices, names, fields)]
         return {"results": results, "errors": errors, "summary": run_differential(fields)}
 

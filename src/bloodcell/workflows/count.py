@@ -6,7 +6,9 @@ Writes into OUT (created; the fields themselves are never changed):
   the field's own pixels; class and confidence for white cells only), then ``ood_score`` and
   ``to_check``;
 - ``counts.csv``: one row per field: white cells by class, red cells, platelets, cells to check;
-- ``summary.json``: the run's differential and totals, and the fields skipped with a reason;
+- ``summary.json``: the run's differential and totals, the fields skipped with a reason, and
+  the fields read on magnified tiles (taken at a lower magnification than the detector's
+  training fields) with the magnification;
 - ``overlays/<image>.png``: each field with its boxes and labels drawn.
 """
 
@@ -101,6 +103,7 @@ def count_fields(paths: Iterable[str | Path], out: str | Path, model: str | Path
         "crop_context": context,
         "abstain_below": abstain_below,
         "skipped": [{"image": name, "reason": reason} for name, reason in bad],
+        "magnified": [{"image": r.name, "magnification": r.magnification} for r in results if r.magnification > 1],
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
