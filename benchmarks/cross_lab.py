@@ -156,7 +156,7 @@ def bench_set(set_dir: Path, args, work: Path) -> dict:
     files = files_by_class(set_dir)
     report: dict = {"set": str(set_dir), "images": {k: len(v) for k, v in files.items()}}
     start = time.perf_counter()
-    plain = evaluate_model(args.model, set_dir, work / "as_given")
+    plain = evaluate_model(args.model, set_dir, work / "as_given", check_fields=args.fields == "auto")
     report["as_given"] = {**figures(plain), "domain_shift": plain.get("domain_shift")}
     field_like = plain.get("field_like")
     fields = args.fields == "yes" or (args.fields == "auto" and field_like is not None and mostly_fields(

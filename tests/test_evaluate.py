@@ -175,7 +175,7 @@ def test_evaluate_fields_finds_the_white_cell_of_each_labelled_field(tmp_path, o
             Image.fromarray(canvas).resize((640, 480), Image.Resampling.BILINEAR).save(fields / cls / f"{f.stem}.png")
     (fields / "neutrophil" / "broken.png").write_bytes(b"not a PNG")
     before = sorted((p.relative_to(fields), p.stat().st_mtime_ns) for p in fields.rglob("*"))
-    plain = evaluate_model("default", fields, tmp_path / "plain")
+    plain = evaluate_model("default", fields, tmp_path / "plain", check_fields=True)
     found = evaluate_model("default", fields, tmp_path / "found", fields=True)
     assert sorted((p.relative_to(fields), p.stat().st_mtime_ns) for p in fields.rglob("*")) == before
     # plain evaluation says what it saw: whole fields, which --fields reads

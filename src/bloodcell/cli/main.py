@@ -213,7 +213,7 @@ def evaluate(
         out = out or model / "evaluation"
         with console.status("evaluating"):
             result = evaluate_model(model, data, out, corruptions=corruptions, tta=tta, seed=seed, fields=fields,
-                                    detector=detector)
+                                    detector=detector, check_fields=True)
         table = Table(title=f"{model} on {data} ({result['count']} images)")
         table.add_column("metric")
         table.add_column("value", justify="right")

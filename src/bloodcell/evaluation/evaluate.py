@@ -61,15 +61,13 @@ def load_field_eval_images(data: str | Path, predictor: Predictor, detector: str
     and prepared through the model's own preprocessing. A field where none is found is scored
     whole, as plain evaluation would, and counted in the report.
     """
-    from ..data.fields import KINDS
     from ..data.sources import load_item
-    from ..inference.count import CROP_CONTEXT, square_crop
+    from ..inference.count import CROP_CONTEXT, best_white_cell, square_crop
     from ..inference.detect import load_detector
 
     source = model_source(data, predictor)
     names = predictor.class_names
     finder = load_detector(detector)
-    white = KINDS.index("white_cell")
     remap = [names.index(c) for c in source.class_names]
     images, labels, paths, boxes, scores, unreadable = [], [], [], [], [], []
     for start in range(0, len(source.items), batch_size):
@@ -84,13 +82,12 @@ def load_field_eval_images(data: str | Path, predictor: Predictor, detector: str
         if not decoded:
             continue
         for item, field_image, found in zip(chunk, decoded, finder.detect_batch(decoded)):
-            mine = np.flatnonzero(found.boxes.kinds == white)
-            if len(mine):
-                best = mine[np.argmax(found.scores[mine])]
-                box = found.boxes.xyxy[best]
+            cell = best_white_cell(found)
+            if cell is not None:
+                box, score = cell
                 crop = square_crop(field_image, box, CROP_CONTEXT)
                 boxes.append(tuple(round(float(v), 1) for v in box))
-                scores.append(round(float(found.scores[best]), 4))
+                scores.append(round(score, 4))
             else:
                 crop = field_image
                 boxes.append(None)
@@ -122,11 +119,13 @@ def write_predictions_csv(path: Path, paths: list[str], labels: np.ndarray, prob
 def evaluate_model(model_path: str | Path, data: str | Path, out: str | Path, corruptions: bool = False,
                    tta: bool = False, seed: int = 0, families: list[str] | None = None,
                    corruption_limit: int | None = None, fields: bool = False,
-                   detector: str | Path = "default") -> dict:
+                   detector: str | Path = "default", check_fields: bool = False) -> dict:
     """Score ``model_path`` on ``data``; ``corruption_limit`` scores corruptions on a seeded subset.
 
     ``fields``: the images are whole fields with one white cell each, found by ``detector`` and
-    cut out as ``bloodcell count`` cuts them (:func:`load_field_eval_images`).
+    cut out as ``bloodcell count`` cuts them (:func:`load_field_eval_images`). ``check_fields``
+    (what ``bloodcell evaluate`` does): without ``fields``, look at a sample of the images with the
+    detector and report in ``field_like`` how many are whole fields, scored here as crops.
     """
     out = Path(out)
     if fields and corruptions:
@@ -146,7 +145,7 @@ def evaluate_model(model_path: str | Path, data: str | Path, out: str | Path, co
               **result, "temperature": temperature, "tta": tta, "model": str(model_path), "data": str(data)}
     out.mkdir(parents=True, exist_ok=True)
     write_predictions_csv(out / "predictions.csv", paths, labels, probs, names, cells)
-    if cells is None:
+    if cells is None and check_fields:
         from ..inference.count import count_field_like
 
         counted = count_field_like(paths)  # are these whole fields, framed here as if each were one cell?

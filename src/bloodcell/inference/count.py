@@ -71,16 +71,25 @@ FIELD_CELL_SHARE = 0.2
 FIELD_OFF_CENTRE = 0.2  # of the image's side, between the white cell's centre and the image's
 
 
+def best_white_cell(found: Detections) -> tuple[np.ndarray, float] | None:
+    """The most confident white cell's box (field pixels) and score, or None where none was found."""
+    white = np.flatnonzero(found.boxes.kinds == KINDS.index("white_cell"))
+    if not len(white):
+        return None
+    best = white[np.argmax(found.scores[white])]
+    return found.boxes.xyxy[best], float(found.scores[best])
+
+
 def looks_like_field(image: np.ndarray, found: Detections) -> bool:
     """Whether ``found`` (the detector's cells of ``image``) say it is a whole field rather than a crop
     framed round one white cell: its white cell small for the frame or away from its centre, with red
     cells around. An image without a white cell says nothing (a platelet's crop, or a field without one)."""
-    white = found.boxes.kinds == KINDS.index("white_cell")
+    cell = best_white_cell(found)
+    if cell is None:
+        return False
+    best = cell[0]
     red = int((found.boxes.kinds == KINDS.index("red_cell")).sum())
     height, width = image.shape[:2]
-    if not white.any():
-        return False
-    best = found.boxes.xyxy[white][np.argmax(found.scores[white])]
     side = max(best[2] - best[0], best[3] - best[1])
     off = max(abs((best[0] + best[2]) / 2 - width / 2) / width, abs((best[1] + best[3]) / 2 - height / 2) / height)
     return red >= 3 and (side < FIELD_CELL_SHARE * min(height, width) or off > FIELD_OFF_CENTRE)

@@ -189,8 +189,7 @@ class CellDetector:
                 break  # no more to gain, or tiles too few pixels across to hold a cell
             magnification = wanted
             window = longer / magnification
-            tiled = self._tiled(image, window)
-            tiled.magnification = round(magnification, 2)
+            tiled = self._tiled(image, window, magnification)
             size = self.ruler(tiled, window)
             readings.append((size, tiled))
         measured = [(size, found) for size, found in readings if size is not None]
@@ -198,8 +197,9 @@ class CellDetector:
             return detections
         return min(measured, key=lambda reading: abs(np.log(reading[0] / reference)))[1]
 
-    def _tiled(self, image: np.ndarray, window: float) -> Detections:
-        """Detections over square tiles ``window`` pixels across, overlapping by TILE_OVERLAP, merged.
+    def _tiled(self, image: np.ndarray, window: float, magnification: float) -> Detections:
+        """Detections over square tiles ``window`` pixels across (``magnification`` times the letterboxed
+        field), overlapping by TILE_OVERLAP, merged.
 
         A box touching a tile's edge inside the field is a cell cut by the tile: a neighbouring tile,
         which it overlaps, holds it whole.
@@ -228,7 +228,8 @@ class CellDetector:
                 scores.append(found.scores[~cut])
         own = np.asarray([self.contract.kinds.index(KINDS[k]) for k in np.concatenate(kinds)], np.int64)
         kept, own, values = suppress(np.concatenate(boxes), own, np.concatenate(scores), self.contract)
-        return Detections(Boxes(kept, np.asarray([KINDS.index(self.contract.kinds[k]) for k in own], np.int64)), values)
+        return Detections(Boxes(kept, np.asarray([KINDS.index(self.contract.kinds[k]) for k in own], np.int64)), values,
+                          round(magnification, 2))
 
     def detect(self, image: np.ndarray) -> Detections:
         return self.detect_batch([image])[0]
