@@ -9,8 +9,10 @@ Reports, on the ``--split`` fields of ``--data`` (default ``$BLOODCELL_DATA/fiel
 - the detector: AP50 per kind (and for white cells not cut by the field's edge) (PASCAL VOC, all points, IoU 0.5) from detections down to a
   score of 0.05, and recall and precision at its own threshold;
 - the same fields as another lab might photograph them: 300 px and 1,600 px wide, stretched to
-  640x480, a half, a third and a quarter of the magnification (2 x 2, 3 x 3 and 4 x 4 fields side by side, resized to one field), a purple stain cast, a yellow
-  lamp, out of focus;
+  640x480, a half, a third and a quarter of the magnification (2 x 2, 3 x 3 and 4 x 4 fields side
+  by side, resized to one field), a third in a sparse field (shrunk into a corner of a canvas of
+  its colour), a purple stain cast, a yellow lamp, out of focus; the third, quarter and sparse
+  third again without the detector's red-cell ruler (``*_no_ruler``), to show what it changes;
 - the classical baseline: stain thresholding, distance transform and watershed (scipy only),
   scored the same way;
 - fields/s of ``bloodcell count``'s path (decode, detect, crop and classify every white cell,
@@ -41,7 +43,14 @@ from scipy import ndimage
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
-from bloodcell.data.fields import KINDS, Boxes, load_field, open_fields, read_kinds
+from bloodcell.data.fields import (
+    KINDS,
+    Boxes,
+    fill_colour,
+    load_field,
+    open_fields,
+    read_kinds,
+)
 from bloodcell.data.framing import stain_score
 from bloodcell.evaluation.detection import detection_metrics
 from bloodcell.inference.detect import Detections, load_detector
@@ -177,8 +186,22 @@ def variant(image: np.ndarray, boxes: Boxes, name: str) -> tuple[np.ndarray, Box
     return np.clip(x, 0, 255).astype(np.uint8), boxes
 
 
-VARIANTS = ("300px", "1600px", "640x480", "zoomed_out", "zoomed_out_3", "zoomed_out_4", "purple_stain", "yellow_lamp",
-            "blurred")
+def sparse_third(image: np.ndarray, boxes: Boxes) -> tuple[np.ndarray, Boxes]:
+    """A third of the magnification in a sparse field: the field shrunk to a third in the corner of a
+    canvas of its own size and median colour (one small patch of cells, as in a thin area of a smear)."""
+    height, width = image.shape[:2]
+    small = np.asarray(Image.fromarray(image).resize((width // 3, height // 3), Image.Resampling.BILINEAR))
+    canvas = np.empty_like(image)
+    canvas[:] = fill_colour(image)
+    canvas[: small.shape[0], : small.shape[1]] = small
+    scale = np.array([small.shape[1] / width, small.shape[0] / height] * 2, np.float32)
+    return canvas, Boxes(boxes.xyxy * scale, boxes.kinds)
+
+
+VARIANTS = ("300px", "1600px", "640x480", "zoomed_out", "zoomed_out_3", "zoomed_out_4", "sparse_third", "purple_stain",
+            "yellow_lamp", "blurred")
+# read again without the detector's red-cell ruler (red_cell_side None): what the ruler changes
+WITHOUT_RULER = ("zoomed_out_3", "zoomed_out_4", "sparse_third")
 
 
 def speed(detector_name: str, model: str, fields: list[Path], count: int) -> dict:
@@ -289,13 +312,19 @@ def main() -> None:
         if name.startswith("zoomed_out"):
             n = int(name.rpartition("_")[2]) if name[-1].isdigit() else 2
             changed = [zoomed_out(fields, i, n) for i in range(len(fields))]
+        elif name == "sparse_third":
+            changed = [sparse_third(image, boxes) for image, boxes in fields]
         else:
             changed = [variant(image, boxes, name) for image, boxes in fields]
-        detector.contract = low
-        found = [detector.detect(image) for image, _ in changed]
-        detector.contract = saved
-        metrics = detection_metrics(found, [b for _, b in changed], operating=operating)
-        variants[name] = {k: metrics[k]["ap50"] for k in KINDS} | {"white_cell_recall": metrics["white_cell"]["recall"]}
+        readings = [(name, low)]
+        if name in WITHOUT_RULER and low.red_cell_side is not None:
+            readings.append((f"{name}_no_ruler", low.model_copy(update={"red_cell_side": None})))
+        for label, contract in readings:
+            detector.contract = contract
+            found = [detector.detect(image) for image, _ in changed]
+            detector.contract = saved
+            metrics = detection_metrics(found, [b for _, b in changed], operating=operating)
+            variants[label] = {k: metrics[k]["ap50"] for k in KINDS} | {"white_cell_recall": metrics["white_cell"]["recall"]}
 
     result = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                           "python": platform.python_version()},
@@ -326,7 +355,7 @@ def main() -> None:
           f"precision {w['precision']:.3f}")
     print("AP50 when the fields are changed as another lab's might be:")
     for name, v in variants.items():
-        print(f"  {name:<13}" + "".join(f"{k} {v[k]:.3f}  " if v[k] is not None else f"{k} -  " for k in KINDS)
+        print(f"  {name:<23}" + "".join(f"{k} {v[k]:.3f}  " if v[k] is not None else f"{k} -  " for k in KINDS)
               + f"white-cell recall {v['white_cell_recall']:.3f}")
     if "speed" in result:
         s = result["speed"]
