@@ -105,18 +105,18 @@ def count_field_like(paths: list[str], detector="default", sample: int = 16) -> 
 
     if not paths:
         return None
-    try:
-        finder = load_detector(detector)
-    except BloodcellError:
-        return None
     chosen = [paths[i] for i in np.unique(np.linspace(0, len(paths) - 1, min(sample, len(paths))).round().astype(int))]
     images = []
     for path in chosen:
         try:
             images.append(decode_file(path)[0])
-        except Exception:  # noqa: BLE001, S112 - an unreadable file is reported by the caller's own reading
+        except Exception:  # noqa: BLE001, S112 - an unreadable file (or an .npz entry) is the caller's to report
             continue
     if not images:
+        return None  # the detector is loaded only when there is an image file to look at
+    try:
+        finder = load_detector(detector)
+    except BloodcellError:
         return None
     found = finder.detect_batch(images)
     return sum(bool(looks_like_field(image, f)) for image, f in zip(images, found)), len(images)
