@@ -169,6 +169,18 @@ def train(
         Console().print(f"Run: {result.run_dir}")
 
 
+def warn_if_fields(counted: tuple[int, int] | None, verb: str, advice: str) -> None:
+    """One warning line when a sample of the images (:func:`bloodcell.inference.count.count_field_like`) is
+    mostly whole fields, which a classifier of single-cell crops reads as if each were one framed cell."""
+    from ..inference.count import mostly_fields
+
+    if mostly_fields(counted):
+        console.print(Text.assemble(
+            ("warning", "bold yellow"),
+            f": {counted[0]} of {counted[1]} images looked at are whole fields (a white cell small or off centre "
+            f"among red cells), each {verb} here as if it were one framed cell. {advice}"), highlight=False)
+
+
 @app.command()
 def evaluate(
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="A run directory or a checkpoint in one."),
@@ -184,7 +196,6 @@ def evaluate(
 ):
     """Score a trained model: accuracy, macro-F1, per-class recall, calibration, robustness."""
     from ..evaluation import compare_runs, evaluate_model
-    from ..inference.count import mostly_fields
 
     with user_errors():
         if compare:
@@ -225,12 +236,9 @@ def evaluate(
                 table.add_row(f"  {family}", f"{value:.4f}")
         Console().print(table)
         field_like = result.get("field_like")
-        if field_like and mostly_fields((field_like["whole_fields"], field_like["images_looked_at"])):
-            console.print(Text.assemble(
-                ("warning", "bold yellow"),
-                f": {field_like['whole_fields']} of {field_like['images_looked_at']} images looked at are whole fields (a "
-                "white cell small or off centre among red cells), each scored here as if it were one framed cell. "
-                "`--fields` finds the white cell first, as `bloodcell count` does."), highlight=False)
+        if field_like:
+            warn_if_fields((field_like["whole_fields"], field_like["images_looked_at"]), "scored",
+                           "`--fields` finds the white cell first, as `bloodcell count` does.")
         if "fields" in result:
             found = result["fields"]
             Console().print(f"White cell found in {found['white_cell_found']} of {found['images']} fields "
@@ -337,7 +345,7 @@ def predict(
     """Classify images; print a differential count; exit non-zero only when nothing could be read."""
     from ..inference import differential_count, load_predictor, predict_paths, shift_summary, write_predictions
     from ..inference.batch import boot_workers_for
-    from ..inference.count import count_field_like, mostly_fields
+    from ..inference.count import count_field_like
 
     with user_errors():
         if fmt not in ("csv", "json"):
@@ -381,13 +389,8 @@ def predict(
                 f": these images do not look like the lab the model was trained on ({shift['images_flagged']} of "
                 f"{shift['images']} out of distribution, median score {shift['score']:.2f} > 1). Its answers may be "
                 "wrong with high confidence; check them, or adapt the model (bloodcell adapt)."), highlight=False)
-        counted = count_field_like([row["path"] for row in rows])
-        if mostly_fields(counted):
-            console.print(Text.assemble(
-                ("warning", "bold yellow"),
-                f": {counted[0]} of {counted[1]} images looked at are whole fields (a white cell small or off centre "
-                "among red cells), each classified here as if it were one framed cell. `bloodcell count` finds and "
-                "types every cell of a field."), highlight=False)
+        warn_if_fields(count_field_like([row["path"] for row in rows]), "classified",
+                       "`bloodcell count` finds and types every cell of a field.")
         console.print(f"{len(rows)} predicted, {len(bad)} skipped" + (f"; written to {out}" if out else ""))
 
 
