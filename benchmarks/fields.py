@@ -11,12 +11,15 @@ Reports, on the ``--split`` fields of ``--data`` (default ``$BLOODCELL_DATA/fiel
 - the same fields as another lab might photograph them: 300 px and 1,600 px wide, stretched to
   640x480, a half, a third and a quarter of the magnification (2 x 2, 3 x 3 and 4 x 4 fields side
   by side, resized to one field), a third in a sparse field (shrunk into a corner of a canvas of
-  its colour), a purple stain cast, a yellow lamp, out of focus; the third, quarter and sparse
-  third again without the detector's red-cell ruler (``*_no_ruler``), to show what it changes;
+  its colour), a crowded 640x480 field at 0.6 of the magnification (a window of 3 x 3 fields, as a
+  lower-power objective shows a smear), a purple stain cast, a yellow lamp, out of focus; the
+  third, quarter, sparse third and crowded 0.6 again without the detector's red-cell ruler
+  (``*_no_ruler``), to show what it changes;
 - the classical baseline: stain thresholding, distance transform and watershed (scipy only),
   scored the same way;
 - fields/s of ``bloodcell count``'s path (decode, detect, crop and classify every white cell,
-  no overlays) on fields resized to 640x480 JPEGs, with ONNX Runtime on this machine's cores;
+  no overlays) on fields resized to 640x480 JPEGs, with ONNX Runtime on this machine's cores; and
+  the same on the crowded fields at 0.6 of the magnification (``speed_crowded``);
 - crop framing: the median ratio of a PBC image's side to the white-cell box the detector finds
   in it (``CROP_CONTEXT`` in ``bloodcell.inference.count``), and, on the PBC test split
   (``--pbc-test``: a curated folder, its ``images/test``) used as one-cell "fields", the class
@@ -168,6 +171,36 @@ def zoomed_out(fields: list[tuple[np.ndarray, Boxes]], index: int, n: int = 2) -
     return canvas, Boxes(np.concatenate(xyxy).astype(np.float32) / n, np.concatenate(kinds))
 
 
+def crowded(fields: list[tuple[np.ndarray, Boxes]], index: int, magnification: float) -> tuple[np.ndarray, Boxes]:
+    """A crowded field at ``magnification`` (0.34-1) of the training fields', as a lower-power objective shows
+    a smear: a 4:3 window of 3 x 3 consecutive fields side by side, resized to 640x480. Boxes less than
+    35% inside the window are left out, as train-detector leaves them out of its crops."""
+    n = 3
+    chosen = [fields[(index + k) % len(fields)] for k in range(n * n)]
+    height = min(image.shape[0] for image, _ in chosen)
+    width = min(image.shape[1] for image, _ in chosen)
+    canvas = np.zeros((n * height, n * width, 3), np.uint8)
+    xyxy, kinds = [], []
+    for k, (image, boxes) in enumerate(chosen):
+        top, left = (k // n) * height, (k % n) * width
+        canvas[top : top + height, left : left + width] = image[:height, :width]
+        xyxy.append(np.clip(boxes.xyxy, 0, [width, height, width, height]) + np.array([left, top, left, top], np.float32))
+        kinds.append(boxes.kinds)
+    xyxy, kinds = np.concatenate(xyxy), np.concatenate(kinds)
+    window_w = width / magnification
+    window_h = 0.75 * window_w
+    x0, y0 = (n * width - window_w) / 2, (n * height - window_h) / 2
+    out = Image.fromarray(canvas).crop((round(x0), round(y0), round(x0 + window_w), round(y0 + window_h)))
+    shifted = xyxy - np.array([x0, y0, x0, y0], np.float32)
+    area = np.maximum((shifted[:, 2] - shifted[:, 0]) * (shifted[:, 3] - shifted[:, 1]), 1)
+    inside = np.clip(shifted, 0, [window_w, window_h, window_w, window_h])
+    visible = np.clip(inside[:, 2] - inside[:, 0], 0, None) * np.clip(inside[:, 3] - inside[:, 1], 0, None) / area
+    keep = visible >= 0.35
+    scale = np.array([640 / window_w, 480 / window_h] * 2, np.float32)
+    return (np.asarray(out.resize((640, 480), Image.Resampling.BILINEAR)),
+            Boxes((inside[keep] * scale).astype(np.float32), kinds[keep]))
+
+
 def variant(image: np.ndarray, boxes: Boxes, name: str) -> tuple[np.ndarray, Boxes]:
     """The field as another lab might photograph it: other sizes, aspect ratio, stain, focus."""
     height, width = image.shape[:2]
@@ -198,20 +231,22 @@ def sparse_third(image: np.ndarray, boxes: Boxes) -> tuple[np.ndarray, Boxes]:
     return canvas, Boxes(boxes.xyxy * scale, boxes.kinds)
 
 
-VARIANTS = ("300px", "1600px", "640x480", "zoomed_out", "zoomed_out_3", "zoomed_out_4", "sparse_third", "purple_stain",
-            "yellow_lamp", "blurred")
+VARIANTS = ("300px", "1600px", "640x480", "zoomed_out", "zoomed_out_3", "zoomed_out_4", "sparse_third", "crowded_0.6",
+            "purple_stain", "yellow_lamp", "blurred")
 # read again without the detector's red-cell ruler (red_cell_side None): what the ruler changes
-WITHOUT_RULER = ("zoomed_out_3", "zoomed_out_4", "sparse_third")
+WITHOUT_RULER = ("zoomed_out_3", "zoomed_out_4", "sparse_third", "crowded_0.6")
+CROWDED = 0.6  # the magnification of the crowded variant and of the second speed figure
 
 
-def speed(detector_name: str, model: str, fields: list[Path], count: int) -> dict:
+def speed(detector_name: str, model: str, fields: list[np.ndarray], count: int) -> dict:
+    """fields/s of `count` over ``count`` JPEGs made from ``fields`` (cycled), resized to 640x480."""
     from bloodcell.workflows import count_fields
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "fields"
         folder.mkdir()
         for i in range(count):
-            Image.open(fields[i % len(fields)]).convert("RGB").resize((640, 480), Image.Resampling.BILINEAR).save(
+            Image.fromarray(fields[i % len(fields)]).resize((640, 480), Image.Resampling.BILINEAR).save(
                 folder / f"f{i:04d}.jpg", quality=90)
         count_fields([folder], Path(tmp) / "warm", model, detector_name, overlays=False)  # load and warm up
         started = time.perf_counter()
@@ -314,6 +349,8 @@ def main() -> None:
             changed = [zoomed_out(fields, i, n) for i in range(len(fields))]
         elif name == "sparse_third":
             changed = [sparse_third(image, boxes) for image, boxes in fields]
+        elif name.startswith("crowded"):
+            changed = [crowded(fields, i, CROWDED) for i in range(len(fields))]
         else:
             changed = [variant(image, boxes, name) for image, boxes in fields]
         readings = [(name, low)]
@@ -337,7 +374,9 @@ def main() -> None:
     except (OSError, StopIteration):
         pass
     if args.speed_fields:
-        result["speed"] = speed(args.detector, args.model, [item.image for item in items], args.speed_fields)
+        result["speed"] = speed(args.detector, args.model, [image for image, _ in fields], args.speed_fields)
+        result["speed_crowded"] = speed(args.detector, args.model, [crowded(fields, i, CROWDED)[0] for i in range(len(fields))],
+                                        args.speed_fields) | {"magnification": CROWDED}
     if args.pbc_test:
         result["pbc_framing"] = pbc_framing(args.detector, args.model, args.pbc_test, args.pbc_images)
 
@@ -360,6 +399,9 @@ def main() -> None:
     if "speed" in result:
         s = result["speed"]
         print(f"count: {s['fields_per_s']:.1f} fields/s at {s['size']} ({s['fields']} fields, {s['white_cells']} white cells)")
+        s = result["speed_crowded"]
+        print(f"count: {s['fields_per_s']:.1f} fields/s at {s['size']}, crowded fields at {s['magnification']} of the magnification "
+              f"({s['fields']} fields, {s['white_cells']} white cells)")
     if "pbc_framing" in result:
         p = result["pbc_framing"]
         print(f"PBC framing: context median {p['context_median']:.2f} (used {p['context_used']}); "

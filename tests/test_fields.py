@@ -439,10 +439,10 @@ def painted_network(min_side: float):
                     if max(x1 - x0, y1 - y0) >= min_side:
                         rows_b.append([x0, y0, x1, y1])
                         rows_s.append([0.9 if k == kind else 0.01 for k in range(3)])
-            rows_b += [[0, 0, 1, 1]] * (64 - len(rows_b))
-            rows_s += [[0.0, 0.0, 0.0]] * (64 - len(rows_s))
-            boxes.append(rows_b[:64])
-            scores.append(rows_s[:64])
+            rows_b += [[0, 0, 1, 1]] * (256 - len(rows_b))
+            rows_s += [[0.0, 0.0, 0.0]] * (256 - len(rows_s))
+            boxes.append(rows_b[:256])
+            scores.append(rows_s[:256])
         return np.asarray(boxes, np.float32), np.asarray(scores, np.float32)
 
     return run
@@ -454,10 +454,11 @@ def ndimage_count(mask: np.ndarray) -> int:
     return int(ndimage.label(mask)[1])
 
 
-def painted_field(side: int, red: int, rng) -> tuple[np.ndarray, np.ndarray]:
-    """A grey field with a grid of red squares ``red`` px across and one blue square twice that (the white cell)."""
+def painted_field(side: int, red: int, rng, spacing: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
+    """A grey field with a grid of red squares ``red`` px across, ``spacing`` times that apart (2: a quarter
+    of the field is red), and one blue square twice that (the white cell)."""
     image = np.full((side, side, 3), 120, np.uint8)
-    step, offset = 2 * red, int(rng.integers(0, red))
+    step, offset = round(spacing * red), int(rng.integers(0, red))
     x, y = (int(v) for v in rng.integers(0, side - 2 * red, 2))
     for top in range(offset, side - red, step):
         for left in range(offset, side - red, step):
@@ -496,6 +497,64 @@ def test_a_field_at_lower_magnification_is_read_again_on_magnified_tiles():
     # so does an image too small to cut into tiles worth reading (under 64 px across)
     small, _ = painted_field(96, 8, rng)
     assert np.array_equal(detector.detect(small).boxes.xyxy, plain.detect(small).boxes.xyxy)
+
+
+def test_a_crowded_field_is_magnified_only_at_a_lower_magnification():
+    from bloodcell.inference.detect import CellDetector
+
+    rng = np.random.default_rng(1)
+    contract = DetectorContract(image_size=128, red_cell_side=20.0, magnify_below=0.7, crowded_cover=0.4,
+                                crowded_magnify_below=0.45)
+    detector = CellDetector(painted_network(min_side=6), contract)
+    # red cells at 0.55 of the training size: 11 px in the 128 px letterbox of a 512 px field
+    sparse, _ = painted_field(512, 44, rng)
+    crowded, _ = painted_field(512, 44, rng, spacing=1.2)
+    assert detector.red_cover(detector._letterboxed([sparse])[0], sparse.shape) < 0.4
+    assert detector.red_cover(detector._letterboxed([crowded])[0], crowded.shape) > 0.4
+    assert detector.detect(sparse).magnification > 1  # sparse: magnified below 0.7, as before
+    assert detector.detect(crowded).magnification == 1  # crowded: read as it is down to 0.45
+    # at 0.35 of the training size a crowded field is magnified too
+    crowded, white = painted_field(512, 28, rng, spacing=1.2)
+    found = detector.detect(crowded)
+    assert found.magnification > 1
+    whites = found.boxes.xyxy[found.boxes.kinds == KINDS.index("white_cell")]
+    assert len(whites) == 1 and box_iou(whites, white[None])[0, 0] > 0.9
+
+
+def test_the_shipped_detector_reads_crowded_fields_at_a_lower_magnification_without_tiles():
+    """A window of four of its lab's test fields side by side, at 0.55 of the magnification (crowded with red
+    cells, as a lower-power objective shows a smear), is read as it is, its white cells found as well as on tiles."""
+    from bloodcell.data.fields import load_field, open_fields, read_kinds
+
+    detector = shipped_detector()
+    before = type(detector)(detector._run, detector.contract.model_copy(update={"crowded_cover": 1.0}))
+    root = require(FIELDS)
+    kinds = read_kinds(root)
+    fields = [load_field(item, kinds) for item in open_fields(root, "test")[:12]]
+    white = KINDS.index("white_cell")
+    hits, tiled_hits, total = 0, 0, 0
+    for start in range(0, 12, 4):
+        chosen = fields[start : start + 4]
+        h, w = min(i.shape[0] for i, _ in chosen), min(i.shape[1] for i, _ in chosen)
+        mosaic = np.zeros((2 * h, 2 * w, 3), np.uint8)
+        truth = []
+        for k, (image, boxes) in enumerate(chosen):
+            top, left = (k // 2) * h, (k % 2) * w
+            mosaic[top : top + h, left : left + w] = image[:h, :w]
+            truth.append(boxes.xyxy[boxes.kinds == white] + np.array([left, top, left, top], np.float32))
+        side = round(w / 0.55)
+        x0, y0 = (2 * w - side) // 2, (2 * h - side) // 2
+        window = mosaic[y0 : y0 + side, x0 : x0 + side]
+        truth = np.concatenate(truth) - np.array([x0, y0, x0, y0], np.float32)
+        truth = truth[(truth[:, 0] >= 0) & (truth[:, 1] >= 0) & (truth[:, 2] <= side) & (truth[:, 3] <= side)]
+        found, tiled = detector.detect(window), before.detect(window)
+        assert found.magnification == 1 and tiled.magnification > 1
+        for reading, add in ((found, "plain"), (tiled, "tiled")):
+            mine = reading.boxes.xyxy[reading.boxes.kinds == white]
+            matched = int((box_iou(truth, mine) >= 0.5).any(axis=1).sum()) if len(mine) and len(truth) else 0
+            hits, tiled_hits = (hits + matched, tiled_hits) if add == "plain" else (hits, tiled_hits + matched)
+        total += len(truth)
+    assert total >= 6 and hits >= tiled_hits - 1 and hits >= 0.8 * total
 
 
 def test_the_shipped_detector_reads_its_fields_at_a_third_of_their_magnification():

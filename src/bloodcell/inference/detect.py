@@ -166,6 +166,12 @@ class CellDetector:
         xyxy = detections.boxes.xyxy[red]
         return float(np.median(np.maximum(xyxy[:, 2] - xyxy[:, 0], xyxy[:, 3] - xyxy[:, 1]))) * self.contract.image_size / side
 
+    def red_cover(self, detections: Detections, shape: tuple[int, ...]) -> float:
+        """The share of a field's area under the red cells found (score >= RULER_SCORE; overlaps counted twice)."""
+        red = (detections.boxes.kinds == KINDS.index("red_cell")) & (detections.scores >= RULER_SCORE)
+        xyxy = detections.boxes.xyxy[red]
+        return float(((xyxy[:, 2] - xyxy[:, 0]) * (xyxy[:, 3] - xyxy[:, 1])).sum()) / max(shape[0] * shape[1], 1)
+
     def magnified(self, image: np.ndarray, detections: Detections) -> Detections:
         """``detections`` of the whole field, or, where its red cells read smaller than ``magnify_below`` of
         the training fields' (``red_cell_side``), the field read again on tiles magnified to bring them there.
@@ -173,14 +179,18 @@ class CellDetector:
         Red cells are the ruler: they are the commonest cell of every field and nearly the same size
         in every blood (7-8 um). A field with too few red cells found is tried at twice the
         magnification. Of the readings made (at most three), the one whose red cells come closest to
-        the training size is kept.
+        the training size is kept. A crowded field (red cells over ``crowded_cover`` of it) is
+        magnified only below ``crowded_magnify_below``: there the network reads white cells as well
+        without tiles down to a third of the magnification (docs/experiments.md, eighteenth session).
         """
         reference, longer = self.contract.red_cell_side, max(image.shape[:2])
         size = self.ruler(detections, longer)
+        crowded = self.red_cover(detections, image.shape) >= self.contract.crowded_cover
+        below = self.contract.crowded_magnify_below if crowded else self.contract.magnify_below
         readings = [(size, detections)]
         magnification = 1.0
         for _ in range(MAX_MAGNIFIED_READINGS):
-            if size is not None and size >= self.contract.magnify_below * reference:
+            if size is not None and size >= below * reference:
                 break
             # the red cells' size says how much more to magnify; none found says: try twice as much
             wanted = magnification * (reference / size if size is not None else 2.0)

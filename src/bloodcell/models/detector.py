@@ -56,6 +56,11 @@ class DetectorContract(BaseModel):
     magnify_below: float = Field(
         0.7, gt=0, lt=1, description="a field whose red cells come out smaller than this share of red_cell_side is "
         "read again on overlapping tiles, magnified to bring them to red_cell_side")
+    crowded_cover: float = Field(
+        0.4, gt=0, le=1, description="red cells covering at least this share of a field make it crowded: their "
+        "number tells the network the cells' size, so it reads them well at lower magnifications")
+    crowded_magnify_below: float = Field(
+        0.45, gt=0, lt=1, description="magnify_below for a crowded field")
     trained_on: dict = Field(default_factory=dict)
 
     def to_json(self) -> str:
