@@ -1,4 +1,5 @@
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -42,6 +43,23 @@ def test_every_listed_image_format_is_read_and_other_files_are_not(tmp_path, rgb
     assert sorted(item.path.rsplit(".", 1)[1] for item in source.items) == ["bmp", "jpg", "png", "tif", "webp"]
     decoded, _ = decode_file(tmp_path / "basophil" / "a.webp")
     assert np.array_equal(decoded, rgb)
+
+
+def test_class_folders_named_another_way_are_read_as_the_given_classes(tmp_path, rgb):
+    for folder in ("Neutrophils", "EOS", "immature granulocytes", "band"):
+        save(tmp_path / folder / "a.png", Image.fromarray(rgb))
+    source = open_source(tmp_path, class_names=list(CLASS_NAMES))
+    assert source.class_names == list(CLASS_NAMES)
+    labels = {Path(item.path).parent.name: source.label_name(item.label) for item in source.items}
+    assert labels == {"Neutrophils": "neutrophil", "EOS": "eosinophil", "immature granulocytes": "ig", "band": "neutrophil"}
+    assert source.renamed == labels
+    # a dataset's own classes (no class names given) keep their folders' names: band is not merged
+    assert sorted(open_source(tmp_path).class_names) == sorted(labels)
+    assert open_source(tmp_path).renamed == {}
+    # a folder naming no class is still refused
+    save(tmp_path / "smudge" / "a.png", Image.fromarray(rgb))
+    with pytest.raises(BloodcellError, match="unknown class folder.*smudge"):
+        open_source(tmp_path, class_names=list(CLASS_NAMES))
 
 
 def test_unknown_class_folder_is_named(tmp_path, rgb):

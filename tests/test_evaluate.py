@@ -1,3 +1,5 @@
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -130,9 +132,17 @@ def test_a_dataset_with_a_subset_of_classes_is_scored_on_those(tmp_path, origina
     result = evaluate_model(tmp_path / "run", other_lab, tmp_path / "eval")
     assert result["classes_present"] == ["lymphocyte", "monocyte", "neutrophil"]
     assert result["per_class"]["basophil"]["support"] == 0
+    # the same cells in folders a lab names its own way are read as the model's classes, and said so
+    renamed = tmp_path / "renamed_lab"
+    for folder, name in (("Lymphocytes", "lymphocyte"), ("MONO", "monocyte"), ("neutrophils", "neutrophil")):
+        shutil.copytree(other_lab / name, renamed / folder)
+    again = evaluate_model(tmp_path / "run", renamed, tmp_path / "eval_renamed")
+    assert again["class_folders"] == {"Lymphocytes": "lymphocyte", "MONO": "monocyte", "neutrophils": "neutrophil"}
+    assert again["classes_present"] == result["classes_present"] and again["accuracy"] == result["accuracy"]
+    assert "class_folders" not in result
     (other_lab / "blast").mkdir()
     (other_lab / "blast" / "x.jpg").write_bytes(original_files[0].read_bytes())
-    with pytest.raises(BloodcellError, match="blast unknown to the model"):
+    with pytest.raises(BloodcellError, match="unknown class folder.*blast"):
         evaluate_model(tmp_path / "run", other_lab, tmp_path / "eval2")
 
 

@@ -72,9 +72,13 @@ def training_sources(path: str | Path) -> tuple[dict[str, Source], list[str]]:
     return sources, names
 
 
-def evaluation_source(path: str | Path) -> Source:
-    """What a model is scored on: the test split of a split dataset, or the whole of a plain one."""
-    return open_source(find_layout(path).path("test"))
+def evaluation_source(path: str | Path, class_names: list[str] | None = None) -> Source:
+    """What a model is scored on: the test split of a split dataset, or the whole of a plain one.
+
+    ``class_names``: the model's classes; a class folder may name one of them another way
+    ('Neutrophils', 'EOS'), and one naming none of them is refused.
+    """
+    return open_source(find_layout(path).path("test"), class_names)
 
 
 def check_source(path: str | Path) -> Source:

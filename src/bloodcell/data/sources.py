@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..core.classes import CLASS_NAMES
+from ..core.classes import CLASS_NAMES, canonical_class
 from ..core.errors import BloodcellError, ImageReadError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp"}
@@ -50,6 +50,8 @@ class Source:
     problems: list[tuple[int, str, str]] = field(default_factory=list)
     # For npz sources: the image arrays keyed by the array name in Item.path.
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    # Class folders read under another name: folder name -> class ('Neutrophils' -> 'neutrophil').
+    renamed: dict[str, str] = field(default_factory=dict)
 
     def label_name(self, label: int | None) -> str:
         return "" if label is None else self.class_names[label]
@@ -86,7 +88,11 @@ def _open_folders(root: Path, class_names: list[str] | None) -> Source:
         # Keep the PBC label order when the folders are PBC classes, so that label
         # ids mean the same thing across datasets; otherwise sort the names.
         class_names = [c for c in CLASS_NAMES if c in found] if set(found) <= set(CLASS_NAMES) else found
-    unknown = [name for name in found if name not in class_names]
+        folder_class = {name: name for name in found}  # a dataset's own classes: its folders, as named
+    else:
+        # A model's classes: a lab's folder may name one of them another way ('Neutrophils', 'EOS').
+        folder_class = {name: name if name in class_names else canonical_class(name) for name in found}
+    unknown = [name for name, cls in folder_class.items() if cls not in class_names]
     if unknown:
         raise BloodcellError(
             f"{root}: unknown class folder(s) {', '.join(unknown)}; known classes: {', '.join(class_names)}"
@@ -94,19 +100,18 @@ def _open_folders(root: Path, class_names: list[str] | None) -> Source:
     items: list[Item] = []
     problems: list[tuple[int, str, str]] = []
     for label, name in enumerate(class_names):
-        folder = root / name
-        if not folder.is_dir():
-            continue
-        for file in sorted(p for p in folder.rglob("*") if p.is_file()):
-            if file.name.startswith("."):
-                continue
-            if file.suffix.lower() in IMAGE_EXTENSIONS:
-                items.append(Item(len(items) + len(problems), str(file), label))
-            else:
-                problems.append((len(items) + len(problems), str(file), "not an image file extension"))
+        for folder in (root / f for f in found if folder_class[f] == name):
+            for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+                if file.name.startswith("."):
+                    continue
+                if file.suffix.lower() in IMAGE_EXTENSIONS:
+                    items.append(Item(len(items) + len(problems), str(file), label))
+                else:
+                    problems.append((len(items) + len(problems), str(file), "not an image file extension"))
     for file in sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")):
         problems.append((len(items) + len(problems), str(file), "not inside a class folder"))
-    return Source(root, "folders", list(class_names), items, problems)
+    renamed = {name: cls for name, cls in folder_class.items() if name != cls}
+    return Source(root, "folders", list(class_names), items, problems, renamed=renamed)
 
 
 def _npz_labels(labels: np.ndarray, where: str) -> np.ndarray:

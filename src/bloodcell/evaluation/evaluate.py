@@ -27,13 +27,9 @@ from .scoring import backend_scores
 
 
 def model_source(data: str | Path, predictor: Predictor) -> Source:
-    """What ``predictor`` is scored on (a split dataset's test split); a class it does not know is refused."""
-    source = evaluation_source(data)
-    unknown = [c for c in source.class_names if c not in predictor.class_names]
-    if unknown:
-        raise BloodcellError(f"{source.root}: class(es) {', '.join(unknown)} unknown to the model "
-                             f"(it knows {', '.join(predictor.class_names)})")
-    return source
+    """What ``predictor`` is scored on (a split dataset's test split), labelled in its classes; a class
+    folder naming none of them is refused."""
+    return evaluation_source(data, list(predictor.class_names))
 
 
 def load_eval_images(data: str | Path, predictor: Predictor) -> tuple[torch.Tensor, np.ndarray, list[str], Source]:
@@ -143,6 +139,8 @@ def evaluate_model(model_path: str | Path, data: str | Path, out: str | Path, co
     result = compute_metrics(labels, probs, names)
     result = {**{k: result[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "top2_accuracy", "ece")},
               **result, "temperature": temperature, "tta": tta, "model": str(model_path), "data": str(data)}
+    if source.renamed:
+        result["class_folders"] = source.renamed  # 'Neutrophils' read as neutrophil
     out.mkdir(parents=True, exist_ok=True)
     write_predictions_csv(out / "predictions.csv", paths, labels, probs, names, cells)
     if cells is None and check_fields:

@@ -66,11 +66,9 @@ def model_directory(model: str | Path) -> Path:
 
 def load_labelled(path: Path, class_names: list[str], size: int, framing: dict | None,
                   log: Callable[[str], None]) -> tuple[torch.Tensor, np.ndarray, dict[str, int]]:
-    source = open_source(path)
-    unknown = [c for c in source.class_names if c not in class_names]
-    if unknown:
-        raise BloodcellError(f"{path}: class folder(s) {', '.join(unknown)} unknown to the model "
-                             f"(it knows {', '.join(class_names)})")
+    source = open_source(path, list(class_names))  # 'Neutrophils', 'EOS' ... read as the model's classes
+    if source.renamed:
+        log("read class folder(s) " + ", ".join(f"{folder} as {name}" for folder, name in source.renamed.items()))
     split = load_split(source, class_names, size, framing=framing)
     labels = split.labels.numpy()
     counts = {class_names[c]: int((labels == c).sum()) for c in np.unique(labels)}
