@@ -50,14 +50,19 @@ FIGURES = ("accuracy", "balanced_accuracy", "macro_f1", "ece")
 
 
 def class_folder_sets(paths: list[Path], class_names: list[str]) -> list[Path]:
-    """Each path that holds class folders; a path holding folders of such sets gives each of them."""
+    """Each path that holds class folders (named as the model's classes or as labs name them: 'Neutrophils',
+    'EOS'); a path holding folders of such sets gives each of them."""
+    from bloodcell.core.classes import canonical_class
+
+    def holds_classes(folder: Path) -> bool:
+        return any(child.is_dir() and canonical_class(child.name) in class_names for child in folder.iterdir())
+
     sets = []
     for path in paths:
-        children = [p for p in sorted(path.iterdir()) if p.is_dir()]
-        if any(child.name in class_names for child in children):
+        if holds_classes(path):
             sets.append(path)
         else:
-            sets += [child for child in children if any((child / c).is_dir() for c in class_names)]
+            sets += [child for child in sorted(path.iterdir()) if child.is_dir() and holds_classes(child)]
     return sets
 
 
