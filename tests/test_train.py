@@ -493,3 +493,34 @@ def test_metrics_csv_keeps_rows_written_before_a_column_existed(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
     assert [row["epoch"] for row in rows] == ["1", "2"]
     assert [row["train_size"] for row in rows] == ["", "32"]
+
+
+@pytest.mark.parametrize("mixup,cutmix", [(0.4, 0.0), (0.0, 1.0)])
+def test_mixed_batches_carry_labels_in_proportion_to_their_pixels(mixup, cutmix):
+    """The soft targets the loss gets match how much of each image a mixed image holds (MixUp: the blend
+    weight; CutMix: the pasted area), so a mixed batch teaches what it shows."""
+    from bloodcell.training.loop import batch_mixer
+
+    torch.manual_seed(0)
+    mix = batch_mixer(mixup, cutmix, num_classes=8)
+    images = torch.zeros(2, 3, 32, 32)
+    images[1] = 255.0  # image 0 black (label 2), image 1 white (label 5)
+    for _ in range(5):
+        mixed, targets = mix(images.clone(), torch.tensor([2, 5]))
+        assert torch.allclose(targets.sum(1), torch.ones(2))
+        white = mixed.mean(dim=(1, 2, 3)) / 255.0  # each mixed image's share of the white image
+        assert torch.allclose(targets[:, 5], white, atol=1e-5)
+        assert torch.allclose(targets[:, 2], 1 - white, atol=1e-5)
+    assert batch_mixer(0.0, 0.0, 8) is None
+
+
+def test_training_with_mixed_batches(tiny_data, tmp_path):
+    one_epoch = [{"name": "train", "epochs": 1, "lr": 3e-3, "trainable": "all"}]
+    plain = train(cnn_config(tiny_data, tmp_path / "plain", phases=one_epoch), **QUIET)
+    mixed = train(cnn_config(tiny_data, tmp_path / "mixed", phases=one_epoch, mixup_alpha=0.2, cutmix_alpha=1.0), **QUIET)
+    again = train(cnn_config(tiny_data, tmp_path / "again", phases=one_epoch, mixup_alpha=0.2, cutmix_alpha=1.0), **QUIET)
+    assert mixed.rows[0]["train_loss"] != plain.rows[0]["train_loss"]  # the batches were mixed
+    assert mixed.rows[0]["train_loss"] == again.rows[0]["train_loss"]  # and the mixing is seeded
+    assert "cutmix_alpha: 1.0" in (mixed.run_dir / "config.yaml").read_text()
+    with pytest.raises(ValueError, match="leave them at 0 with distill"):
+        cnn_config(tiny_data, tmp_path / "bad", mixup_alpha=0.2, distill={"targets": str(tmp_path / "t.csv")})

@@ -115,6 +115,12 @@ class TrainConfig(BaseModel):
         "best", description="which epoch's weights best.safetensors holds: the best on `monitor`, or the last epoch's "
         "(over ten full recipes neither was better on average: docs/experiments.md, fifth session)")
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    mixup_alpha: float = Field(
+        0.0, ge=0, description="MixUp (Zhang et al. 2018): each training batch blended with itself rolled by one, "
+        "weights from Beta(alpha, alpha), labels likewise (torchvision's references/classification --mixup-alpha); 0: off")
+    cutmix_alpha: float = Field(
+        0.0, ge=0, description="CutMix (Yun et al. 2019): a box of the rolled batch pasted in, labels by area "
+        "(--cutmix-alpha); 0: off. With both set, each batch gets one of the two, as in torchvision's references")
     class_weights: bool | Path = True
     balanced_sampler: bool = False
     grad_clip: float | None = None
@@ -151,6 +157,12 @@ class TrainConfig(BaseModel):
     @property
     def epochs(self) -> int:
         return sum(p.epochs for p in self.phases)
+
+    @model_validator(mode="after")
+    def _check_mixing(self):
+        if (self.mixup_alpha or self.cutmix_alpha) and self.distill is not None:
+            raise ValueError("mixup_alpha and cutmix_alpha mix the labels, not the teachers' targets: leave them at 0 with distill")
+        return self
 
     @model_validator(mode="after")
     def _check_progressive(self):

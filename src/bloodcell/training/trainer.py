@@ -35,7 +35,7 @@ from .distill import DistillationLoss, load_targets, targets_for
 from .distributed import Dist, init_distributed, sync_buffers
 from .freezing import apply_phase
 from .curves import write_metrics
-from .loop import evaluate, train_one_epoch
+from .loop import batch_mixer, evaluate, train_one_epoch
 from .saver import make_run_dir, restore_optimizer, save_resume_point, write_run_files
 from .config import epoch_image_size
 from .schedule import epoch_loader, make_scheduler, seed_everything
@@ -263,8 +263,10 @@ def run_epoch(run: Run, net: nn.Module, phase, phase_index: int, epoch_index: in
                                    len(loader.sampler) // max(run.dist.world, 1))
     model.emit_subclasses = run.subclass_parents is not None  # the loss is on subclasses; validation on classes
     try:
+        mix = batch_mixer(config.mixup_alpha, config.cutmix_alpha,
+                          len(run.class_names) if run.subclass_parents is None else len(run.subclass_parents))
         train_stats = train_one_epoch(net, loader, run.criterion, optimizer, run.device, run.dist, config.grad_clip, ema,
-                                      on_step, run.subclass_parents)
+                                      on_step, run.subclass_parents, mix)
     finally:
         model.emit_subclasses = False
     sync_buffers(model, run.dist)
