@@ -152,30 +152,9 @@ def interior(found: list[Detections], fields, margin: float = 2.0) -> tuple[list
     return kept_found, kept_truth
 
 
-def zoomed_out(fields: list[tuple[np.ndarray, Boxes]], index: int, n: int = 2) -> tuple[np.ndarray, Boxes]:
-    """1/n of the magnification: n x n consecutive fields side by side, with all their boxes, resized
-    to one field's size (so the cells are n times smaller in a field of the usual size)."""
-    chosen = [fields[(index + k) % len(fields)] for k in range(n * n)]
-    height = min(image.shape[0] for image, _ in chosen)
-    width = min(image.shape[1] for image, _ in chosen)
-    canvas = np.zeros((n * height, n * width, 3), np.uint8)
-    xyxy, kinds = [], []
-    for k, (image, boxes) in enumerate(chosen):
-        top, left = (k // n) * height, (k % n) * width
-        canvas[top : top + height, left : left + width] = image[:height, :width]
-        clipped = np.clip(boxes.xyxy, 0, [width, height, width, height])
-        keep = (clipped[:, 2] - clipped[:, 0] > 2) & (clipped[:, 3] - clipped[:, 1] > 2)
-        xyxy.append(clipped[keep] + np.array([left, top, left, top], np.float32))
-        kinds.append(boxes.kinds[keep])
-    canvas = np.asarray(Image.fromarray(canvas).resize((width, height), Image.Resampling.BILINEAR))
-    return canvas, Boxes(np.concatenate(xyxy).astype(np.float32) / n, np.concatenate(kinds))
-
-
-def crowded(fields: list[tuple[np.ndarray, Boxes]], index: int, magnification: float) -> tuple[np.ndarray, Boxes]:
-    """A crowded field at ``magnification`` (0.34-1) of the training fields', as a lower-power objective shows
-    a smear: a 4:3 window of 3 x 3 consecutive fields side by side, resized to 640x480. Boxes less than
-    35% inside the window are left out, as train-detector leaves them out of its crops."""
-    n = 3
+def mosaic(fields: list[tuple[np.ndarray, Boxes]], index: int, n: int) -> tuple[np.ndarray, Boxes, int, int]:
+    """n x n consecutive fields side by side, with their boxes (clipped to their own field), and the
+    (height, width) each field was cut to."""
     chosen = [fields[(index + k) % len(fields)] for k in range(n * n)]
     height = min(image.shape[0] for image, _ in chosen)
     width = min(image.shape[1] for image, _ in chosen)
@@ -186,7 +165,26 @@ def crowded(fields: list[tuple[np.ndarray, Boxes]], index: int, magnification: f
         canvas[top : top + height, left : left + width] = image[:height, :width]
         xyxy.append(np.clip(boxes.xyxy, 0, [width, height, width, height]) + np.array([left, top, left, top], np.float32))
         kinds.append(boxes.kinds)
-    xyxy, kinds = np.concatenate(xyxy), np.concatenate(kinds)
+    return canvas, Boxes(np.concatenate(xyxy).astype(np.float32), np.concatenate(kinds)), height, width
+
+
+def zoomed_out(fields: list[tuple[np.ndarray, Boxes]], index: int, n: int = 2) -> tuple[np.ndarray, Boxes]:
+    """1/n of the magnification: n x n consecutive fields side by side, with all their boxes, resized
+    to one field's size (so the cells are n times smaller in a field of the usual size)."""
+    canvas, boxes, height, width = mosaic(fields, index, n)
+    xyxy = boxes.xyxy
+    keep = (xyxy[:, 2] - xyxy[:, 0] > 2) & (xyxy[:, 3] - xyxy[:, 1] > 2)
+    canvas = np.asarray(Image.fromarray(canvas).resize((width, height), Image.Resampling.BILINEAR))
+    return canvas, Boxes(xyxy[keep] / n, boxes.kinds[keep])
+
+
+def crowded(fields: list[tuple[np.ndarray, Boxes]], index: int, magnification: float) -> tuple[np.ndarray, Boxes]:
+    """A crowded field at ``magnification`` (0.34-1) of the training fields', as a lower-power objective shows
+    a smear: a 4:3 window of 3 x 3 consecutive fields side by side, resized to 640x480. Boxes less than
+    35% inside the window are left out, as train-detector leaves them out of its crops."""
+    n = 3
+    canvas, boxes, height, width = mosaic(fields, index, n)
+    xyxy, kinds = boxes.xyxy, boxes.kinds
     window_w = width / magnification
     window_h = 0.75 * window_w
     x0, y0 = (n * width - window_w) / 2, (n * height - window_h) / 2
