@@ -236,8 +236,9 @@ def evaluate(
                 table.add_row(f"  {family}", f"{value:.4f}")
         Console().print(table)
         if result.get("class_folders"):
-            Console().print("Read class folder(s) " + ", ".join(f"{folder} as {name}" for folder, name
-                                                                in result["class_folders"].items()), highlight=False)
+            from ..data.sources import renamed_line
+
+            Console().print(renamed_line(result["class_folders"]), highlight=False)
         field_like = result.get("field_like")
         if field_like:
             warn_if_fields((field_like["whole_fields"], field_like["images_looked_at"]), "scored",

@@ -57,6 +57,13 @@ class Source:
         return "" if label is None else self.class_names[label]
 
 
+def renamed_line(renamed: dict[str, str]) -> str | None:
+    """'read class folder(s) Neutrophils as neutrophil, EOS as eosinophil', or None when nothing was renamed."""
+    if not renamed:
+        return None
+    return "read class folder(s) " + ", ".join(f"{folder} as {name}" for folder, name in renamed.items())
+
+
 @dataclass
 class Batch:
     items: list[Item]

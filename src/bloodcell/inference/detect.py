@@ -157,19 +157,23 @@ class CellDetector:
             found.append(Detections(Boxes(original, kinds), values))
         return found
 
+    @staticmethod
+    def _ruler_cells(detections: Detections) -> np.ndarray:
+        """The boxes (xyxy) of the red cells that measure a field: those scoring at least RULER_SCORE."""
+        red = (detections.boxes.kinds == KINDS.index("red_cell")) & (detections.scores >= RULER_SCORE)
+        return detections.boxes.xyxy[red]
+
     def ruler(self, detections: Detections, side: float) -> float | None:
         """The median side of the red cells found (score >= RULER_SCORE), in the letterbox pixels of a
         window ``side`` field pixels across; None with fewer than RULER_CELLS of them."""
-        red = (detections.boxes.kinds == KINDS.index("red_cell")) & (detections.scores >= RULER_SCORE)
-        if red.sum() < RULER_CELLS:
+        xyxy = self._ruler_cells(detections)
+        if len(xyxy) < RULER_CELLS:
             return None
-        xyxy = detections.boxes.xyxy[red]
         return float(np.median(np.maximum(xyxy[:, 2] - xyxy[:, 0], xyxy[:, 3] - xyxy[:, 1]))) * self.contract.image_size / side
 
     def red_cover(self, detections: Detections, shape: tuple[int, ...]) -> float:
         """The share of a field's area under the red cells found (score >= RULER_SCORE; overlaps counted twice)."""
-        red = (detections.boxes.kinds == KINDS.index("red_cell")) & (detections.scores >= RULER_SCORE)
-        xyxy = detections.boxes.xyxy[red]
+        xyxy = self._ruler_cells(detections)
         return float(((xyxy[:, 2] - xyxy[:, 0]) * (xyxy[:, 3] - xyxy[:, 1])).sum()) / max(shape[0] * shape[1], 1)
 
     def magnified(self, image: np.ndarray, detections: Detections) -> Detections:

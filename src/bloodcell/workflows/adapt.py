@@ -26,6 +26,7 @@ import torch
 from ..core.contract import write_contract
 from ..core.errors import BloodcellError, ImageReadError, MissingExtraError
 from ..data import decode_file, open_source, preprocess
+from ..data.sources import renamed_line
 from ..data.splits import load_split
 from ..evaluation.calibration import fit_temperature
 from ..evaluation.metrics import expected_calibration_error
@@ -68,7 +69,7 @@ def load_labelled(path: Path, class_names: list[str], size: int, framing: dict |
                   log: Callable[[str], None]) -> tuple[torch.Tensor, np.ndarray, dict[str, int]]:
     source = open_source(path, list(class_names))  # 'Neutrophils', 'EOS' ... read as the model's classes
     if source.renamed:
-        log("read class folder(s) " + ", ".join(f"{folder} as {name}" for folder, name in source.renamed.items()))
+        log(renamed_line(source.renamed))
     split = load_split(source, class_names, size, framing=framing)
     labels = split.labels.numpy()
     counts = {class_names[c]: int((labels == c).sum()) for c in np.unique(labels)}
