@@ -62,9 +62,7 @@ def load_field_eval_images(data: str | Path, predictor: Predictor, detector: str
     from ..inference.detect import load_detector
 
     source = model_source(data, predictor)
-    names = predictor.class_names
     finder = load_detector(detector)
-    remap = [names.index(c) for c in source.class_names]
     images, labels, paths, boxes, scores, unreadable = [], [], [], [], [], []
     for start in range(0, len(source.items), batch_size):
         chunk, decoded = [], []
@@ -89,7 +87,7 @@ def load_field_eval_images(data: str | Path, predictor: Predictor, detector: str
                 boxes.append(None)
                 scores.append(None)
             images.append(torch.from_numpy(np.array(predictor.prepare(crop))).permute(2, 0, 1))
-            labels.append(remap[item.label])
+            labels.append(item.label)  # model_source labels in the model's classes
             paths.append(item.path)
     if not images:
         raise BloodcellError(f"{source.root}: no readable images")
