@@ -4,7 +4,8 @@
                                           [--split test] [--pbc-test CURATED] [--speed-fields 100]
                                           [--out benchmarks/results/fields.json]
 
-Reports, on the ``--split`` fields of ``--data`` (default ``$BLOODCELL_DATA/fields``):
+Reports, on the ``--split`` fields of ``--data`` (default ``$BLOODCELL_DATA/fields``; any layout
+``bloodcell.data.fields`` reads, a set without splits read whole):
 
 - the detector: AP50 per kind (and for white cells not cut by the field's edge) (PASCAL VOC, all points, IoU 0.5) from detections down to a
   score of 0.05, and recall and precision at its own threshold;
@@ -15,6 +16,9 @@ Reports, on the ``--split`` fields of ``--data`` (default ``$BLOODCELL_DATA/fiel
   lower-power objective shows a smear), a purple stain cast, a yellow lamp, out of focus; the
   third, quarter, sparse third and crowded 0.6 again without the detector's red-cell ruler
   (``*_no_ruler``), to show what it changes;
+- where the set types its white cells (class names such as ``neutrophil``): the classifier's type
+  accuracy on the cells found (``--model``), misses counted as wrong, and the differential against
+  the lab's own;
 - the classical baseline: stain thresholding, distance transform and watershed (scipy only),
   scored the same way;
 - fields/s of ``bloodcell count``'s path (decode, detect, crop and classify every white cell,
@@ -55,7 +59,10 @@ from bloodcell.data.fields import (
     read_kinds,
 )
 from bloodcell.data.framing import stain_score
+from bloodcell.evaluation.boxed_fields import at_operating, type_metrics
 from bloodcell.evaluation.detection import detection_metrics
+from bloodcell.inference import load_predictor
+from bloodcell.inference.count import FieldCounter
 from bloodcell.inference.detect import Detections, load_detector
 
 
@@ -257,8 +264,7 @@ def speed(detector_name: str, model: str, fields: list[np.ndarray], count: int) 
 def pbc_framing(detector_name: str, model: str, curated: Path, limit: int) -> dict:
     """Context ratio on PBC train images; accuracy through count vs predict on PBC test images."""
     from bloodcell.data import decode_file
-    from bloodcell.inference.count import CROP_CONTEXT, FieldCounter
-    from bloodcell.inference.predictor import load_predictor
+    from bloodcell.inference.count import CROP_CONTEXT
 
     detector = load_detector(detector_name)
     predictor = load_predictor(model)
@@ -336,6 +342,13 @@ def main() -> None:
     learned = detection_metrics(learned_found, truth, operating=operating)
     learned_interior = detection_metrics(*interior(learned_found, fields), operating=operating)
     detector.contract = saved
+    types = None
+    if any(boxes.types is not None for boxes in truth):  # a lab's typed white cells: the classifier on what was found
+        counter = FieldCounter(detector, load_predictor(args.model))
+        thresholds = saved.thresholds()
+        typed = counter.type_cells([image for image, _ in fields], [str(item.image) for item in items],
+                                   [at_operating(found, thresholds) for found in learned_found])
+        types = type_metrics(typed, truth, counter.class_names)
     started = time.perf_counter()
     classical_found = [classical_detect(image) for image, _ in fields]
     classical_s = (time.perf_counter() - started) / len(fields)
@@ -366,6 +379,8 @@ def main() -> None:
               "data": str(root), "split": args.split, "fields": len(fields), "detector": args.detector,
               "learned": learned, "learned_interior": learned_interior, "classical": classical, "classical_s_per_field": classical_s,
               "variants": variants}
+    if types is not None:
+        result["types"] = types
     try:
         with open("/proc/cpuinfo") as handle:
             result["machine"]["cpu"] = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
@@ -390,6 +405,10 @@ def main() -> None:
     w = learned_interior["white_cell"]
     print(f"white cells not cut by the field's edge: {w['boxes']} boxes, AP50 {w['ap50']:.3f}, recall {w['recall']:.3f}, "
           f"precision {w['precision']:.3f}")
+    if types is not None:
+        print(f"white-cell types ({args.model}): {types['typed_cells']} typed cells, {types['found']} found; accuracy "
+              f"{types['accuracy']:.3f} (misses count as wrong), balanced {types['balanced_accuracy']:.3f}; differential off "
+              f"by up to {100 * types['differential_max_error']:.1f} points")
     print("AP50 when the fields are changed as another lab's might be:")
     for name, v in variants.items():
         print(f"  {name:<23}" + "".join(f"{k} {v[k]:.3f}  " if v[k] is not None else f"{k} -  " for k in KINDS)

@@ -57,7 +57,7 @@ def test_yolo_labels_become_pixel_boxes_and_a_bad_line_is_named(tmp_path):
     with pytest.raises(BloodcellError, match=r"f.txt:1: expected"):
         read_boxes(FieldItem(tmp_path / "f.jpg", label), 200, 100, list(KINDS))
     label.write_text("7 0.5 0.5 0.2 0.2\n")
-    with pytest.raises(BloodcellError, match="kind 7"):
+    with pytest.raises(BloodcellError, match="class 7 is not in"):
         read_boxes(FieldItem(tmp_path / "f.jpg", label), 200, 100, list(KINDS))
 
 

@@ -193,8 +193,14 @@ def evaluate(
     fields: bool = typer.Option(False, "--fields", help="The images are whole fields, one white cell each: find it "
                                 "with the cell detector and classify it as `bloodcell count` does."),
     detector: str = typer.Option("default", "--detector", help="With --fields: a train-detector run, or 'default'."),
+    split: Optional[str] = typer.Option(None, "--split", help="Boxed fields (YOLO layout): score one split "
+                                        "(train, val, test); default: every field of the set."),
 ):
-    """Score a trained model: accuracy, macro-F1, per-class recall, calibration, robustness."""
+    """Score a trained model: accuracy, macro-F1, per-class recall, calibration, robustness.
+
+    Given boxed fields (YOLO layout: classes.txt or data.yaml, images/, labels/), scores the cell
+    detector per kind and, where the boxes carry white-cell types, the types of the cells found."""
+    from ..data.fields import is_field_set
     from ..evaluation import compare_runs, evaluate_model
 
     with user_errors():
@@ -222,6 +228,16 @@ def evaluate(
         if model is None or data is None:
             raise BloodcellError("evaluate needs --model and --data (or --compare RUN_A --compare RUN_B)")
         out = out or model / "evaluation"
+        if is_field_set(data):
+            from ..evaluation.boxed_fields import evaluate_field_set
+
+            with console.status("reading the fields"):
+                result = evaluate_field_set(model, data, out, detector=detector, split=split)
+            print_field_set_result(result)
+            Console().print(f"Written to {out}")
+            return
+        if split:
+            raise BloodcellError("--split is for boxed fields (YOLO layout); a curated folder is scored on its test split")
         with console.status("evaluating"):
             result = evaluate_model(model, data, out, corruptions=corruptions, tta=tta, seed=seed, fields=fields,
                                     detector=detector, check_fields=True)
@@ -253,6 +269,39 @@ def evaluate(
             Console().print(f"Domain shift: {verdict} ({shift['images_flagged']} of {shift['images']} images out of "
                             f"distribution, median score {shift['score']:.2f}; threshold 1)", highlight=False)
         Console().print(f"Written to {out}")
+
+
+def print_field_set_result(result: dict) -> None:
+    """Detection per kind, and the white-cell types where the set gives them."""
+    table = Table(title=f"{result['model']} on {result['data']} ({result['fields']} fields, split {result['split']})")
+    for column in ("kind", "boxes", "AP50", "recall", "precision"):
+        table.add_column(column, justify="left" if column == "kind" else "right")
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"
+    for kind in ("white_cell", "red_cell", "platelet"):
+        row = result["detection"][kind]
+        table.add_row(kind, str(row["boxes"]), fmt(row["ap50"]), fmt(row["recall"]), fmt(row["precision"]))
+    Console().print(table)
+    types = result.get("types")
+    if types:
+        table = Table(title=f"white-cell types: {types['typed_cells']} typed cells, {types['found']} found")
+        for column in ("type", "cells", "found", "right", "true share", "counted share"):
+            table.add_column(column, justify="left" if column == "type" else "right")
+        for name, row in types["per_class"].items():
+            shares = types["differential"].get(name, {})
+            table.add_row(name, str(row["cells"]), str(row["found"]), str(row["right"]),
+                          f"{shares.get('true_share', 0):.1%}", f"{shares.get('counted_share', 0):.1%}")
+        Console().print(table)
+        Console().print(f"Type accuracy {types['accuracy']:.4f} (missed cells count as wrong; "
+                        f"{fmt(types['accuracy_where_found'])} where found), balanced {types['balanced_accuracy']:.4f}, "
+                        f"{types['to_check']} to check; differential off by up to "
+                        f"{100 * types['differential_max_error']:.1f} points", highlight=False)
+    for bad in result["unreadable"]:
+        Console().print(f"skipped {bad['path']}: {bad['error']}", highlight=False)
+    shift = result.get("domain_shift")
+    if shift:
+        verdict = "[bold yellow]flagged[/]: unlike the training lab's cells" if shift["flagged"] else "not flagged"
+        Console().print(f"Domain shift: {verdict} ({shift['images_flagged']} of {shift['images']} white cells out of "
+                        f"distribution, median score {shift['score']:.2f}; threshold 1)", highlight=False)
 
 
 @app.command()

@@ -2,9 +2,16 @@
 
 A field set is laid out as YOLO does it (the layout of ``$BLOODCELL_DATA/fields``)::
 
-    ROOT/classes.txt                 one kind per line: white_cell, red_cell, platelet
+    ROOT/classes.txt                 one name per line: white_cell, red_cell, platelet
     ROOT/images/<split>/<name>.jpg
-    ROOT/labels/<split>/<name>.txt   one line per box: kind x_centre y_centre width height (normalised)
+    ROOT/labels/<split>/<name>.txt   one line per box: class x_centre y_centre width height (normalised)
+
+Also read: Ultralytics' ``data.yaml`` (``names:``) in place of ``classes.txt``, Roboflow's
+``<split>/images`` and ``<split>/labels`` (``valid`` for ``val``), and a set without splits
+(``images/`` and ``labels/`` directly). The names may be the usual ones of each kind (``WBC``,
+``RBC``, ``Platelets``, ``leukocyte``...) or white-cell types (``neutrophil``, ``Lymphocytes``,
+``EOS``...: any name :func:`bloodcell.core.classes.canonical_class` knows): a typed box is a
+white cell whose type is known, which ``evaluate --fields`` scores the classifier on.
 
 The detector sees a field through one path, :func:`letterbox`: the field is scaled so its
 longer side is the detector's ``image_size`` and centred on a square canvas filled with the
@@ -20,9 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import yaml
 from PIL import Image
 from scipy import ndimage
 
+from ..core.classes import canonical_class
 from ..core.errors import BloodcellError, ImageReadError
 from .framing import locate_cell, stain_score
 from .sources import IMAGE_EXTENSIONS, decode_file
@@ -30,18 +39,54 @@ from .sources import IMAGE_EXTENSIONS, decode_file
 KINDS = ("white_cell", "red_cell", "platelet")
 
 
+# Other names field sets give the three kinds (compared as canonical_class compares them: lower case,
+# letters and digits only, no plural "s"). Platelets' names are canonical_class's.
+_KIND_NAMES = {
+    "white_cell": ("whitecell", "wbc", "whitebloodcell", "leukocyte", "leucocyte", "leuko"),
+    "red_cell": ("redcell", "rbc", "redbloodcell", "erythrocyte"),
+}
+
+
+def _key(name: str) -> str:
+    key = "".join(ch for ch in name.lower() if ch.isalnum())
+    return key[:-1] if key.endswith("s") and len(key) > 3 else key
+
+
+@dataclass(frozen=True)
+class FieldLabel:
+    """What a field set's class name means: a kind, and for a white cell possibly its type (a PBC class)."""
+
+    kind: str
+    type: str | None = None
+
+
+def field_label(name: str) -> FieldLabel | None:
+    """A box class name as a kind (``WBC``, ``red_cell``, ``Platelets``) or a typed white cell
+    (``neutrophil``, ``Lymphocytes``, ``NRBC``: erythroblasts are nucleated, found as white cells); None: unknown."""
+    key = _key(name)
+    for kind, names in _KIND_NAMES.items():
+        if key in names:
+            return FieldLabel(kind)
+    cls = canonical_class(name)
+    if cls is None:
+        return None
+    return FieldLabel("platelet") if cls == "platelet" else FieldLabel("white_cell", cls)
+
+
 @dataclass
 class Boxes:
-    """Boxes in pixels (x0, y0, x1, y1) with a kind index each (into :data:`KINDS`)."""
+    """Boxes in pixels (x0, y0, x1, y1) with a kind index each (into :data:`KINDS`), and, where a field
+    set types its white cells, a type per box (a PBC class name; "" for a box without one)."""
 
     xyxy: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
     kinds: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    types: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.kinds)
 
     def select(self, keep: np.ndarray) -> Boxes:
-        return Boxes(self.xyxy[keep], self.kinds[keep])
+        return Boxes(self.xyxy[keep], self.kinds[keep], None if self.types is None else self.types[keep])
 
 
 @dataclass(frozen=True)
@@ -50,28 +95,91 @@ class FieldItem:
     labels: Path | None
 
 
+def _names_file(root: Path) -> Path | None:
+    for name in ("classes.txt", "data.yaml", "dataset.yaml"):
+        if (root / name).is_file():
+            return root / name
+    return None
+
+
 def read_kinds(root: Path) -> list[str]:
-    path = root / "classes.txt"
-    if not path.is_file():
-        raise BloodcellError(f"{root}: not a field set (no classes.txt listing {', '.join(KINDS)})")
-    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    unknown = [n for n in names if n not in KINDS]
+    """The class names of a field set, in label order (``classes.txt``, or ``names`` of a ``data.yaml``),
+    each one a kind or a white-cell type (:func:`field_label`)."""
+    root = Path(root)
+    path = _names_file(root)
+    if path is None:
+        raise BloodcellError(f"{root}: not a field set (no classes.txt or data.yaml naming its classes: "
+                             f"{', '.join(KINDS)} or white-cell types)")
+    if path.suffix == ".txt":
+        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    else:
+        try:
+            names = (yaml.safe_load(path.read_text()) or {}).get("names")
+        except (yaml.YAMLError, AttributeError):
+            names = None
+        if isinstance(names, dict):  # Ultralytics' {0: name, 1: name}
+            try:
+                names = [names[i] for i in sorted(names, key=int)]
+            except (TypeError, ValueError):
+                names = None
+        if not isinstance(names, list) or not names:
+            raise BloodcellError(f"{path}: no 'names:' list of the set's classes")
+        names = [str(n).strip() for n in names]
+    unknown = [n for n in names if field_label(n) is None]
     if unknown:
-        raise BloodcellError(f"{path}: unknown kind {unknown[0]!r}; the kinds are {', '.join(KINDS)}")
+        raise BloodcellError(f"{path}: unknown class {unknown[0]!r}: a class is a kind ({', '.join(KINDS)}; "
+                             f"or WBC, RBC, Platelets...) or a white-cell type (neutrophil, lymphocyte...)")
     return names
 
 
-def open_fields(root: str | os.PathLike, split: str) -> list[FieldItem]:
-    """The fields of one split, each with its label file (None where a field has none: no cells)."""
+def split_folders(root: Path, split: str | None) -> tuple[Path, Path]:
+    """(images, labels) folders of one split: ``images/<split>`` (YOLO), ``<split>/images`` (Roboflow; ``valid``
+    for ``val``); without a split, or for a set without splits, ``images/`` and ``labels/`` themselves."""
+    root = Path(root)
+    if split:
+        names = {split, {"val": "valid", "valid": "val"}.get(split, split)}
+        for name in sorted(names):
+            for images, labels in ((root / "images" / name, root / "labels" / name),
+                                   (root / name / "images", root / name / "labels")):
+                if images.is_dir():
+                    return images, labels
+    flat = root / "images"
+    if flat.is_dir() and any(p.suffix.lower() in IMAGE_EXTENSIONS for p in flat.iterdir()):
+        return flat, root / "labels"
+    if split:
+        raise BloodcellError(f"{root}: no {split} split (looked for images/{split}/ and {split}/images/)")
+    raise BloodcellError(f"{root}: no images/ folder of fields")
+
+
+def field_splits(root: Path) -> list[str]:
+    """The splits a field set has (``train``, ``val``, ``test``...), or [] for a set without splits."""
+    root = Path(root)
+    found = set()
+    if (root / "images").is_dir():
+        found |= {p.name for p in (root / "images").iterdir() if p.is_dir()}
+    found |= {p.name for p in root.iterdir() if p.is_dir() and (p / "images").is_dir()}
+    return sorted(found)
+
+
+def is_field_set(root: Path) -> bool:
+    """Whether ``root`` is a set of boxed fields (class names and an images folder), not class folders of images."""
+    root = Path(root)
+    return root.is_dir() and _names_file(root) is not None and (
+        (root / "images").is_dir() or any((root / s / "images").is_dir() for s in ("train", "val", "valid", "test")))
+
+
+def open_fields(root: str | os.PathLike, split: str | None) -> list[FieldItem]:
+    """The fields of one split (None: a set without splits, or every split), each with its label file
+    (None where a field has none: no cells)."""
     root = Path(root)
     read_kinds(root)
-    images = root / "images" / split
-    if not images.is_dir():
-        raise BloodcellError(f"{root}: no images/{split} folder")
+    if split is None and field_splits(root):
+        return [item for name in field_splits(root) for item in open_fields(root, name)]
+    images, labels = split_folders(root, split)
     items = []
     for path in sorted(images.iterdir()):
         if path.suffix.lower() in IMAGE_EXTENSIONS:
-            label = root / "labels" / split / f"{path.stem}.txt"
+            label = labels / f"{path.stem}.txt"
             items.append(FieldItem(path, label if label.is_file() else None))
     if not items:
         raise BloodcellError(f"{images}: no images")
@@ -79,10 +187,12 @@ def open_fields(root: str | os.PathLike, split: str) -> list[FieldItem]:
 
 
 def read_boxes(item: FieldItem, width: int, height: int, kind_names: list[str]) -> Boxes:
-    """A YOLO label file as pixel boxes; a bad line names the file and the line."""
+    """A YOLO label file as pixel boxes (typed where the set's class names are white-cell types); a bad
+    line names the file and the line."""
     if item.labels is None:
         return Boxes()
-    xyxy, kinds = [], []
+    labels = [field_label(name) for name in kind_names]
+    xyxy, kinds, types = [], [], []
     for number, line in enumerate(item.labels.read_text().splitlines(), 1):
         parts = line.split()
         if not parts:
@@ -90,14 +200,19 @@ def read_boxes(item: FieldItem, width: int, height: int, kind_names: list[str]) 
         try:
             index, cx, cy, w, h = int(parts[0]), *map(float, parts[1:5])
         except (ValueError, TypeError):
-            raise BloodcellError(f"{item.labels}:{number}: expected 'kind x_centre y_centre width height'") from None
+            raise BloodcellError(f"{item.labels}:{number}: expected 'class x_centre y_centre width height'") from None
         if not 0 <= index < len(kind_names):
-            raise BloodcellError(f"{item.labels}:{number}: kind {index} is not in classes.txt")
+            raise BloodcellError(f"{item.labels}:{number}: class {index} is not in the set's {len(kind_names)} class names")
+        label = labels[index]
+        if label is None:
+            raise BloodcellError(f"{item.labels}:{number}: unknown class {kind_names[index]!r}")
         xyxy.append([(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height])
-        kinds.append(KINDS.index(kind_names[index]))
+        kinds.append(KINDS.index(label.kind))
+        types.append(label.type or "")
     if not kinds:
         return Boxes()
-    return Boxes(np.asarray(xyxy, np.float32), np.asarray(kinds, np.int64))
+    typed = any(known.type for known in labels if known is not None)
+    return Boxes(np.asarray(xyxy, np.float32), np.asarray(kinds, np.int64), np.asarray(types) if typed else None)
 
 
 def load_field(item: FieldItem, kind_names: list[str]) -> tuple[np.ndarray, Boxes]:

@@ -10,24 +10,28 @@ import numpy as np
 from .metrics import expected_calibration_error
 
 
-def plot_confusion(confusion: np.ndarray, class_names: list[str], path: Path, title: str = "") -> None:
+def plot_confusion(confusion: np.ndarray, class_names: list[str], path: Path, title: str = "",
+                   rows: list[str] | None = None) -> None:
+    """Counts and row-normalised recall; ``rows`` names the true classes where they differ from the
+    answers (``class_names``, the columns)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = list(class_names) if rows is None else rows
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.2))
-    rows = confusion.sum(1, keepdims=True)
-    normalised = np.divide(confusion, rows, out=np.zeros_like(confusion, dtype=float), where=rows > 0)
+    totals = confusion.sum(1, keepdims=True)
+    normalised = np.divide(confusion, totals, out=np.zeros_like(confusion, dtype=float), where=totals > 0)
     for ax, values, label in ((axes[0], confusion, "counts"), (axes[1], normalised, "row-normalised (recall)")):
         ax.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
-        for i in range(len(class_names)):
+        for i in range(len(rows)):
             for j in range(len(class_names)):
                 text = f"{values[i, j]:d}" if values.dtype.kind == "i" else f"{values[i, j]:.2f}"
                 ax.text(j, i, text, ha="center", va="center", fontsize=7,
                         color="white" if normalised[i, j] > 0.5 else "black")
         ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right", fontsize=8)
-        ax.set_yticks(range(len(class_names)), class_names, fontsize=8)
+        ax.set_yticks(range(len(rows)), rows, fontsize=8)
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
         ax.set_title(f"{title} {label}".strip())

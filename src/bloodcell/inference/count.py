@@ -142,7 +142,10 @@ class FieldCounter:
         return self.predictor.class_names
 
     def count(self, images: list[np.ndarray], names: list[str]) -> list[FieldResult]:
-        found = self.detector.detect_batch(images)
+        return self.type_cells(images, names, self.detector.detect_batch(images))
+
+    def type_cells(self, images: list[np.ndarray], names: list[str], found: list[Detections]) -> list[FieldResult]:
+        """Fields' detections as cells, each white cell cut out and classified."""
         crops, owners = [], []
         results = []
         for index, (image, name, det) in enumerate(zip(images, names, found)):

@@ -132,6 +132,10 @@ class CellDetector:
         self._run = run  # uint8 (N, 3, S, S) -> (boxes (N, A, 4), scores (N, A, K))
         self.contract = contract
 
+    def with_contract(self, contract: DetectorContract) -> CellDetector:
+        """The same network read under another contract (e.g. ``contract.lowered()``, to rank every detection)."""
+        return CellDetector(self._run, contract)
+
     def detect_batch(self, images: list[np.ndarray]) -> list[Detections]:
         """Each field read at the letterbox scale; one whose red cells come out too small to read (a lower
         magnification than training's) is read again, magnified, on overlapping tiles (:meth:`magnified`)."""

@@ -1,0 +1,164 @@
+"""A lab's boxed fields: the layouts and class names field sets come in, and scoring the detector and the
+white-cell types on them (`bloodcell evaluate` on a field set)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bloodcell.core.errors import BloodcellError
+from bloodcell.data.fields import (
+    KINDS,
+    Boxes,
+    FieldLabel,
+    field_label,
+    is_field_set,
+    load_field,
+    open_fields,
+    read_kinds,
+)
+from bloodcell.evaluation.boxed_fields import match_white_cells, type_metrics
+from bloodcell.inference.count import FieldResult
+
+from .conftest import PBC224, require
+
+WHITE, RED = KINDS.index("white_cell"), KINDS.index("red_cell")
+
+
+def write_field(images, labels, name, lines, size=(80, 60)):
+    images.mkdir(parents=True, exist_ok=True)
+    labels.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (230, 200, 210)).save(images / f"{name}.jpg")
+    (labels / f"{name}.txt").write_text("".join(f"{line}\n" for line in lines))
+
+
+def test_class_names_are_read_as_kinds_or_white_cell_types():
+    assert field_label("WBC") == FieldLabel("white_cell")
+    assert field_label("white blood cells") == FieldLabel("white_cell")
+    assert field_label("RBCs") == FieldLabel("red_cell")
+    assert field_label("erythrocyte") == FieldLabel("red_cell")
+    assert field_label("Platelets") == FieldLabel("platelet")
+    assert field_label("Neutrophils") == FieldLabel("white_cell", "neutrophil")
+    assert field_label("NRBC") == FieldLabel("white_cell", "erythroblast")  # nucleated: found as a white cell
+    assert field_label("blast") is None
+
+
+def test_roboflow_layout_with_data_yaml_names(tmp_path):
+    (tmp_path / "data.yaml").write_text("nc: 3\nnames: ['Platelets', 'RBC', 'WBC']\n")
+    write_field(tmp_path / "valid" / "images", tmp_path / "valid" / "labels", "a", ["2 0.5 0.5 0.5 0.5", "1 0.2 0.2 0.1 0.1"])
+    write_field(tmp_path / "test" / "images", tmp_path / "test" / "labels", "b", ["0 0.5 0.5 0.1 0.1"])
+    assert is_field_set(tmp_path)
+    names = read_kinds(tmp_path)
+    (item,) = open_fields(tmp_path, "val")  # Roboflow calls it valid
+    _, boxes = load_field(item, names)
+    assert boxes.kinds.tolist() == [WHITE, RED] and boxes.types is None
+    assert len(open_fields(tmp_path, None)) == 2  # every split
+
+
+def test_flat_typed_set_and_a_dict_of_names(tmp_path):
+    (tmp_path / "data.yaml").write_text("names:\n  0: neutrophil\n  1: Lymphocytes\n  2: red_cell\n")
+    write_field(tmp_path / "images", tmp_path / "labels", "f", ["0 0.3 0.5 0.2 0.2", "1 0.7 0.5 0.2 0.2", "2 0.5 0.1 0.1 0.1"])
+    (item,) = open_fields(tmp_path, None)
+    _, boxes = load_field(item, read_kinds(tmp_path))
+    assert boxes.kinds.tolist() == [WHITE, WHITE, RED]
+    assert boxes.types.tolist() == ["neutrophil", "lymphocyte", ""]
+    assert boxes.select(np.array([1])).types.tolist() == ["lymphocyte"]
+
+
+def test_an_unknown_class_name_or_split_is_one_clear_error(tmp_path):
+    (tmp_path / "classes.txt").write_text("WBC\nsmudge\n")
+    write_field(tmp_path / "images" / "test", tmp_path / "labels" / "test", "f", ["0 0.5 0.5 0.2 0.2"])
+    with pytest.raises(BloodcellError, match=r"classes.txt: unknown class 'smudge'"):
+        read_kinds(tmp_path)
+    (tmp_path / "classes.txt").write_text("WBC\n")
+    with pytest.raises(BloodcellError, match="no train split"):
+        open_fields(tmp_path, "train")
+    assert not is_field_set(tmp_path / "images")
+
+
+def cell(box, cls, score=0.9, to_check=False, kind="white_cell"):
+    return {"kind": kind, "x0": box[0], "y0": box[1], "x1": box[2], "y1": box[3], "score": score,
+            "class": cls if kind == "white_cell" else "", "to_check": to_check}
+
+
+def test_type_metrics_match_each_typed_cell_once_and_count_misses_as_wrong():
+    names = ["eosinophil", "lymphocyte", "neutrophil"]
+    truth = Boxes(np.array([[0, 0, 10, 10], [20, 0, 30, 10], [40, 0, 50, 10], [0, 40, 10, 50]], np.float32),
+                  np.array([WHITE, WHITE, WHITE, RED]), np.array(["neutrophil", "lymphocyte", "neutrophil", ""]))
+    cells = [cell((0, 0, 10, 10), "neutrophil", 0.8),    # right
+             cell((1, 0, 10, 10), "eosinophil", 0.5),    # the same cell again, weaker: not matched twice
+             cell((20, 0, 31, 10), "neutrophil", 0.9),   # a lymphocyte called a neutrophil
+             cell((70, 70, 80, 80), "eosinophil", 0.7),  # nothing there: a false white cell
+             cell((0, 40, 10, 50), "", kind="red_cell")]
+    assert match_white_cells(cells, truth) == [0, 2, None]
+    result = type_metrics([FieldResult("f", 100, 100, cells)], [truth], names)
+    assert result["typed_cells"] == 3 and result["found"] == 2
+    assert result["accuracy"] == pytest.approx(1 / 3)  # the third cell was not found
+    assert result["accuracy_where_found"] == pytest.approx(0.5)
+    assert result["balanced_accuracy"] == pytest.approx((0.5 + 0.0) / 2)
+    assert result["per_class"]["neutrophil"] == {"cells": 2, "found": 1, "right": 1}
+    confusion = result["confusion"]
+    assert confusion["true"] == ["lymphocyte", "neutrophil"]
+    assert confusion["matrix"][1][confusion["answers"].index("not found")] == 1
+    # count would report 2 eosinophils and 2 neutrophils of 4 white cells; the lab typed 2 neutrophils, 1 lymphocyte
+    assert result["differential"]["eosinophil"] == {"true_share": 0.0, "counted_share": 0.5}
+    assert result["differential_max_error"] == pytest.approx(0.5)
+    # untyped fields have nothing to score
+    assert type_metrics([FieldResult("f", 100, 100, cells)], [Boxes(truth.xyxy, truth.kinds)], names) is None
+
+
+def typed_fields(root, pbc, per_class, types):
+    """PBC images placed in a corner of a field twice their size, each with the white cell's box typed as ``types``
+    says (the box: the shipped detector's best white cell on the image itself)."""
+    from bloodcell.data.fields import fill_colour
+    from bloodcell.inference.count import best_white_cell
+    from bloodcell.inference.detect import load_detector
+
+    detector = load_detector("default")
+    names = sorted(set(types.values()))
+    (root / "images").mkdir(parents=True)
+    (root / "classes.txt").write_text("".join(f"{n}\n" for n in [*names, "RBC"]))
+    (root / "labels").mkdir()
+    for cls, typed in types.items():
+        for path in sorted((pbc / cls).iterdir())[:per_class]:
+            image = np.asarray(Image.open(path).convert("RGB"))
+            box, _ = best_white_cell(detector.detect(image))
+            h, w = image.shape[:2]
+            field = np.empty((2 * h, 2 * w, 3), np.uint8)
+            field[:] = fill_colour(image)
+            field[h:, :w] = image  # bottom left
+            Image.fromarray(field).save(root / "images" / f"{cls}_{path.stem}.png")
+            x0, y0, x1, y1 = box[0], box[1] + h, box[2], box[3] + h
+            (root / "labels" / f"{cls}_{path.stem}.txt").write_text(
+                f"{names.index(typed)} {(x0 + x1) / 4 / w} {(y0 + y1) / 4 / h} {(x1 - x0) / 2 / w} {(y1 - y0) / 2 / h}\n")
+
+
+def test_evaluate_scores_the_types_of_a_labs_boxed_fields(tmp_path):
+    from typer.testing import CliRunner
+
+    from bloodcell.cli.main import app
+
+    pbc = require(PBC224)
+    classes = ["eosinophil", "lymphocyte", "neutrophil"]
+    typed_fields(tmp_path / "right", pbc, 4, {c: c for c in classes})
+    typed_fields(tmp_path / "swapped", pbc, 4, dict(zip(classes, classes[1:] + classes[:1])))
+    runner = CliRunner()
+    scores = {}
+    for name in ("right", "swapped"):
+        out = tmp_path / f"eval-{name}"
+        result = runner.invoke(app, ["evaluate", "--model", "default", "--data", str(tmp_path / name), "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        assert "Type accuracy" in result.output
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["fields"] == 12 and metrics["detection"]["white_cell"]["boxes"] == 12
+        assert metrics["types"]["typed_cells"] == 12 and metrics["types"]["found"] >= 11
+        scores[name] = metrics["types"]["accuracy"]
+        assert (out / "cells.csv").read_text().count("white_cell") >= 11
+        assert (out / "confusion_matrix.png").is_file()
+    assert scores["right"] >= 0.75 and scores["swapped"] <= 0.25
+    # a class folder set is still scored as crops, and --split is refused there
+    result = runner.invoke(app, ["evaluate", "--model", "default", "--data", str(pbc), "--split", "test", "--out", str(tmp_path / "x")])
+    assert result.exit_code != 0 and "--split is for boxed fields" in result.output
