@@ -68,6 +68,35 @@ def test_flat_typed_set_and_a_dict_of_names(tmp_path):
     assert boxes.select(np.array([1])).types.tolist() == ["lymphocyte"]
 
 
+def voc(objects):
+    parts = "".join(f"<object><name>{n}</name><bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}</ymin><xmax>{b[2]}</xmax>"
+                    f"<ymax>{b[3]}</ymax></bndbox></object>" for n, b in objects)
+    return f"<annotation><filename>x.jpg</filename>{parts}</annotation>"
+
+
+def test_pascal_voc_as_bccd_ships(tmp_path):
+    (tmp_path / "JPEGImages").mkdir()
+    (tmp_path / "Annotations").mkdir()
+    (tmp_path / "ImageSets" / "Main").mkdir(parents=True)
+    for name in ("BloodImage_00000", "BloodImage_00001"):
+        Image.new("RGB", (64, 48), (230, 200, 210)).save(tmp_path / "JPEGImages" / f"{name}.jpg")
+    (tmp_path / "Annotations" / "BloodImage_00000.xml").write_text(voc([("WBC", (10, 5, 30, 25)), ("RBC", (0, 0, 8, 8))]))
+    (tmp_path / "Annotations" / "BloodImage_00001.xml").write_text(voc([("Platelets", (40, 40, 44, 44))]))
+    (tmp_path / "ImageSets" / "Main" / "test.txt").write_text("BloodImage_00001\n")
+    assert is_field_set(tmp_path)
+    names = read_kinds(tmp_path)
+    assert names == ["Platelets", "RBC", "WBC"]
+    first, _second = open_fields(tmp_path, None)
+    _, boxes = load_field(first, names)
+    np.testing.assert_allclose(boxes.xyxy, [[10, 5, 30, 25], [0, 0, 8, 8]])
+    assert boxes.kinds.tolist() == [WHITE, RED]
+    (only,) = open_fields(tmp_path, "test")
+    assert only.image.stem == "BloodImage_00001"
+    (tmp_path / "Annotations" / "BloodImage_00001.xml").write_text("<annotation><object><name>WBC</name></object>")
+    with pytest.raises(BloodcellError, match="BloodImage_00001.xml: not a Pascal VOC annotation"):
+        read_kinds(tmp_path)
+
+
 def test_an_unknown_class_name_or_split_is_one_clear_error(tmp_path):
     (tmp_path / "classes.txt").write_text("WBC\nsmudge\n")
     write_field(tmp_path / "images" / "test", tmp_path / "labels" / "test", "f", ["0 0.5 0.5 0.2 0.2"])

@@ -7,8 +7,9 @@ A field set is laid out as YOLO does it (the layout of ``$BLOODCELL_DATA/fields`
     ROOT/labels/<split>/<name>.txt   one line per box: class x_centre y_centre width height (normalised)
 
 Also read: Ultralytics' ``data.yaml`` (``names:``) in place of ``classes.txt``, Roboflow's
-``<split>/images`` and ``<split>/labels`` (``valid`` for ``val``), and a set without splits
-(``images/`` and ``labels/`` directly). The names may be the usual ones of each kind (``WBC``,
+``<split>/images`` and ``<split>/labels`` (``valid`` for ``val``), a set without splits
+(``images/`` and ``labels/`` directly), and Pascal VOC (BCCD's layout: ``Annotations/*.xml``,
+``JPEGImages/``, splits from ``ImageSets/Main/<split>.txt``). The names may be the usual ones of each kind (``WBC``,
 ``RBC``, ``Platelets``, ``leukocyte``...) or white-cell types (``neutrophil``, ``Lymphocytes``,
 ``EOS``...: any name :func:`bloodcell.core.classes.canonical_class` knows): a typed box is a
 white cell whose type is known, which ``evaluate --fields`` scores the classifier on.
@@ -102,10 +103,37 @@ def _names_file(root: Path) -> Path | None:
     return None
 
 
+def _is_voc(root: Path) -> bool:
+    """Pascal VOC's layout (BCCD's): ``Annotations/*.xml`` beside ``JPEGImages/``."""
+    return (root / "Annotations").is_dir() and (root / "JPEGImages").is_dir()
+
+
+def _voc_objects(path: Path) -> list[tuple[str, list[float]]]:
+    """(name, [x0, y0, x1, y1]) of each object of a VOC annotation; a bad file is named."""
+    import xml.etree.ElementTree as ET
+
+    try:
+        tree = ET.parse(path)
+        return [(obj.findtext("name", "").strip(),
+                 [float(obj.find("bndbox").findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")])
+                for obj in tree.getroot().iter("object")]
+    except (ET.ParseError, AttributeError, TypeError, ValueError):
+        raise BloodcellError(f"{path}: not a Pascal VOC annotation (each <object> needs <name> and "
+                             "<bndbox> with xmin, ymin, xmax, ymax)") from None
+
+
 def read_kinds(root: Path) -> list[str]:
-    """The class names of a field set, in label order (``classes.txt``, or ``names`` of a ``data.yaml``),
-    each one a kind or a white-cell type (:func:`field_label`)."""
+    """The class names of a field set, in label order (``classes.txt``, or ``names`` of a ``data.yaml``;
+    for Pascal VOC, every object name its annotations use), each one a kind or a white-cell type
+    (:func:`field_label`)."""
     root = Path(root)
+    if _names_file(root) is None and _is_voc(root):
+        names = sorted({name for xml in sorted((root / "Annotations").glob("*.xml")) for name, _ in _voc_objects(xml)})
+        unknown = [n for n in names if field_label(n) is None]
+        if unknown:
+            raise BloodcellError(f"{root / 'Annotations'}: unknown class {unknown[0]!r}: a class is a kind "
+                                 f"({', '.join(KINDS)}; or WBC, RBC, Platelets...) or a white-cell type (neutrophil, lymphocyte...)")
+        return names
     path = _names_file(root)
     if path is None:
         raise BloodcellError(f"{root}: not a field set (no classes.txt or data.yaml naming its classes: "
@@ -164,8 +192,8 @@ def field_splits(root: Path) -> list[str]:
 def is_field_set(root: Path) -> bool:
     """Whether ``root`` is a set of boxed fields (class names and an images folder), not class folders of images."""
     root = Path(root)
-    return root.is_dir() and _names_file(root) is not None and (
-        (root / "images").is_dir() or any((root / s / "images").is_dir() for s in ("train", "val", "valid", "test")))
+    return root.is_dir() and (_is_voc(root) or _names_file(root) is not None and (
+        (root / "images").is_dir() or any((root / s / "images").is_dir() for s in ("train", "val", "valid", "test"))))
 
 
 def open_fields(root: str | os.PathLike, split: str | None) -> list[FieldItem]:
@@ -173,6 +201,8 @@ def open_fields(root: str | os.PathLike, split: str | None) -> list[FieldItem]:
     (None where a field has none: no cells)."""
     root = Path(root)
     read_kinds(root)
+    if _names_file(root) is None and _is_voc(root):
+        return _voc_fields(root, split)
     if split is None and field_splits(root):
         return [item for name in field_splits(root) for item in open_fields(root, name)]
     images, labels = split_folders(root, split)
@@ -186,6 +216,21 @@ def open_fields(root: str | os.PathLike, split: str | None) -> list[FieldItem]:
     return items
 
 
+def _voc_fields(root: Path, split: str | None) -> list[FieldItem]:
+    """A VOC set's fields: those ``ImageSets/Main/<split>.txt`` lists, or every image of ``JPEGImages``."""
+    images = sorted(p for p in (root / "JPEGImages").iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if split:
+        listed = root / "ImageSets" / "Main" / f"{split}.txt"
+        if not listed.is_file():
+            raise BloodcellError(f"{root}: no {split} split (no ImageSets/Main/{split}.txt)")
+        wanted = {line.split()[0] for line in listed.read_text().splitlines() if line.strip()}
+        images = [p for p in images if p.stem in wanted]
+    if not images:
+        raise BloodcellError(f"{root / 'JPEGImages'}: no images{f' in the {split} split' if split else ''}")
+    return [FieldItem(p, (root / "Annotations" / f"{p.stem}.xml") if (root / "Annotations" / f"{p.stem}.xml").is_file()
+                      else None) for p in images]
+
+
 def read_boxes(item: FieldItem, width: int, height: int, kind_names: list[str]) -> Boxes:
     """A YOLO label file as pixel boxes (typed where the set's class names are white-cell types); a bad
     line names the file and the line."""
@@ -193,6 +238,18 @@ def read_boxes(item: FieldItem, width: int, height: int, kind_names: list[str]) 
         return Boxes()
     labels = [field_label(name) for name in kind_names]
     xyxy, kinds, types = [], [], []
+    if item.labels.suffix == ".xml":  # Pascal VOC: pixel corners, a name per object
+        for name, box in _voc_objects(item.labels):
+            label = field_label(name)
+            if label is None:
+                raise BloodcellError(f"{item.labels}: unknown class {name!r}")
+            xyxy.append(box)
+            kinds.append(KINDS.index(label.kind))
+            types.append(label.type or "")
+        if not kinds:
+            return Boxes()
+        typed = any(types)
+        return Boxes(np.asarray(xyxy, np.float32), np.asarray(kinds, np.int64), np.asarray(types) if typed else None)
     for number, line in enumerate(item.labels.read_text().splitlines(), 1):
         parts = line.split()
         if not parts:
