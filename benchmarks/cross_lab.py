@@ -22,6 +22,10 @@ subfolder one lab); default: ``$BLOODCELL_DATA/foreign/jtsc``. For each set it r
 - a set of whole fields with one white cell each (``--fields auto``: when plain evaluation says
   most of its images are fields) is scored as ``evaluate --fields`` scores it, beside the plain
   figure, and its adaptation figures are left out (adapt learns from cells, not fields);
+- a set of boxed fields (any layout ``bloodcell evaluate`` reads as one: YOLO, Roboflow, Pascal
+  VOC) whose boxes type their white cells is scored as ``evaluate`` scores it: the white-cell
+  types of the cells found (misses counted as wrong), with the detector's AP50 per kind beside
+  them; adaptation is left out for it too;
 - the out-of-distribution AUROC of the PBC test split (``--pbc-test``: a curated PBC folder;
   its ``images/test``) against the set, and how many random batches of 50 PBC test images
   are flagged (the target: none).
@@ -233,6 +237,25 @@ def bench_set(set_dir: Path, args, work: Path) -> dict:
     return report
 
 
+def bench_boxed(set_dir: Path, args, work: Path) -> dict | None:
+    """A lab's boxed fields with typed white cells, read as `bloodcell count` reads them (None: untyped)."""
+    from bloodcell.evaluation.boxed_fields import evaluate_field_set
+
+    result = evaluate_field_set(args.model, set_dir, work)
+    types = result.get("types")
+    if types is None:
+        print(f"{set_dir}: boxed fields without white-cell types: left out (benchmarks/fields.py scores the detector)")
+        return None
+    detection = {kind: result["detection"][kind]["ap50"] for kind in ("white_cell", "red_cell", "platelet")}
+    print(f"{set_dir.name}: boxed fields, {types['typed_cells']} typed white cells, {types['found']} found; AP50 "
+          + ", ".join(f"{k} {'-' if v is None else f'{v:.3f}'}" for k, v in detection.items()))
+    as_given = {"accuracy": types["accuracy"], "balanced_accuracy": types["balanced_accuracy"],
+                "macro_f1": types["macro_f1"], "ece": types["ece_where_found"]}
+    return {"set": str(set_dir), "read_as": "boxed_fields", "fields": result["fields"], "as_given": as_given,
+            "types": types, "detection": detection, "white_cell_recall": result["detection"]["white_cell"]["recall"],
+            "domain_shift": result.get("domain_shift")}
+
+
 def main() -> None:
     data = Path(os.environ.get("BLOODCELL_DATA", HERE.parent.parent / "shared" / "data"))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -255,14 +278,22 @@ def main() -> None:
 
     from bloodcell.core.classes import CLASS_NAMES
 
-    sets = class_folder_sets(args.sets, CLASS_NAMES)
-    if not sets:
-        sys.exit(f"no class-folder sets under {', '.join(map(str, args.sets))}")
+    from bloodcell.data.fields import is_field_set
+
+    boxed = [p for path in args.sets for p in ([path] if is_field_set(path) else sorted(path.iterdir()) if path.is_dir() else [])
+             if is_field_set(p)]
+    sets = class_folder_sets([p for p in args.sets if not is_field_set(p)], CLASS_NAMES)
+    if not sets and not boxed:
+        sys.exit(f"no class-folder sets or boxed field sets under {', '.join(map(str, args.sets))}")
     results = {"model": args.model, "date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
                "cpu": cpu_name(), "cores": os.cpu_count(), "command": " ".join(sys.argv), "sets": []}
     with tempfile.TemporaryDirectory() as tmp:
         for index, set_dir in enumerate(sets):
             results["sets"].append(bench_set(set_dir, args, Path(tmp) / str(index)))
+        for index, set_dir in enumerate(boxed):
+            report = bench_boxed(set_dir, args, Path(tmp) / f"boxed{index}")
+            if report is not None:
+                results["sets"].append(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(f"\n{'set':<16}{'as given':>10}{'balanced':>10}{'ECE':>7}{f'adapted({args.per_class}/cl)':>18}{'+ rest unl.':>14}"
@@ -274,9 +305,10 @@ def main() -> None:
         both = f"{both['accuracy']['mean']:.3f}±{both['accuracy']['sd']:.3f}" if both else "-"
         unl = f"{r['unlabelled']['accuracy']:.3f}" if "unlabelled" in r else "-"
         auroc = f"{r['ood']['auroc']:.3f}" if r.get("ood") else "-"
-        name = Path(r["set"]).name + (" (fields)" if r.get("read_as") == "fields" else "")
+        name = Path(r["set"]).name + {"fields": " (fields)", "boxed_fields": " (boxed)"}.get(r.get("read_as"), "")
         print(f"{name:<16}{r['as_given']['accuracy']:>10.3f}{r['as_given']['balanced_accuracy']:>10.3f}"
-              f"{r['as_given']['ece']:>7.3f}{adapted:>18}{both:>14}{unl:>12}{auroc:>8}")
+              f"{'-' if r['as_given']['ece'] is None else format(r['as_given']['ece'], '.3f'):>7}"
+              f"{adapted:>18}{both:>14}{unl:>12}{auroc:>8}")
         if "next" in r:
             n = r["next"]
             print(f"{'':<16}{n['cells']} cells to label next, on the cells neither picked: "

@@ -110,7 +110,8 @@ def test_an_unknown_class_name_or_split_is_one_clear_error(tmp_path):
 
 def cell(box, cls, score=0.9, to_check=False, kind="white_cell"):
     return {"kind": kind, "x0": box[0], "y0": box[1], "x1": box[2], "y1": box[3], "score": score,
-            "class": cls if kind == "white_cell" else "", "to_check": to_check}
+            "class": cls if kind == "white_cell" else "", "confidence": score if kind == "white_cell" else "",
+            "to_check": to_check}
 
 
 def test_type_metrics_match_each_typed_cell_once_and_count_misses_as_wrong():
@@ -128,6 +129,8 @@ def test_type_metrics_match_each_typed_cell_once_and_count_misses_as_wrong():
     assert result["accuracy"] == pytest.approx(1 / 3)  # the third cell was not found
     assert result["accuracy_where_found"] == pytest.approx(0.5)
     assert result["balanced_accuracy"] == pytest.approx((0.5 + 0.0) / 2)
+    assert result["macro_f1"] == pytest.approx((0.5 + 0.0) / 2)  # neutrophil: 1 right of 2 answered, of 2 true
+    assert result["ece_where_found"] == pytest.approx(0.5 * abs(0.8 - 1) + 0.5 * abs(0.9 - 0))
     assert result["per_class"]["neutrophil"] == {"cells": 2, "found": 1, "right": 1}
     confusion = result["confusion"]
     assert confusion["true"] == ["lymphocyte", "neutrophil"]

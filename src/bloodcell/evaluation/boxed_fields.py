@@ -29,6 +29,7 @@ from ..inference.count import FieldCounter, FieldResult
 from ..inference.detect import Detections, box_iou
 from ..models.ood import batch_shift
 from .detection import detection_metrics
+from .metrics import calibration_error
 from .plots import plot_confusion
 
 NOT_FOUND = "not found"
@@ -65,7 +66,10 @@ def type_metrics(results: list[FieldResult], truth: list[Boxes], class_names: li
     """The classifier's answers on the lab's typed white cells (None: the set types none of them)."""
     if not any(t.types is not None and (t.types[t.kinds == WHITE] != "").any() for t in truth):
         return None
+    from sklearn.metrics import f1_score
+
     rows = []  # (true type, answer or NOT_FOUND, to check)
+    confidence = []  # of each found cell's answer
     for result, boxes in zip(results, truth):
         if boxes.types is None:
             continue
@@ -74,6 +78,8 @@ def type_metrics(results: list[FieldResult], truth: list[Boxes], class_names: li
             if kind:
                 cell = None if index is None else result.cells[index]
                 rows.append((str(kind), NOT_FOUND if cell is None else cell["class"], bool(cell and cell["to_check"])))
+                if cell is not None:
+                    confidence.append(float(cell["confidence"]))
     present = sorted({t for t, _, _ in rows}, key=lambda n: class_names.index(n) if n in class_names else len(class_names))
     per_class = {}
     for name in present:
@@ -96,7 +102,10 @@ def type_metrics(results: list[FieldResult], truth: list[Boxes], class_names: li
         "found": len(found),
         "accuracy": sum(r[0] == r[1] for r in rows) / len(rows),
         "balanced_accuracy": float(np.mean([v["right"] / v["cells"] for v in per_class.values()])),
+        "macro_f1": float(f1_score([r[0] for r in rows], [r[1] for r in rows], labels=present, average="macro",
+                                   zero_division=0)),
         "accuracy_where_found": sum(r[0] == r[1] for r in found) / len(found) if found else None,
+        "ece_where_found": calibration_error(confidence, [r[0] == r[1] for r in found]) if found else None,
         "to_check": len(found) - len(counted),
         "accuracy_counted": sum(r[0] == r[1] for r in counted) / len(counted) if counted else None,
         "per_class": per_class,

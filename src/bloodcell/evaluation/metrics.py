@@ -21,8 +21,12 @@ def macro_f1(confusion: torch.Tensor) -> float:
 
 
 def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
-    confidence = probs.max(1)
-    correct = probs.argmax(1) == labels
+    return calibration_error(probs.max(1), probs.argmax(1) == labels, bins)
+
+
+def calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:
+    """ECE of answers given with ``confidence``, right where ``correct`` (equal-width bins)."""
+    confidence, correct = np.asarray(confidence, np.float64), np.asarray(correct, bool)
     edges = np.linspace(0, 1, bins + 1)
     ece = 0.0
     for lo, hi in zip(edges[:-1], edges[1:]):
