@@ -163,7 +163,7 @@ def train(
         cfg = None if resume is not None else build_train_config(
             config, set_, epochs, data=data, model=model, weights=weights, image_size=image_size,
             batch_size=batch_size, out=out, seed=seed)
-        with progress_bar() as bar:
+        with progress_bar(transient=True) as bar:
             result = run_training(cfg, resume=resume, log=lambda line: bar.console.print(line, highlight=False, markup=False),
                                   progress_factory=epoch_progress(bar))
         Console().print(f"Run: {result.run_dir}")
@@ -359,7 +359,7 @@ def pipeline(
     from ..workflows import run_pipeline
 
     with user_errors():
-        with progress_bar() as bar:
+        with progress_bar(transient=True) as bar:
             path = run_pipeline(data, out, profile, weights,
                                 log=lambda line: bar.console.print(line, markup=False),
                                 progress_factory=epoch_progress(bar))
@@ -378,7 +378,7 @@ def recipe(
 
     with user_errors():
         settings = load_recipe(config, set_)
-        with progress_bar() as bar:
+        with progress_bar(transient=True) as bar:
             summary = run_recipe(settings, data, out, log=lambda line: bar.console.print(line, markup=False),
                                  progress_factory=epoch_progress(bar))
         Console().print(f"Model: {out / 'model.onnx'} (run {summary['run']}, {summary['timings']['total_s'] / 60:.1f} min)")

@@ -10,7 +10,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 console = Console(stderr=True, soft_wrap=True)
 
 
-def progress_bar() -> Progress:
+def progress_bar(transient: bool = False) -> Progress:
+    """Bars on stderr. ``transient``: the bars go when the step ends (training, whose per-epoch lines
+    carry the figures), so that a last bar is not printed after the run's summary in a log."""
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -19,7 +21,8 @@ def progress_bar() -> Progress:
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=console,
-        transient=False,
+        transient=transient,
+        disable=transient and not console.is_terminal,  # in a log, such bars add nothing to the lines
     )
 
 
