@@ -194,3 +194,25 @@ def test_evaluate_scores_the_types_of_a_labs_boxed_fields(tmp_path):
     # a class folder set is still scored as crops, and --split is refused there
     result = runner.invoke(app, ["evaluate", "--model", "default", "--data", str(pbc), "--split", "test", "--out", str(tmp_path / "x")])
     assert result.exit_code != 0 and "--split is for boxed fields" in result.output
+
+
+def test_adapt_learns_from_a_labs_boxed_fields(tmp_path):
+    """Typed boxes are the lab's labelled cells, cut out as count cuts them; every boxed white cell can be an unlabelled one."""
+    from bloodcell.training.adapt import AdaptConfig
+    from bloodcell.workflows.adapt import adapt_model
+
+    pbc = require(PBC224)
+    typed_fields(tmp_path / "typed", pbc, 5, {"lymphocyte": "lymphocyte", "neutrophil": "neutrophil"})
+    lines: list[str] = []
+    summary = adapt_model("default", tmp_path / "adapted", tmp_path / "typed", tmp_path / "typed", AdaptConfig(steps=3),
+                          folds=0, export=False, log=lines.append, suggest=3)
+    assert summary["labelled_per_class"] == {"lymphocyte": 5, "neutrophil": 5}
+    assert summary["unlabelled_images"] == 10
+    assert any("10 white cells cut from 10 boxed fields" in line for line in lines)
+    contract = json.loads((tmp_path / "adapted" / "model.json").read_text())
+    assert contract["adapted"]["labelled"] == str(tmp_path / "typed")
+    # fields whose white cells are boxed but not typed teach no classes: one clear line
+    (tmp_path / "typed" / "classes.txt").write_text("WBC\nRBC\n")
+    with pytest.raises(BloodcellError, match="no white cell typed"):
+        adapt_model("default", tmp_path / "again", tmp_path / "typed", None, AdaptConfig(steps=1), folds=0, export=False,
+                    log=lines.append)

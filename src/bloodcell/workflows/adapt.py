@@ -65,13 +65,56 @@ def model_directory(model: str | Path) -> Path:
     return path
 
 
+def field_cells(path: Path, size: int, framing: dict | None, log: Callable[[str], None],
+                typed_only: bool) -> tuple[list[np.ndarray], list[str], list[str]]:
+    """The white cells boxed in a lab's field set, cut out as ``bloodcell count`` cuts them and prepared as
+    the model's input: (images, types ("" where a box is untyped), where each came from). ``typed_only``:
+    only the boxes whose class is a white-cell type."""
+    from ..data.fields import KINDS, load_field, open_fields, read_kinds
+    from ..inference.count import CROP_CONTEXT, square_crop
+
+    names = read_kinds(path)
+    images, types, origins = [], [], []
+    fields = 0
+    for item in open_fields(path, None):
+        try:
+            image, boxes = load_field(item, names)
+        except ImageReadError as exc:
+            log(f"skipped {item.image}: {exc}")
+            continue
+        fields += 1
+        for index in np.flatnonzero(boxes.kinds == KINDS.index("white_cell")):
+            kind = "" if boxes.types is None else str(boxes.types[index])
+            if typed_only and not kind:
+                continue
+            images.append(preprocess(square_crop(image, boxes.xyxy[index], CROP_CONTEXT), size, framing))
+            types.append(kind)
+            origins.append(f"{item.image}#{index}")
+    log(f"{len(images)} white cells cut from {fields} boxed fields in {path} (as `bloodcell count` cuts them)")
+    return images, types, origins
+
+
 def load_labelled(path: Path, class_names: list[str], size: int, framing: dict | None,
                   log: Callable[[str], None]) -> tuple[torch.Tensor, np.ndarray, dict[str, int]]:
-    source = open_source(path, list(class_names))  # 'Neutrophils', 'EOS' ... read as the model's classes
-    if source.renamed:
-        log(renamed_line(source.renamed))
-    split = load_split(source, class_names, size, framing=framing)
-    labels = split.labels.numpy()
+    from ..data.fields import is_field_set
+
+    if is_field_set(path):  # the lab's own fields, their white cells boxed and typed
+        images, types, _ = field_cells(path, size, framing, log, typed_only=True)
+        unknown = sorted({t for t in types if t not in class_names})
+        if unknown:
+            log(f"not classes of this model, left out: {', '.join(unknown)}")
+        keep = [i for i, t in enumerate(types) if t in class_names]
+        if not keep:
+            raise BloodcellError(f"{path}: no white cell typed with one of the model's classes "
+                                 "(boxes named neutrophil, lymphocyte...; WBC boxes carry no type)")
+        tensor = torch.from_numpy(np.stack([images[i] for i in keep])).permute(0, 3, 1, 2).contiguous()
+        labels = np.array([class_names.index(types[i]) for i in keep], np.int64)
+    else:
+        source = open_source(path, list(class_names))  # 'Neutrophils', 'EOS' ... read as the model's classes
+        if source.renamed:
+            log(renamed_line(source.renamed))
+        split = load_split(source, class_names, size, framing=framing)
+        tensor, labels = split.images, split.labels.numpy()
     counts = {class_names[c]: int((labels == c).sum()) for c in np.unique(labels)}
     for name, count in counts.items():
         if count < MIN_PER_CLASS:
@@ -80,12 +123,20 @@ def load_labelled(path: Path, class_names: list[str], size: int, framing: dict |
     missing = [c for c in class_names if c not in counts]
     if missing:
         log(f"not labelled here (kept as trained): {', '.join(missing)}")
-    return split.images, labels, counts
+    return tensor, labels, counts
 
 
 def load_unlabelled(path: Path, size: int, framing: dict | None,
                     log: Callable[[str], None]) -> tuple[torch.Tensor, list[str]]:
-    """The readable images under ``path``, prepared as the model's input, and their file paths."""
+    """The readable images under ``path``, prepared as the model's input, and their file paths (for a
+    boxed field set: every white cell boxed in it, typed or not)."""
+    from ..data.fields import is_field_set
+
+    if is_field_set(path):
+        images, _, origins = field_cells(path, size, framing, log, typed_only=False)
+        if not images:
+            raise BloodcellError(f"{path}: no white cells boxed in these fields")
+        return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), origins
     items, bad = collect_inputs([path])
     images, files = [], []
     for name, entry in items:
