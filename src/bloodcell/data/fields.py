@@ -192,8 +192,12 @@ def field_splits(root: Path) -> list[str]:
 def is_field_set(root: Path) -> bool:
     """Whether ``root`` is a set of boxed fields (class names and an images folder), not class folders of images."""
     root = Path(root)
-    return root.is_dir() and (_is_voc(root) or _names_file(root) is not None and (
-        (root / "images").is_dir() or any((root / s / "images").is_dir() for s in ("train", "val", "valid", "test"))))
+    if not root.is_dir():
+        return False
+    if _is_voc(root):
+        return True
+    pairs = [root, *(root / s for s in ("train", "val", "valid", "test"))]
+    return _names_file(root) is not None and any((p / "images").is_dir() and (p / "labels").is_dir() for p in pairs)
 
 
 def open_fields(root: str | os.PathLike, split: str | None) -> list[FieldItem]:
