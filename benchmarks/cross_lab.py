@@ -25,7 +25,9 @@ subfolder one lab); default: ``$BLOODCELL_DATA/foreign/jtsc``. For each set it r
 - a set of boxed fields (any layout ``bloodcell evaluate`` reads as one: YOLO, Roboflow, Pascal
   VOC) whose boxes type their white cells is scored as ``evaluate`` scores it: the white-cell
   types of the cells found (misses counted as wrong), with the detector's AP50 per kind beside
-  them; adaptation is left out for it too;
+  them. Its typed cells, cut out from the lab's boxes as ``count`` cuts a white cell, then get
+  the adaptation figures and AUROC of a class-folder set (``as_given_cells``: the model on those
+  crops);
 - the out-of-distribution AUROC of the PBC test split (``--pbc-test``: a curated PBC folder;
   its ``images/test``) against the set, and how many random batches of 50 PBC test images
   are flagged (the target: none).
@@ -251,9 +253,43 @@ def bench_boxed(set_dir: Path, args, work: Path) -> dict | None:
           + ", ".join(f"{k} {'-' if v is None else f'{v:.3f}'}" for k, v in detection.items()))
     as_given = {"accuracy": types["accuracy"], "balanced_accuracy": types["balanced_accuracy"],
                 "macro_f1": types["macro_f1"], "ece": types["ece_where_found"]}
-    return {"set": str(set_dir), "read_as": "boxed_fields", "fields": result["fields"], "as_given": as_given,
-            "types": types, "detection": detection, "white_cell_recall": result["detection"]["white_cell"]["recall"],
-            "domain_shift": result.get("domain_shift")}
+    report = {"set": str(set_dir), "read_as": "boxed_fields", "fields": result["fields"], "as_given": as_given,
+              "types": types, "detection": detection, "white_cell_recall": result["detection"]["white_cell"]["recall"],
+              "domain_shift": result.get("domain_shift")}
+    # The typed cells, cut out as `count` cuts a white cell (from the lab's own boxes), as class folders: the
+    # adaptation figures and the out-of-distribution AUROC of a class-folder set, on the crops count would classify.
+    cells = typed_cells_as_folders(set_dir, work / "cells")
+    print(f"  {sum(cells.values())} typed white cells cut out as count cuts them "
+          f"({', '.join(f'{k} {v}' for k, v in cells.items())}); adaptation on them:", flush=True)
+    crops = bench_set(work / "cells", argparse.Namespace(**{**vars(args), "fields": "no"}), work / "cells-bench")
+    report["as_given_cells"] = crops["as_given"]
+    for key in ("labelled", "labelled_and_rest_unlabelled", "next", "unlabelled", "ood"):
+        if key in crops:
+            report[key] = crops[key]
+    return report
+
+
+def typed_cells_as_folders(set_dir: Path, out: Path) -> dict[str, int]:
+    """Each typed white-cell box of a boxed field set, cut out as `bloodcell count` cuts a white cell it found,
+    saved as ``out/<type>/<field>_<n>.png``; the number per type."""
+    from PIL import Image
+
+    from bloodcell.data.fields import KINDS, load_field, open_fields, read_kinds
+    from bloodcell.inference.count import CROP_CONTEXT, square_crop
+
+    names, counts = read_kinds(set_dir), {}
+    for item in open_fields(set_dir, None):
+        image, boxes = load_field(item, names)
+        if boxes.types is None:
+            continue
+        for n in range(len(boxes)):
+            kind = str(boxes.types[n])
+            if boxes.kinds[n] != KINDS.index("white_cell") or not kind:
+                continue
+            (out / kind).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(square_crop(image, boxes.xyxy[n], CROP_CONTEXT)).save(out / kind / f"{item.image.stem}_{n}.png")
+            counts[kind] = counts.get(kind, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def main() -> None:
