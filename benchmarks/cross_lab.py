@@ -313,7 +313,6 @@ def main() -> None:
         args.pbc_test = args.pbc_test / "images" / "test" if (args.pbc_test / "images" / "test").is_dir() else args.pbc_test
 
     from bloodcell.core.classes import CLASS_NAMES
-
     from bloodcell.data.fields import is_field_set
 
     boxed = [p for path in args.sets for p in ([path] if is_field_set(path) else sorted(path.iterdir()) if path.is_dir() else [])
