@@ -216,3 +216,26 @@ def test_adapt_learns_from_a_labs_boxed_fields(tmp_path):
     with pytest.raises(BloodcellError, match="no white cell typed"):
         adapt_model("default", tmp_path / "again", tmp_path / "typed", None, AdaptConfig(steps=1), folds=0, export=False,
                     log=lines.append)
+
+
+def test_adapt_on_unlabelled_whole_fields_takes_the_white_cells_the_detector_finds(tmp_path):
+    from bloodcell.training.adapt import AdaptConfig
+    from bloodcell.workflows.adapt import adapt_model
+
+    pbc = require(PBC224)
+    typed_fields(tmp_path / "set", pbc, 3, {"lymphocyte": "lymphocyte", "monocyte": "monocyte"})
+    lines: list[str] = []
+    summary = adapt_model("default", tmp_path / "adapted", None, tmp_path / "set" / "images", AdaptConfig(steps=2),
+                          export=False, log=lines.append, suggest=2, fields=True)
+    assert summary["unlabelled_images"] >= 6  # one white cell per field at least
+    assert any("white cells found in 6 fields" in line for line in lines)
+    assert json.loads((tmp_path / "adapted" / "model.json").read_text())["adapted"]["unlabelled_fields"] is True
+    rows = (tmp_path / "adapted" / "to_label.csv").read_text()
+    assert "#" in rows  # each cell named by its field and box
+    # the same fields read as single cells: adapt says they look like fields
+    lines.clear()
+    adapt_model("default", tmp_path / "plain", None, tmp_path / "set" / "images", AdaptConfig(steps=2), export=False,
+                log=lines.append, suggest=0)
+    assert any("looks like whole fields" in line for line in lines)
+    with pytest.raises(BloodcellError, match="--fields reads the --unlabelled"):
+        adapt_model("default", tmp_path / "x", tmp_path / "set", None, fields=True, export=False, log=lines.append)

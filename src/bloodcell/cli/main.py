@@ -459,6 +459,8 @@ def adapt(
     onnx: bool = typer.Option(True, "--onnx/--no-onnx", help="Also export OUT/model.onnx."),
     lab_frequencies: bool = typer.Option(False, "--lab-frequencies", help="With --data and --unlabelled: correct for the lab's class frequencies, estimated on the unlabelled cells."),
     suggest: int = typer.Option(20, help="With --unlabelled: list this many of those cells, the adapted model's least certain, in OUT/to_label.csv (0: none)."),
+    fields: bool = typer.Option(False, "--fields", help="With --unlabelled: the images are whole fields; every white cell the cell detector finds is an unlabelled cell."),
+    detector: str = typer.Option("default", "--detector", help="With --fields: a train-detector run, or 'default'."),
 ):
     """Adapt a model to one lab's images; OUT works with every --model (evaluate, predict, serve, export)."""
     from ..training.adapt import AdaptConfig
@@ -468,7 +470,7 @@ def adapt(
         log = lambda line: console.print(line, highlight=False, markup=False)  # noqa: E731
         with console.status("adapting"):
             adapt_model(model, out, data, unlabelled, AdaptConfig(steps=steps, seed=seed, lab_frequencies=lab_frequencies),
-                        folds, onnx, log, suggest)
+                        folds, onnx, log, suggest, fields, detector)
         Console().print(f"Adapted model: {out}")
 
 

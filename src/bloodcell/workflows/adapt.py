@@ -126,11 +126,29 @@ def load_labelled(path: Path, class_names: list[str], size: int, framing: dict |
     return tensor, labels, counts
 
 
-def load_unlabelled(path: Path, size: int, framing: dict | None,
-                    log: Callable[[str], None]) -> tuple[torch.Tensor, list[str]]:
-    """The readable images under ``path``, prepared as the model's input, and their file paths (for a
-    boxed field set: every white cell boxed in it, typed or not)."""
+def found_cells(images: list[np.ndarray], names: list[str], detector: str | Path, size: int,
+                framing: dict | None) -> tuple[list[np.ndarray], list[str]]:
+    """Every white cell the detector finds in whole fields, cut out and prepared as ``count`` does it."""
+    from ..inference.count import CROP_CONTEXT, square_crop
+    from ..inference.detect import load_detector
+
+    finder = load_detector(detector)
+    cells, origins = [], []
+    for image, name, found in zip(images, names, finder.detect_batch(images)):
+        for box, kind in zip(found.boxes.xyxy, found.boxes.kinds):
+            if kind == 0:  # white_cell
+                cells.append(preprocess(square_crop(image, box, CROP_CONTEXT), size, framing))
+                origins.append(f"{name}#{','.join(f'{v:.0f}' for v in box)}")
+    return cells, origins
+
+
+def load_unlabelled(path: Path, size: int, framing: dict | None, log: Callable[[str], None],
+                    fields: bool = False, detector: str | Path = "default") -> tuple[torch.Tensor, list[str]]:
+    """The readable images under ``path``, prepared as the model's input, and their file paths. For a boxed
+    field set: every white cell boxed in it, typed or not; with ``fields``: every white cell ``detector``
+    finds in the images, which are whole fields."""
     from ..data.fields import is_field_set
+    from ..inference.count import count_field_like, mostly_fields
 
     if is_field_set(path):
         images, _, origins = field_cells(path, size, framing, log, typed_only=False)
@@ -139,19 +157,43 @@ def load_unlabelled(path: Path, size: int, framing: dict | None,
         return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), origins
     items, bad = collect_inputs([path])
     images, files = [], []
+    chunk: list[tuple[np.ndarray, str]] = []
+
+    def flush() -> None:
+        cells, origins = found_cells([c[0] for c in chunk], [c[1] for c in chunk], detector, size, framing)
+        images.extend(cells)
+        files.extend(origins)
+        chunk.clear()
+
+    fields_read = 0
     for name, entry in items:
         if isinstance(entry, tuple):
             bad.append((name, "arrays are not read as unlabelled cells; pass a folder of images"))
             continue
         try:
-            images.append(preprocess(decode_file(entry)[0], size, framing))
-            files.append(str(entry))
+            decoded = decode_file(entry)[0]
         except (ImageReadError, BloodcellError) as exc:
             bad.append((name, str(exc)))
+            continue
+        if fields:
+            chunk.append((decoded, str(entry)))
+            fields_read += 1
+            if len(chunk) == 8:
+                flush()
+        else:
+            images.append(preprocess(decoded, size, framing))
+            files.append(str(entry))
+    if chunk:
+        flush()
     for name, reason in bad:
         log(f"skipped {name}: {reason}")
+    if fields:
+        log(f"{len(images)} white cells found in {fields_read} fields in {path} (cut out as `bloodcell count` cuts them)")
+    elif mostly_fields(count_field_like(files)):
+        log(f"warning: {path} looks like whole fields, not single cells; pass --fields to adapt on the white cells "
+            "the detector finds in them")
     if not images:
-        raise BloodcellError(f"{path}: no readable images")
+        raise BloodcellError(f"{path}: no readable images" if not fields else f"{path}: no white cell found in these fields")
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), files
 
 
@@ -191,14 +233,18 @@ def cross_validate(net, images: torch.Tensor, labels: np.ndarray, config: AdaptC
 
 def adapt_model(model: str | Path, out: str | Path, labelled: str | Path | None = None,
                 unlabelled: str | Path | None = None, config: AdaptConfig | None = None, folds: int = 3,
-                export: bool = True, log: Callable[[str], None] = print, suggest: int = 20) -> dict:
+                export: bool = True, log: Callable[[str], None] = print, suggest: int = 20,
+                fields: bool = False, detector: str | Path = "default") -> dict:
     """Adapt ``model`` to a lab and write the adapted model directory ``out``; returns a summary.
 
     With unlabelled cells, ``out/to_label.csv`` lists the ``suggest`` of them the adapted model is
-    least sure of: the cells whose labels would teach the next adaptation most.
+    least sure of: the cells whose labels would teach the next adaptation most. ``fields``: the
+    unlabelled images are whole fields, and their cells are the white cells ``detector`` finds.
     """
     if labelled is None and unlabelled is None:
         raise BloodcellError("adapt needs --data (class folders of the lab's labelled cells) or --unlabelled DIR")
+    if fields and unlabelled is None:
+        raise BloodcellError("--fields reads the --unlabelled images as whole fields; give --unlabelled DIR")
     config = config or AdaptConfig()
     start = time.perf_counter()
     source_dir = model_directory(model)
@@ -211,14 +257,16 @@ def adapt_model(model: str | Path, out: str | Path, labelled: str | Path | None 
     counts: dict[str, int] = {}
     if labelled is not None:
         images, labels, counts = load_labelled(Path(labelled), names, size, framing, log)
-    pool, pool_files = load_unlabelled(Path(unlabelled), size, framing, log) if unlabelled is not None else (None, [])
+    pool, pool_files = (load_unlabelled(Path(unlabelled), size, framing, log, fields, detector)
+                        if unlabelled is not None else (None, []))
     log(f"adapting {source_dir} on " + " and ".join(
         part for part in (f"{len(labels)} labelled cells ({', '.join(f'{k} {v}' for k, v in counts.items())})"
                           if labels is not None else "", f"{len(pool)} unlabelled cells" if pool is not None else "")
         if part))
     summary: dict = {"source_model": str(source_dir), "labelled": str(labelled) if labelled else None,
                      "unlabelled": str(unlabelled) if unlabelled else None, "labelled_per_class": counts,
-                     "unlabelled_images": len(pool) if pool is not None else 0, "config": config.model_dump(mode="json")}
+                     "unlabelled_images": len(pool) if pool is not None else 0, "unlabelled_fields": fields,
+                     "config": config.model_dump(mode="json")}
     temperature = contract.temperature
     if labels is not None:
         before = logits_of(net, images).argmax(1).numpy()
@@ -259,6 +307,8 @@ def adapt_model(model: str | Path, out: str | Path, labelled: str | Path | None 
     adapted = {key: summary[key] for key in ("source_model", "labelled", "unlabelled", "labelled_per_class",
                                               "unlabelled_images")}
     adapted["mode"] = "+".join(m for m, given in (("labelled", labelled), ("unlabelled", unlabelled)) if given)
+    if fields:
+        adapted["unlabelled_fields"] = True  # the white cells the detector found in whole fields
     if "cross_validated" in summary:
         adapted["cross_validated_accuracy"] = summary["cross_validated"]["accuracy"]
     if "class_prior" in summary:
