@@ -15,7 +15,7 @@ CLASS_NAMES: tuple[str, ...] = (
 # The classes a white-cell differential counts (erythroblasts and platelets are reported apart).
 WHITE_CELLS: tuple[str, ...] = ("basophil", "eosinophil", "ig", "lymphocyte", "monocyte", "neutrophil")
 
-# Other names labs give the same classes (folder names are compared after `_key`: lower case,
+# Other names labs give the same classes (folder names are compared after `name_key`: lower case,
 # no spaces, hyphens or underscores, no plural "s"). PBC's neutrophil class holds band and
 # segmented neutrophils, its ig class promyelocytes, myelocytes and metamyelocytes.
 _ALIASES: dict[str, tuple[str, ...]] = {
@@ -30,14 +30,15 @@ _ALIASES: dict[str, tuple[str, ...]] = {
 }
 
 
-def _key(name: str) -> str:
+def name_key(name: str) -> str:
+    """How class names are compared: lower case, letters and digits only, no plural "s"."""
     key = "".join(ch for ch in name.lower() if ch.isalnum())
     return key[:-1] if key.endswith("s") and len(key) > 3 else key
 
 
-_BY_KEY = {_key(alias): name for name, aliases in _ALIASES.items() for alias in (name, *aliases)}
+_BY_KEY = {name_key(alias): name for name, aliases in _ALIASES.items() for alias in (name, *aliases)}
 
 
 def canonical_class(name: str) -> str | None:
     """The PBC class a class-folder name means ('Neutrophils', 'EOS', 'immature granulocytes'), or None."""
-    return name if name in CLASS_NAMES else _BY_KEY.get(_key(name))
+    return name if name in CLASS_NAMES else _BY_KEY.get(name_key(name))

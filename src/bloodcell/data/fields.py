@@ -9,10 +9,12 @@ A field set is laid out as YOLO does it (the layout of ``$BLOODCELL_DATA/fields`
 Also read: Ultralytics' ``data.yaml`` (``names:``) in place of ``classes.txt``, Roboflow's
 ``<split>/images`` and ``<split>/labels`` (``valid`` for ``val``), a set without splits
 (``images/`` and ``labels/`` directly), and Pascal VOC (BCCD's layout: ``Annotations/*.xml``,
-``JPEGImages/``, splits from ``ImageSets/Main/<split>.txt``). The names may be the usual ones of each kind (``WBC``,
-``RBC``, ``Platelets``, ``leukocyte``...) or white-cell types (``neutrophil``, ``Lymphocytes``,
-``EOS``...: any name :func:`bloodcell.core.classes.canonical_class` knows): a typed box is a
-white cell whose type is known, which ``evaluate --fields`` scores the classifier on.
+``JPEGImages/``, splits from ``ImageSets/Main/<split>.txt``). The names may be the usual ones
+of each kind (``WBC``, ``RBC``, ``Platelets``, ``leukocyte``...) or white-cell types
+(``neutrophil``, ``Lymphocytes``, ``EOS``...: any name
+:func:`bloodcell.core.classes.canonical_class` knows). A typed box is a white cell whose type
+is known: ``bloodcell evaluate`` scores the classifier on it, and ``bloodcell adapt`` learns
+from it.
 
 The detector sees a field through one path, :func:`letterbox`: the field is scaled so its
 longer side is the detector's ``image_size`` and centred on a square canvas filled with the
@@ -32,7 +34,7 @@ import yaml
 from PIL import Image
 from scipy import ndimage
 
-from ..core.classes import canonical_class
+from ..core.classes import canonical_class, name_key
 from ..core.errors import BloodcellError, ImageReadError
 from .framing import locate_cell, stain_score
 from .sources import IMAGE_EXTENSIONS, decode_file
@@ -48,11 +50,6 @@ _KIND_NAMES = {
 }
 
 
-def _key(name: str) -> str:
-    key = "".join(ch for ch in name.lower() if ch.isalnum())
-    return key[:-1] if key.endswith("s") and len(key) > 3 else key
-
-
 @dataclass(frozen=True)
 class FieldLabel:
     """What a field set's class name means: a kind, and for a white cell possibly its type (a PBC class)."""
@@ -64,7 +61,7 @@ class FieldLabel:
 def field_label(name: str) -> FieldLabel | None:
     """A box class name as a kind (``WBC``, ``red_cell``, ``Platelets``) or a typed white cell
     (``neutrophil``, ``Lymphocytes``, ``NRBC``: erythroblasts are nucleated, found as white cells); None: unknown."""
-    key = _key(name)
+    key = name_key(name)
     for kind, names in _KIND_NAMES.items():
         if key in names:
             return FieldLabel(kind)
