@@ -232,6 +232,31 @@ def test_train_detector_writes_a_run_resumes_and_exports(tmp_path):
         np.testing.assert_allclose(np.sort(onnx_found.scores), np.sort(torch_found.scores), atol=1e-3)
 
 
+def test_more_field_sets_join_training_in_their_share(tmp_path):
+    from bloodcell.training.detector import draw_fields, load_extra
+
+    main, extra = [("raabin", i) for i in range(5)], [("other lab", i) for i in range(5)]
+    rng = np.random.default_rng(0)
+    samples = [draw_fields(rng, main, extra, 0.3, 4) for _ in range(2000)]
+    assert all(len({lab for lab, _ in s}) == 1 for s in samples)  # one lab per sample
+    assert np.mean([s[0][0] == "other lab" for s in samples]) == pytest.approx(0.3, abs=0.03)
+    # without extra fields the draws are the ones before extra fields existed
+    a, b = np.random.default_rng(1), np.random.default_rng(1)
+    assert draw_fields(a, main, [], 0.3, 4) == [main[i] for i in b.integers(len(main), size=4)]
+    # a set with splits gives its train split; a set without, all of it
+    with_splits = tiny_fields(tmp_path / "split")
+    flat = tmp_path / "flat"
+    (flat / "images").mkdir(parents=True)
+    (flat / "labels").mkdir()
+    (flat / "data.yaml").write_text("names: [WBC, RBC, Platelets]\n")
+    for i in range(3):
+        Image.new("RGB", (64, 64), (230, 200, 210)).save(flat / "images" / f"{i}.png")
+        (flat / "labels" / f"{i}.txt").write_text("0 0.5 0.5 0.3 0.3\n")
+    fields = load_extra([with_splits, flat])
+    assert len(fields) == 4 + 3
+    assert all(b.kinds.tolist() == [0] for _, b in fields[4:])
+
+
 def test_a_detector_directory_without_a_contract_is_refused(tmp_path):
     from bloodcell.inference.detect import load_detector
 

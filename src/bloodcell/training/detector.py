@@ -29,6 +29,7 @@ from ..core.settings import data_root, default_weights, resolve_weights
 from ..data.fields import (
     KINDS,
     Boxes,
+    field_splits,
     letterbox,
     load_field,
     open_fields,
@@ -55,6 +56,9 @@ class DetectorTrainConfig(BaseModel):
     out: Path | None = None
     detector: DetectorContract = Field(default_factory=DetectorContract)
     weights: str | None = Field(None, description="ImageNet backbone weights; default: the backbone's file in $BLOODCELL_WEIGHTS")
+    extra_data: list[Path] = Field(default_factory=list, description="more boxed field sets (any layout bloodcell reads), "
+                                   "e.g. other labs' fields: their train split (all of a set without splits) joins training")
+    extra_share: float = Field(0.3, ge=0, le=1, description="share of training samples drawn from extra_data")
     platelets: Path | None = Field(None, description="PBC platelet crops pasted into training fields; default $BLOODCELL_DATA/pbc224/platelet")
     max_pasted: int = Field(4, ge=0, description="platelets pasted per field, drawn from 0..max_pasted")
     epochs: int = Field(60, ge=1)
@@ -90,9 +94,17 @@ def _sample_rng(config: DetectorTrainConfig, epoch: int) -> np.random.Generator:
     return np.random.default_rng([config.seed, epoch])
 
 
-def load_split(root: Path, split: str) -> list[tuple[np.ndarray, Boxes]]:
+def load_split(root: Path, split: str | None) -> list[tuple[np.ndarray, Boxes]]:
     kinds = read_kinds(root)
     return [load_field(item, kinds) for item in open_fields(root, split)]
+
+
+def load_extra(roots: list[Path]) -> list[tuple[np.ndarray, Boxes]]:
+    """The training fields of more field sets: each one's train split, or all of a set without splits."""
+    fields = []
+    for root in roots:
+        fields += load_split(Path(root), "train" if "train" in field_splits(Path(root)) else None)
+    return fields
 
 
 def red_cell_side(fields: list[tuple[np.ndarray, Boxes]], size: int) -> float | None:
@@ -104,6 +116,13 @@ def red_cell_side(fields: list[tuple[np.ndarray, Boxes]], size: int) -> float | 
              for image, b in fields]
     sides = np.concatenate(sides) if sides else np.zeros(0)
     return round(float(np.median(sides)), 1) if len(sides) else None
+
+
+def draw_fields(rng: np.random.Generator, fields: list, extra: list, extra_share: float, count: int) -> list:
+    """The fields of one training sample, all from one lab: from ``extra`` with probability ``extra_share``
+    (where there are any; the draws are as without them otherwise, so older runs resume alike)."""
+    pool = extra if extra and rng.random() < extra_share else fields
+    return [pool[i] for i in rng.integers(len(pool), size=count)]
 
 
 def validate(graph: DetectorGraph, canvases: list[np.ndarray], truth: list[Boxes], contract: DetectorContract) -> dict:
@@ -146,6 +165,10 @@ def train_detector(config: DetectorTrainConfig | None = None, resume: Path | Non
     train_fields, val_fields = load_split(root, "train"), load_split(root, "val")
     log(f"fields: {len(train_fields)} train, {len(val_fields)} val "
         f"({', '.join(f'{sum(int((b.kinds == k).sum()) for _, b in train_fields)} {n}' for k, n in enumerate(KINDS))} in train)")
+    extra_fields = load_extra(config.extra_data) if config.extra_data else []
+    if extra_fields:
+        log(f"more fields: {len(extra_fields)} from {', '.join(map(str, config.extra_data))}, "
+            f"{config.extra_share:.0%} of the training samples")
 
     min_visible = np.array([config.min_visible_by_kind.get(kind, config.min_visible) for kind in KINDS], np.float32)
     platelet_dir = config.platelets or (data_root() / "pbc224" / "platelet" if data_root() else None)
@@ -158,7 +181,9 @@ def train_detector(config: DetectorTrainConfig | None = None, resume: Path | Non
 
     contract = config.detector.model_copy(update={"red_cell_side": red_cell_side(train_fields, config.detector.image_size),
                                                   "trained_on": {
-        "data": str(root), "fields": len(train_fields), "pasted_platelets_from": str(platelet_dir) if patches else None}})
+        "data": str(root), "fields": len(train_fields), "pasted_platelets_from": str(platelet_dir) if patches else None,
+        **({"extra_data": [str(p) for p in config.extra_data], "extra_fields": len(extra_fields),
+            "extra_share": config.extra_share} if extra_fields else {})}})
     torch.manual_seed(config.seed)
     weights = resolve_weights(config.weights) if config.weights else default_weights(contract.backbone)
     model = build_detector(contract, weights if resume is None else None)
@@ -200,7 +225,7 @@ def train_detector(config: DetectorTrainConfig | None = None, resume: Path | Non
         for _ in range(steps_per_epoch):
             images, targets = [], []
             for _ in range(config.batch_size):
-                chosen = [train_fields[i] for i in rng.integers(len(train_fields), size=config.fields_per_sample)]
+                chosen = draw_fields(rng, train_fields, extra_fields, config.extra_share, config.fields_per_sample)
                 image, boxes = training_sample(chosen, size, config.crop, rng, patches, config.zoom,
                                                (0, config.max_pasted), config.blank_p, min_visible)
                 images.append(torch.from_numpy(image).permute(2, 0, 1).float() / 255.0)
