@@ -125,10 +125,36 @@ def test_nms_matches_torchvision():
         for iou in (0.3, 0.5, 0.7):
             expected = tv_nms(torch.from_numpy(boxes), torch.from_numpy(scores), iou).numpy()
             np.testing.assert_array_equal(nms(boxes, scores, iou), expected)
+    # thousands of boxes (a large field read on tiles) are suppressed in blocks of rows: the same boxes kept
+    boxes = random_boxes(rng, 3000, size=1500)
+    scores = rng.uniform(0, 1, 3000).astype(np.float32)
+    expected = tv_nms(torch.from_numpy(boxes), torch.from_numpy(scores), 0.5).numpy()
+    np.testing.assert_array_equal(nms(boxes, scores, 0.5), expected)
     from torchvision.ops import box_iou as tv_iou
 
     a, b = random_boxes(rng, 7), random_boxes(rng, 9)
     np.testing.assert_allclose(box_iou(a, b), tv_iou(torch.from_numpy(a), torch.from_numpy(b)).numpy(), atol=1e-6)
+
+
+def test_blocked_greedy_suppression_keeps_what_one_matrix_keeps():
+    from bloodcell.inference.detect import greedy_keep, nested_suppression
+
+    rng = np.random.default_rng(5)
+    boxes = random_boxes(rng, 300)
+    order = np.argsort(-rng.uniform(0, 1, 300), kind="stable")
+    ranked = boxes[order]
+    matrix = box_iou(ranked, ranked) > 0.4
+    whole = greedy_keep(300, lambda r, c: matrix[np.ix_(r, c)], block=300)
+    for block in (1, 7, 64):
+        np.testing.assert_array_equal(greedy_keep(300, lambda r, c: matrix[np.ix_(r, c)], block=block), whole)
+    # and what the plain greedy loop keeps
+    dropped = np.zeros(300, bool)
+    for i in range(300):
+        if not dropped[i]:
+            dropped[i + 1 :] |= matrix[i, i + 1 :]
+    np.testing.assert_array_equal(whole, np.flatnonzero(~dropped))
+    kept = nested_suppression(boxes, rng.uniform(0, 1, 300), 0.7)
+    assert len(np.unique(kept)) == len(kept) and 0 < len(kept) < 300
 
 
 def test_exported_graph_and_postprocess_give_torchvisions_fcos_detections():

@@ -49,23 +49,36 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return box_overlap(a, b, "union")
 
 
-def greedy_keep(suppresses: np.ndarray) -> np.ndarray:
-    """Greedy suppression over boxes ranked best first: ``suppresses[i, j]`` says box i removes a later box j.
+NMS_BLOCK = 256  # boxes whose suppression rows are computed at once: memory NMS_BLOCK x boxes, not boxes^2
 
-    Returns the positions (in rank order) of the boxes kept.
+
+def greedy_keep(count: int, suppresses, block: int = NMS_BLOCK) -> np.ndarray:
+    """Greedy suppression over ``count`` boxes ranked best first; returns the positions kept (in rank order).
+
+    ``suppresses(rows, cols)`` gives the boolean matrix saying box ``rows[a]`` removes box ``cols[b]``
+    (when ``rows[a]`` is kept and ranks before ``cols[b]``). It is asked for blocks of rows at a time,
+    so a field read on many tiles (tens of thousands of boxes) needs memory for ``block`` rows only;
+    the answer is the one-matrix greedy's (tested).
     """
-    dropped = np.zeros(len(suppresses), bool)
-    later = np.triu(np.ones_like(suppresses, dtype=bool), k=1)
-    for i in range(len(suppresses)):
-        if not dropped[i]:
-            dropped |= suppresses[i] & later[i]
+    dropped = np.zeros(count, bool)
+    for start in range(0, count, block):
+        stop = min(start + block, count)
+        rows = np.arange(start, stop)
+        inside = suppresses(rows, rows)
+        for i in range(stop - start):
+            if not dropped[start + i]:
+                dropped[start + i + 1 : stop] |= inside[i, i + 1 :]
+        kept = rows[~dropped[start:stop]]
+        if stop < count and len(kept):
+            dropped[stop:] |= suppresses(kept, np.arange(stop, count)).any(axis=0)
     return np.flatnonzero(~dropped)
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
     """Indices kept by greedy non-maximum suppression, highest score first (``torchvision.ops.nms``)."""
     order = np.argsort(-scores, kind="stable")
-    return order[greedy_keep(box_iou(boxes[order], boxes[order]) > iou)]
+    ranked = boxes[order]
+    return order[greedy_keep(len(order), lambda r, c: box_iou(ranked[r], ranked[c]) > iou)]
 
 
 def nested_suppression(boxes: np.ndarray, scores: np.ndarray, share: float) -> np.ndarray:
@@ -75,7 +88,8 @@ def nested_suppression(boxes: np.ndarray, scores: np.ndarray, share: float) -> n
     another, or round it, is one cell found twice.
     """
     order = np.argsort(-scores, kind="stable")
-    return order[greedy_keep(box_overlap(boxes[order], boxes[order], "smaller") >= share)]
+    ranked = boxes[order]
+    return order[greedy_keep(len(order), lambda r, c: box_overlap(ranked[r], ranked[c], "smaller") >= share)]
 
 
 def postprocess(boxes: np.ndarray, scores: np.ndarray, contract: DetectorContract) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -105,8 +119,8 @@ def suppress(candidates: np.ndarray, kinds: np.ndarray, values: np.ndarray,
     keep = keep[np.argsort(-values[keep], kind="stable")][: contract.max_detections]
     out_boxes, out_kinds, out_scores = candidates[keep], kinds[keep], values[keep]
     if contract.cross_kind_iou < 1 and len(keep):  # one cell found as two kinds: the better-scoring one stays
-        other_kind = out_kinds[:, None] != out_kinds[None, :]
-        kept_rank = greedy_keep((box_iou(out_boxes, out_boxes) > contract.cross_kind_iou) & other_kind)
+        kept_rank = greedy_keep(len(keep), lambda r, c: (box_iou(out_boxes[r], out_boxes[c]) > contract.cross_kind_iou)
+                                & (out_kinds[r][:, None] != out_kinds[c][None, :]))
         out_boxes, out_kinds, out_scores = out_boxes[kept_rank], out_kinds[kept_rank], out_scores[kept_rank]
     return out_boxes.astype(np.float32), out_kinds.astype(np.int64), out_scores.astype(np.float32)
 

@@ -126,9 +126,14 @@ def draw_fields(rng: np.random.Generator, fields: list, extra: list, extra_share
 
 
 def validate(graph: DetectorGraph, canvases: list[np.ndarray], truth: list[Boxes], contract: DetectorContract) -> dict:
-    """AP50 per kind on letterboxed validation fields (boxes in canvas pixels)."""
+    """AP50 per kind on letterboxed validation fields (boxes in canvas pixels).
+
+    The fields are read at the letterbox scale only: they are the training lab's, at its
+    magnification, and a half-trained network's red cells are no ruler (read on magnified tiles at
+    a score of 0.05, the first epochs' boxes ran to tens of thousands per field).
+    """
     graph.eval()
-    low = contract.lowered()
+    low = contract.lowered().model_copy(update={"red_cell_side": None})
 
     def run(batch):
         with torch.inference_mode():
