@@ -274,21 +274,14 @@ def typed_cells_as_folders(set_dir: Path, out: Path) -> dict[str, int]:
     saved as ``out/<type>/<field>_<n>.png``; the number per type."""
     from PIL import Image
 
-    from bloodcell.data.fields import KINDS, load_field, open_fields, read_kinds
-    from bloodcell.inference.count import CROP_CONTEXT, square_crop
+    from bloodcell.inference.count import boxed_white_cells
 
-    names, counts = read_kinds(set_dir), {}
-    for item in open_fields(set_dir, None):
-        image, boxes = load_field(item, names)
-        if boxes.types is None:
-            continue
-        for n in range(len(boxes)):
-            kind = str(boxes.types[n])
-            if boxes.kinds[n] != KINDS.index("white_cell") or not kind:
-                continue
-            (out / kind).mkdir(parents=True, exist_ok=True)
-            Image.fromarray(square_crop(image, boxes.xyxy[n], CROP_CONTEXT)).save(out / kind / f"{item.image.stem}_{n}.png")
-            counts[kind] = counts.get(kind, 0) + 1
+    counts: dict[str, int] = {}
+    for crop, kind, origin in boxed_white_cells(set_dir, typed_only=True):
+        (out / kind).mkdir(parents=True, exist_ok=True)
+        field, _, box = origin.rpartition("#")
+        Image.fromarray(crop).save(out / kind / f"{Path(field).stem}_{box}.png")
+        counts[kind] = counts.get(kind, 0) + 1
     return dict(sorted(counts.items()))
 
 

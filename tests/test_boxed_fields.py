@@ -208,7 +208,7 @@ def test_adapt_learns_from_a_labs_boxed_fields(tmp_path):
                           folds=0, export=False, log=lines.append, suggest=3)
     assert summary["labelled_per_class"] == {"lymphocyte": 5, "neutrophil": 5}
     assert summary["unlabelled_images"] == 10
-    assert any("10 white cells cut from 10 boxed fields" in line for line in lines)
+    assert any("10 white cells cut from the boxed fields" in line for line in lines)
     contract = json.loads((tmp_path / "adapted" / "model.json").read_text())
     assert contract["adapted"]["labelled"] == str(tmp_path / "typed")
     # fields whose white cells are boxed but not typed teach no classes: one clear line

@@ -65,6 +65,30 @@ def square_crop(image: np.ndarray, box: np.ndarray, context: float) -> np.ndarra
     return crop
 
 
+def boxed_white_cells(root, typed_only: bool = False, on_skip=None):
+    """The white cells boxed in a field set (any layout :mod:`bloodcell.data.fields` reads), each cut out
+    as ``count`` cuts a white cell it found: (crop, type ("" where the box has none), "field#box").
+
+    ``typed_only``: only the boxes whose class is a white-cell type. An unreadable field is passed to
+    ``on_skip(path, reason)`` and left out.
+    """
+    from ..core.errors import ImageReadError
+    from ..data.fields import load_field, open_fields, read_kinds
+
+    names = read_kinds(root)
+    for item in open_fields(root, None):
+        try:
+            image, boxes = load_field(item, names)
+        except ImageReadError as exc:
+            if on_skip:
+                on_skip(item.image, str(exc))
+            continue
+        for index in np.flatnonzero(boxes.kinds == KINDS.index("white_cell")):
+            kind = "" if boxes.types is None else str(boxes.types[index])
+            if kind or not typed_only:
+                yield square_crop(image, boxes.xyxy[index], CROP_CONTEXT), kind, f"{item.image}#{index}"
+
+
 # An image is read as a whole field, not a single-cell crop, when the detector's best white cell is
 # smaller than this share of the image's shorter side (in PBC's crops 0.27-0.5), or lies off its centre.
 FIELD_CELL_SHARE = 0.2

@@ -70,27 +70,14 @@ def field_cells(path: Path, size: int, framing: dict | None, log: Callable[[str]
     """The white cells boxed in a lab's field set, cut out as ``bloodcell count`` cuts them and prepared as
     the model's input: (images, types ("" where a box is untyped), where each came from). ``typed_only``:
     only the boxes whose class is a white-cell type."""
-    from ..data.fields import KINDS, load_field, open_fields, read_kinds
-    from ..inference.count import CROP_CONTEXT, square_crop
+    from ..inference.count import boxed_white_cells
 
-    names = read_kinds(path)
     images, types, origins = [], [], []
-    fields = 0
-    for item in open_fields(path, None):
-        try:
-            image, boxes = load_field(item, names)
-        except ImageReadError as exc:
-            log(f"skipped {item.image}: {exc}")
-            continue
-        fields += 1
-        for index in np.flatnonzero(boxes.kinds == KINDS.index("white_cell")):
-            kind = "" if boxes.types is None else str(boxes.types[index])
-            if typed_only and not kind:
-                continue
-            images.append(preprocess(square_crop(image, boxes.xyxy[index], CROP_CONTEXT), size, framing))
-            types.append(kind)
-            origins.append(f"{item.image}#{index}")
-    log(f"{len(images)} white cells cut from {fields} boxed fields in {path} (as `bloodcell count` cuts them)")
+    for crop, kind, origin in boxed_white_cells(path, typed_only, lambda name, why: log(f"skipped {name}: {why}")):
+        images.append(preprocess(crop, size, framing))
+        types.append(kind)
+        origins.append(origin)
+    log(f"{len(images)} white cells cut from the boxed fields in {path} (as `bloodcell count` cuts them)")
     return images, types, origins
 
 
