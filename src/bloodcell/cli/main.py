@@ -198,8 +198,7 @@ def evaluate(
 ):
     """Score a trained model: accuracy, macro-F1, per-class recall, calibration, robustness.
 
-    Given boxed fields (YOLO layout: classes.txt or data.yaml, images/, labels/), scores the cell
-    detector per kind and, where the boxes carry white-cell types, the types of the cells found."""
+    Given boxed fields (YOLO, Roboflow or Pascal VOC), scores the cell detector per kind and, where the boxes name white-cell types, the types of the cells found."""
     from ..data.fields import is_field_set
     from ..evaluation import compare_runs, evaluate_model
 
