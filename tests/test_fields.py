@@ -660,3 +660,26 @@ def test_count_says_which_fields_it_read_magnified(tmp_path):
     assert 2 <= summary["magnified"][0]["magnification"] <= 6
     assert summary["differential"]["fields_magnified"] == 1
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["magnified"] == summary["magnified"]
+
+
+def test_a_white_cell_box_without_stained_pixels_is_dropped():
+    """Another lab's pale red cells read as white cells hold no nucleus; the box is dropped, a stained one kept."""
+    from bloodcell.data.fields import Letterbox
+    from bloodcell.inference.detect import CellDetector
+
+    canvas = np.zeros((128, 128, 3), np.uint8)
+    canvas[:] = (235, 215, 210)  # background
+    yy, xx = np.mgrid[0:128, 0:128]
+    canvas[(yy - 40) ** 2 + (xx - 40) ** 2 < 15**2] = (215, 170, 190)  # a pale red cell
+    canvas[(yy - 90) ** 2 + (xx - 90) ** 2 < 12**2] = (90, 40, 130)  # a purple nucleus
+    frame = Letterbox(scale=0.5, left=0, top=0)  # the field is twice the canvas
+    boxes = Boxes(np.array([[50, 50, 110, 110], [150, 150, 210, 210], [50, 50, 110, 110]], np.float32),
+                  np.array([KINDS.index("white_cell"), KINDS.index("white_cell"), KINDS.index("red_cell")]))
+    found = Detections(boxes, np.array([0.9, 0.8, 0.7], np.float32))
+    kept = CellDetector(None, DetectorContract(white_cell_min_stain=0.05)).nucleated(found, canvas, frame)
+    assert kept.boxes.kinds.tolist() == [KINDS.index("white_cell"), KINDS.index("red_cell")]
+    np.testing.assert_allclose(kept.boxes.xyxy[0], [150, 150, 210, 210])  # the nucleated one
+    off = CellDetector(None, DetectorContract(white_cell_min_stain=0.0))
+    assert len(off.nucleated(found, canvas, frame)) == 3  # 0: every box kept
+    assert json.loads((Path(__file__).parents[1] / "src/bloodcell/default_detector/detector.json").read_text())[
+        "white_cell_min_stain"] == 0.05

@@ -17,6 +17,7 @@ import numpy as np
 
 from ..core.errors import BloodcellError
 from ..data.fields import KINDS, Boxes, box_overlap, letterbox
+from ..data.framing import stain_score
 from ..models.detector import DETECTOR_FILE, DetectorContract, read_detector_contract
 
 DEFAULT_DETECTOR = "default"
@@ -153,27 +154,57 @@ class CellDetector:
     def detect_batch(self, images: list[np.ndarray]) -> list[Detections]:
         """Each field read at the letterbox scale; one whose red cells come out too small to read (a lower
         magnification than training's) is read again, magnified, on overlapping tiles (:meth:`magnified`)."""
-        found = self._letterboxed(images)
-        if self.contract.red_cell_side is None:
-            return found
-        for index, (image, detections) in enumerate(zip(images, found)):
-            found[index] = self.magnified(image, detections)
+        framed: list = []
+        found = self._letterboxed(images, framed)
+        if self.contract.red_cell_side is not None:
+            for index, (image, detections) in enumerate(zip(images, found)):
+                found[index] = self.magnified(image, detections)
+        if self.contract.white_cell_min_stain > 0:
+            found = [self.nucleated(f, canvas, frame) for f, (canvas, frame) in zip(found, framed)]
         return found
 
-    def _letterboxed(self, images: list[np.ndarray]) -> list[Detections]:
+    def _letterboxed(self, images: list[np.ndarray], framed: list | None = None) -> list[Detections]:
+        """Detections of each image read whole at the letterbox scale; ``framed`` receives each (canvas, frame)."""
         if not images:
             return []
         size = self.contract.image_size
-        framed = [letterbox(image, size) for image in images]
-        canvases = np.stack([c for c, _ in framed]).transpose(0, 3, 1, 2)
+        letterboxed = [letterbox(image, size) for image in images]
+        if framed is not None:
+            framed.extend(letterboxed)
+        canvases = np.stack([c for c, _ in letterboxed]).transpose(0, 3, 1, 2)
         boxes, scores = self._run(np.ascontiguousarray(canvases))
         found = []
-        for image, (_, frame), b, s in zip(images, framed, boxes, scores):
+        for image, (_, frame), b, s in zip(images, letterboxed, boxes, scores):
             kept, kinds, values = postprocess(b, s, self.contract)
             kinds = np.asarray([KINDS.index(self.contract.kinds[k]) for k in kinds], np.int64)
             original = frame.to_original(kept, image.shape[1], image.shape[0])
             found.append(Detections(Boxes(original, kinds), values))
         return found
+
+    def nucleated(self, detections: Detections, canvas: np.ndarray, frame) -> Detections:
+        """``detections`` less the white-cell boxes holding too few stained pixels to hold a nucleus.
+
+        The stain mask is the framing's (:mod:`bloodcell.data.framing`): the field's stain score above
+        the midpoint of its median and 99.5th percentile, on the letterboxed canvas. Another lab's pale
+        red cells and empty background, read as white cells, hold almost none of it (docs/experiments.md,
+        nineteenth session).
+        """
+        white = np.flatnonzero(detections.boxes.kinds == KINDS.index("white_cell"))
+        if not len(white):
+            return detections
+        from scipy import ndimage
+
+        score = ndimage.uniform_filter(stain_score(canvas), size=3)
+        low, high = np.percentile(score, [50, 99.5])
+        mask = score > low + 0.5 * (high - low)
+        keep = np.ones(len(detections), bool)
+        xyxy = detections.boxes.xyxy[white] * frame.scale + np.array([frame.left, frame.top] * 2, np.float32)
+        for index, (x0, y0, x1, y1) in zip(white, xyxy):
+            inside = mask[max(int(y0), 0) : max(int(np.ceil(y1)), 0), max(int(x0), 0) : max(int(np.ceil(x1)), 0)]
+            keep[index] = inside.size > 0 and inside.mean() >= self.contract.white_cell_min_stain
+        if keep.all():
+            return detections
+        return Detections(detections.boxes.select(keep), detections.scores[keep], detections.magnification)
 
     @staticmethod
     def _ruler_cells(detections: Detections) -> np.ndarray:

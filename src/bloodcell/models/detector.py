@@ -61,6 +61,9 @@ class DetectorContract(BaseModel):
         "number tells the network the cells' size, so it reads them well at lower magnifications")
     crowded_magnify_below: float = Field(
         0.45, gt=0, lt=1, description="magnify_below for a crowded field")
+    white_cell_min_stain: float = Field(
+        0.05, ge=0, le=1, description="a white cell has a stained nucleus: a white-cell box whose area the field's "
+        "most stained pixels (the framing's stain mask) cover less than this share of is dropped (0: off)")
     trained_on: dict = Field(default_factory=dict)
 
     def to_json(self) -> str:
