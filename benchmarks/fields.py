@@ -27,7 +27,10 @@ Reports, on the ``--split`` fields of ``--data`` (default ``$BLOODCELL_DATA/fiel
 - crop framing: the median ratio of a PBC image's side to the white-cell box the detector finds
   in it (``CROP_CONTEXT`` in ``bloodcell.inference.count``), and, on the PBC test split
   (``--pbc-test``: a curated folder, its ``images/test``) used as one-cell "fields", the class
-  accuracy through ``count`` against ``predict`` on the same images.
+  accuracy through ``count`` against ``predict`` on the same images; on those images (another
+  lab's smears to the detector), the white-cell boxes away from the central cell with and
+  without the nucleus rule (``white_cell_min_stain``), and how often a platelet image's centre
+  is called a white cell.
 
 Writes JSON (the machine's CPU included) and prints a table.
 """
@@ -279,15 +282,28 @@ def pbc_framing(detector_name: str, model: str, curated: Path, limit: int) -> di
             box = det.boxes.xyxy[white][np.argmax(det.scores[white])]
             ratios.append(min(image.shape[:2]) / max(box[2] - box[0], box[3] - box[1]))
     counter = FieldCounter(detector, predictor)
+    # The same network without the nucleus rule: how many white-cell boxes the rule drops on another lab's smears.
+    unruled = detector.with_contract(detector.contract.model_copy(update={"white_cell_min_stain": 0.0}))
     test = [p for p in sorted((curated / "images" / "test").rglob("*.jpg")) if p.parent.name != "platelet"]
     test = [test[i] for i in rng.permutation(len(test))[:limit]]
     hits_count = hits_predict = found = 0
+    off_centre = {"rule": 0, "no_rule": 0}  # white-cell boxes away from the image's central cell
+
+    def off(found_cells: Detections, image: np.ndarray) -> int:
+        h, w = image.shape[:2]
+        white = found_cells.boxes.xyxy[found_cells.boxes.kinds == KINDS.index("white_cell")]
+        cx, cy = (white[:, 0] + white[:, 2]) / 2, (white[:, 1] + white[:, 3]) / 2
+        return int((~((abs(cx - w / 2) < w / 4) & (abs(cy - h / 2) < h / 4))).sum())
+
     for start in range(0, len(test), 16):
         chunk = test[start : start + 16]
         images = [decode_file(p)[0] for p in chunk]
         labels = [p.parent.name for p in chunk]
         direct = predictor.probabilities(images).argmax(1)
-        results = counter.count(images, [str(p) for p in chunk])
+        detected = detector.detect_batch(images)
+        results = counter.type_cells(images, [str(p) for p in chunk], detected)
+        off_centre["rule"] += sum(off(d, image) for d, image in zip(detected, images))
+        off_centre["no_rule"] += sum(off(d, image) for d, image in zip(unruled.detect_batch(images), images))
         for label, d, result in zip(labels, direct, results):
             hits_predict += predictor.class_names[d] == label
             white = [c for c in result.cells if c["kind"] == "white_cell"]
@@ -303,18 +319,21 @@ def pbc_framing(detector_name: str, model: str, curated: Path, limit: int) -> di
         paths = sorted(p for p in platelet_dir.iterdir() if p.is_file())
         pasted = {paths[i].name for i in np.random.default_rng(0).permutation(len(paths))[:400]}
     platelets = [p for p in sorted((curated / "images" / "test" / "platelet").glob("*.jpg")) if p.name not in pasted]
-    centred = 0
+    centred = {"platelet": 0, "white_cell": 0}
     for path in platelets:
         image = decode_file(path)[0]
         det = detector.detect(image)
         h, w = image.shape[:2]
-        mine = det.boxes.xyxy[det.boxes.kinds == KINDS.index("platelet")]
-        cx, cy = (mine[:, 0] + mine[:, 2]) / 2, (mine[:, 1] + mine[:, 3]) / 2
-        centred += bool(np.any((abs(cx - w / 2) < w / 4) & (abs(cy - h / 2) < h / 4)))
+        for kind in centred:
+            mine = det.boxes.xyxy[det.boxes.kinds == KINDS.index(kind)]
+            cx, cy = (mine[:, 0] + mine[:, 2]) / 2, (mine[:, 1] + mine[:, 3]) / 2
+            centred[kind] += bool(np.any((abs(cx - w / 2) < w / 4) & (abs(cy - h / 2) < h / 4)))
     return {"context_median": float(np.median(ratios)) if ratios else None, "context_used": CROP_CONTEXT,
             "context_images": len(ratios), "test_images": len(test), "white_cell_found": found / len(test),
             "accuracy_predict": hits_predict / len(test), "accuracy_count": hits_count / len(test),
-            "platelet_images": len(platelets), "platelet_found_at_centre": centred / max(len(platelets), 1)}
+            "white_cells_off_centre": off_centre["rule"], "white_cells_off_centre_no_nucleus_rule": off_centre["no_rule"],
+            "platelet_images": len(platelets), "platelet_found_at_centre": centred["platelet"] / max(len(platelets), 1),
+            "platelet_centre_called_white_cell": centred["white_cell"] / max(len(platelets), 1)}
 
 
 def main() -> None:
@@ -419,7 +438,10 @@ def main() -> None:
         print(f"PBC framing: context median {p['context_median']:.2f} (used {p['context_used']}); "
               f"accuracy through count {p['accuracy_count']:.4f} vs predict {p['accuracy_predict']:.4f} "
               f"({p['test_images']} test images, white cell found in {p['white_cell_found']:.3f}); "
-              f"platelet found at the centre of {p['platelet_found_at_centre']:.3f} of {p['platelet_images']} PBC platelet crops")
+              f"platelet found at the centre of {p['platelet_found_at_centre']:.3f} of {p['platelet_images']} PBC platelet crops "
+              f"(a white cell there in {p['platelet_centre_called_white_cell']:.3f})")
+        print(f"PBC test images: {p['white_cells_off_centre']} white-cell boxes away from the central cell "
+              f"({p['white_cells_off_centre_no_nucleus_rule']} without the nucleus rule)")
     print(f"written to {args.out}")
 
 

@@ -233,24 +233,33 @@ def _voc_fields(root: Path, split: str | None) -> list[FieldItem]:
 
 
 def read_boxes(item: FieldItem, width: int, height: int, kind_names: list[str]) -> Boxes:
-    """A YOLO label file as pixel boxes (typed where the set's class names are white-cell types); a bad
-    line names the file and the line."""
+    """A label file (YOLO's, or a Pascal VOC annotation) as pixel boxes, typed where the set's class names
+    are white-cell types; a bad line names the file and the line."""
     if item.labels is None:
         return Boxes()
     labels = [field_label(name) for name in kind_names]
-    xyxy, kinds, types = [], [], []
     if item.labels.suffix == ".xml":  # Pascal VOC: pixel corners, a name per object
+        entries = []
         for name, box in _voc_objects(item.labels):
             label = field_label(name)
             if label is None:
                 raise BloodcellError(f"{item.labels}: unknown class {name!r}")
-            xyxy.append(box)
-            kinds.append(KINDS.index(label.kind))
-            types.append(label.type or "")
-        if not kinds:
-            return Boxes()
-        typed = any(types)
-        return Boxes(np.asarray(xyxy, np.float32), np.asarray(kinds, np.int64), np.asarray(types) if typed else None)
+            entries.append((label, box))
+        labels = [label for label, _ in entries]
+    else:
+        entries = _yolo_entries(item, width, height, kind_names, labels)
+    if not entries:
+        return Boxes()
+    typed = any(known.type for known in labels if known is not None)
+    return Boxes(np.asarray([box for _, box in entries], np.float32),
+                 np.asarray([KINDS.index(label.kind) for label, _ in entries], np.int64),
+                 np.asarray([label.type or "" for label, _ in entries]) if typed else None)
+
+
+def _yolo_entries(item: FieldItem, width: int, height: int, kind_names: list[str],
+                  labels: list[FieldLabel | None]) -> list[tuple[FieldLabel, list[float]]]:
+    """(label, pixel box) of each line of a YOLO label file; a bad line names the file and the line."""
+    entries = []
     for number, line in enumerate(item.labels.read_text().splitlines(), 1):
         parts = line.split()
         if not parts:
@@ -264,13 +273,8 @@ def read_boxes(item: FieldItem, width: int, height: int, kind_names: list[str]) 
         label = labels[index]
         if label is None:
             raise BloodcellError(f"{item.labels}:{number}: unknown class {kind_names[index]!r}")
-        xyxy.append([(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height])
-        kinds.append(KINDS.index(label.kind))
-        types.append(label.type or "")
-    if not kinds:
-        return Boxes()
-    typed = any(known.type for known in labels if known is not None)
-    return Boxes(np.asarray(xyxy, np.float32), np.asarray(kinds, np.int64), np.asarray(types) if typed else None)
+        entries.append((label, [(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height]))
+    return entries
 
 
 def load_field(item: FieldItem, kind_names: list[str]) -> tuple[np.ndarray, Boxes]:

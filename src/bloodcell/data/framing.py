@@ -68,6 +68,15 @@ def stain_score(image: np.ndarray) -> np.ndarray:
     return purple
 
 
+def stain_mask(score: np.ndarray, min_contrast: float = 0.0) -> np.ndarray:
+    """Each image's stained pixels, from a stack (N, H, W) of smoothed stain scores: those above the
+    midpoint of the image's median and 99.5th percentile; none where those two lie less than
+    ``min_contrast`` apart (nothing stands out)."""
+    low, high = np.percentile(score.reshape(len(score), -1), [50, 99.5], axis=1)
+    contrast = high - low >= min_contrast
+    return (score > (low + 0.5 * (high - low))[:, None, None]) & contrast[:, None, None]
+
+
 def blob_stats(labels: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Area and centre (row, column within its image) of blobs 1..count of a label image.
 
@@ -142,9 +151,7 @@ def locate_cells(images: list[np.ndarray | Image.Image], min_contrast: float = 1
         return []
     small = work_copies(images)
     score = ndimage.uniform_filter(stain_score(small), size=(1, 3, 3))
-    low, high = np.percentile(score.reshape(len(images), -1), [50, 99.5], axis=1)
-    contrast = high - low >= min_contrast
-    mask = (score > (low + 0.5 * (high - low))[:, None, None]) & contrast[:, None, None]
+    mask = stain_mask(score, min_contrast)
     labels, count = ndimage.label(mask, structure=_PLANE)
     if count == 0:
         return [None] * len(images)

@@ -115,8 +115,8 @@ def type_metrics(results: list[FieldResult], truth: list[Boxes], class_names: li
     }
 
 
-def score_fields(counter: FieldCounter, fields, batch_size: int = 8,
-                 on_field=None) -> tuple[list[FieldResult], list[Boxes], list[Detections], list[dict]]:
+def score_fields(counter: FieldCounter, fields, batch_size: int = 8
+                 ) -> tuple[list[FieldResult], list[Boxes], list[Detections], list[dict]]:
     """Read ``fields`` (an iterable of (name, loader) where loader() gives (image, truth boxes)) through
     ``count``'s path, keeping every detection down to 0.05 as well.
 
@@ -136,9 +136,6 @@ def score_fields(counter: FieldCounter, fields, batch_size: int = 8,
         results.extend(typed)
         truth.extend(boxes for _, _, boxes in batch)
         ranked.extend(found)
-        if on_field:
-            for _ in batch:
-                on_field()
         batch.clear()
 
     for name, loader in fields:
@@ -146,8 +143,6 @@ def score_fields(counter: FieldCounter, fields, batch_size: int = 8,
             image, boxes = loader()
         except ImageReadError as exc:
             unreadable.append({"path": name, "error": str(exc)})
-            if on_field:
-                on_field()
             continue
         batch.append((name, image, boxes))
         if len(batch) >= batch_size:
@@ -158,7 +153,7 @@ def score_fields(counter: FieldCounter, fields, batch_size: int = 8,
 
 
 def evaluate_field_set(model_path: str | Path, data: str | Path, out: str | Path, detector: str | Path = "default",
-                       split: str | None = None, abstain_below: float = 0.7, on_field=None) -> dict:
+                       split: str | None = None, abstain_below: float = 0.7) -> dict:
     """Score the detector and the classifier on a boxed field set (``split``: one of its splits; None: all
     of it). Writes ``metrics.json``, ``cells.csv`` (every cell found, with the lab's type of the box it
     matched) and, where the set types its white cells, ``confusion_matrix.png``."""
@@ -170,7 +165,7 @@ def evaluate_field_set(model_path: str | Path, data: str | Path, out: str | Path
     items = open_fields(data, split)
     counter = FieldCounter(load_detector(detector), load_predictor(model_path), abstain_below)
     fields = [(str(item.image), (lambda item=item: load_field(item, names))) for item in items]
-    results, truth, ranked, unreadable = score_fields(counter, fields, on_field=on_field)
+    results, truth, ranked, unreadable = score_fields(counter, fields)
     if not results:
         raise BloodcellError(f"{data}: none of its {len(items)} fields could be read")
     contract = counter.detector.contract

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..core.errors import BloodcellError
 from ..data.fields import KINDS, Boxes, box_overlap, letterbox
-from ..data.framing import stain_score
+from ..data.framing import stain_mask, stain_score
 from ..models.detector import DETECTOR_FILE, DetectorContract, read_detector_contract
 
 DEFAULT_DETECTOR = "default"
@@ -194,9 +194,7 @@ class CellDetector:
             return detections
         from scipy import ndimage
 
-        score = ndimage.uniform_filter(stain_score(canvas), size=3)
-        low, high = np.percentile(score, [50, 99.5])
-        mask = score > low + 0.5 * (high - low)
+        mask = stain_mask(ndimage.uniform_filter(stain_score(canvas[None]), size=(1, 3, 3)))[0]
         keep = np.ones(len(detections), bool)
         xyxy = detections.boxes.xyxy[white] * frame.scale + np.array([frame.left, frame.top] * 2, np.float32)
         for index, (x0, y0, x1, y1) in zip(white, xyxy):

@@ -113,19 +113,18 @@ def load_labelled(path: Path, class_names: list[str], size: int, framing: dict |
     return tensor, labels, counts
 
 
-def found_cells(images: list[np.ndarray], names: list[str], detector: str | Path, size: int,
+def found_cells(images: list[np.ndarray], names: list[str], finder, size: int,
                 framing: dict | None) -> tuple[list[np.ndarray], list[str]]:
-    """Every white cell the detector finds in whole fields, cut out and prepared as ``count`` does it."""
+    """Every white cell ``finder`` (a :class:`~bloodcell.inference.detect.CellDetector`) finds in whole fields,
+    cut out and prepared as ``count`` does it."""
+    from ..data.fields import KINDS
     from ..inference.count import CROP_CONTEXT, square_crop
-    from ..inference.detect import load_detector
 
-    finder = load_detector(detector)
     cells, origins = [], []
     for image, name, found in zip(images, names, finder.detect_batch(images)):
-        for box, kind in zip(found.boxes.xyxy, found.boxes.kinds):
-            if kind == 0:  # white_cell
-                cells.append(preprocess(square_crop(image, box, CROP_CONTEXT), size, framing))
-                origins.append(f"{name}#{','.join(f'{v:.0f}' for v in box)}")
+        for box in found.boxes.xyxy[found.boxes.kinds == KINDS.index("white_cell")]:
+            cells.append(preprocess(square_crop(image, box, CROP_CONTEXT), size, framing))
+            origins.append(f"{name}#{','.join(f'{v:.0f}' for v in box)}")
     return cells, origins
 
 
@@ -145,9 +144,13 @@ def load_unlabelled(path: Path, size: int, framing: dict | None, log: Callable[[
     items, bad = collect_inputs([path])
     images, files = [], []
     chunk: list[tuple[np.ndarray, str]] = []
+    if fields:
+        from ..inference.detect import load_detector
+
+        finder = load_detector(detector)  # once, for every chunk of fields
 
     def flush() -> None:
-        cells, origins = found_cells([c[0] for c in chunk], [c[1] for c in chunk], detector, size, framing)
+        cells, origins = found_cells([c[0] for c in chunk], [c[1] for c in chunk], finder, size, framing)
         images.extend(cells)
         files.extend(origins)
         chunk.clear()
