@@ -434,6 +434,48 @@ def test_count_command_prints_the_differential(tmp_path):
     assert (tmp_path / "o" / "cells.csv").is_file() and not (tmp_path / "o" / "overlays").exists()
 
 
+def test_count_cuts_the_white_cells_out_for_review_and_adapt_reads_them(tmp_path):
+    """`count --crops`: each white cell in its class's folder (or to_check/), named in cells.csv; once the
+    lab has sorted them, adapt reads the folder as labelled cells and leaves the unsorted ones out."""
+    from typer.testing import CliRunner
+
+    from bloodcell.cli import app
+    from bloodcell.core.classes import CLASS_NAMES
+    from bloodcell.inference.count import CROP_CONTEXT
+    from bloodcell.workflows.adapt import load_labelled
+
+    shipped_detector()
+    fields = sorted((require(FIELDS) / "images" / "test").glob("*.jpg"))[:4]
+    out = tmp_path / "o"
+    result = CliRunner().invoke(app, ["count", *map(str, fields), "--out", str(out), "--no-overlays", "--crops"])
+    assert result.exit_code == 0, result.output
+    assert "bloodcell adapt --data" in " ".join(result.output.split())
+    cells = list(csv.DictReader((out / "cells.csv").read_text().splitlines()))
+    white = [c for c in cells if c["kind"] == "white_cell"]
+    assert white and all(c["crop"] == "" for c in cells if c["kind"] != "white_cell")
+    files = sorted((out / "crops").rglob("*.png"))
+    assert sorted(str(f.relative_to(out)) for f in files) == sorted(c["crop"] for c in white)
+    for c in white:
+        folder = Path(c["crop"]).parent.name
+        assert folder == ("to_check" if c["to_check"] == "True" else c["class"])
+        side = Image.open(out / c["crop"]).size
+        box_side = max(float(c["x1"]) - float(c["x0"]), float(c["y1"]) - float(c["y0"]))
+        assert side[0] == side[1] and abs(side[0] - box_side * CROP_CONTEXT) <= 2
+    # The lab sorts every cell to check but one into a class folder: adapt learns from the sorted cells and
+    # says what it left out.
+    to_check = out / "crops" / "to_check"
+    to_check.mkdir(exist_ok=True)
+    if not any(to_check.iterdir()):
+        files[0].rename(to_check / "unsorted.png")
+    (out / "crops" / "lymphocyte").mkdir(exist_ok=True)
+    for file in sorted(to_check.iterdir())[1:]:
+        file.rename(out / "crops" / "lymphocyte" / file.name)
+    lines = []
+    _, labels, counts = load_labelled(out / "crops", list(CLASS_NAMES), 32, None, lines.append)
+    assert len(labels) == len(white) - 1 >= 1 and sum(counts.values()) == len(labels)
+    assert "to_check/: 1 cell(s) not sorted into a class folder, left out" in lines
+
+
 def test_nested_boxes_of_one_white_cell_count_once_and_thresholds_can_differ_by_kind():
     from bloodcell.inference.detect import nested_suppression
 

@@ -529,6 +529,8 @@ def count(
     detector: str = typer.Option("default", "--detector", help="The cell detector: a train-detector run, or 'default'."),
     abstain_below: float = typer.Option(0.7, help="White cells below this confidence go to 'to check'."),
     overlays: bool = typer.Option(True, "--overlays/--no-overlays", help="Draw OUT/overlays/<image>.png."),
+    crops: bool = typer.Option(False, "--crops", help="Cut each white cell out into OUT/crops/<class>/ (or crops/to_check/), "
+                               "to review and sort, then: bloodcell adapt --data OUT/crops."),
     batch_size: int = typer.Option(8, "--batch-size"),
 ):
     """Find every cell in whole smear fields, type the white cells, and count them."""
@@ -539,7 +541,7 @@ def count(
         total = len(collect_inputs([str(p) for p in paths])[0])
         with progress_bar() as bar:
             summary = count_fields([str(p) for p in paths], out, model, detector, abstain_below, batch_size,
-                                   overlays=overlays, progress=item_progress(bar)("counting", total))
+                                   overlays=overlays, progress=item_progress(bar)("counting", total), crops=crops)
         for skipped in summary["skipped"]:
             console.print(Text.assemble(("skipped", "yellow"), f" {skipped['image']}: {skipped['reason']}"), highlight=False)
         diff = summary["differential"]
@@ -561,7 +563,11 @@ def count(
                 ("warning", "bold yellow"),
                 f": {diff['to_check']} of {diff['white_cell_boxes']} white cells are to check: these fields do not look "
                 "like the lab the classifier was trained on. Check them, or adapt the model (bloodcell adapt)."), highlight=False)
-        console.print(f"Written to {out}: cells.csv, counts.csv, summary.json" + (", overlays/" if overlays else ""))
+        console.print(f"Written to {out}: cells.csv, counts.csv, summary.json" + (", overlays/" if overlays else "")
+                      + (", crops/" if crops else ""))
+        if crops and diff["white_cell_boxes"]:
+            console.print(f"Review the white cells in {out / 'crops'}: move each wrong one to its class's folder, sort "
+                          f"crops/to_check/, then adapt the model to them: bloodcell adapt --data {out / 'crops'}", highlight=False)
 
 
 @app.command("train-detector")

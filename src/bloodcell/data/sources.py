@@ -52,6 +52,8 @@ class Source:
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     # Class folders read under another name: folder name -> class ('Neutrophils' -> 'neutrophil').
     renamed: dict[str, str] = field(default_factory=dict)
+    # Folders left out on purpose (``open_source(..., ignore=...)``): folder name -> files in it.
+    ignored: dict[str, int] = field(default_factory=dict)
 
     def label_name(self, label: int | None) -> str:
         return "" if label is None else self.class_names[label]
@@ -72,8 +74,10 @@ class Batch:
     conversions: Counter  # "mode P converted to RGB" -> count
 
 
-def open_source(path: str | os.PathLike, class_names: list[str] | None = None) -> Source:
-    """Read a dataset's layout (not its pixels) from a class-folder tree or an ``.npz`` file."""
+def open_source(path: str | os.PathLike, class_names: list[str] | None = None, ignore: tuple[str, ...] = ()) -> Source:
+    """Read a dataset's layout (not its pixels) from a class-folder tree or an ``.npz`` file.
+
+    Folders named in ``ignore`` (``count --crops``'s ``to_check``) are left out and counted in ``Source.ignored``."""
     root = Path(path)
     if not root.exists():
         raise BloodcellError(f"{root}: no such file or folder")
@@ -81,11 +85,14 @@ def open_source(path: str | os.PathLike, class_names: list[str] | None = None) -
         if root.suffix.lower() != ".npz":
             raise BloodcellError(f"{root}: expected a folder of class folders or an .npz file")
         return _open_npz(root, class_names)
-    return _open_folders(root, class_names)
+    return _open_folders(root, class_names, ignore)
 
 
-def _open_folders(root: Path, class_names: list[str] | None) -> Source:
+def _open_folders(root: Path, class_names: list[str] | None, ignore: tuple[str, ...] = ()) -> Source:
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    ignored = {d.name: sum(1 for p in d.rglob("*") if p.is_file() and not p.name.startswith("."))
+               for d in subdirs if d.name in ignore}
+    subdirs = [d for d in subdirs if d.name not in ignore]
     if not subdirs:
         raise BloodcellError(
             f"{root}: no class folders found; expected {root}/<class>/<image files>"
@@ -118,7 +125,7 @@ def _open_folders(root: Path, class_names: list[str] | None) -> Source:
     for file in sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")):
         problems.append((len(items) + len(problems), str(file), "not inside a class folder"))
     renamed = {name: cls for name, cls in folder_class.items() if name != cls}
-    return Source(root, "folders", list(class_names), items, problems, renamed=renamed)
+    return Source(root, "folders", list(class_names), items, problems, renamed=renamed, ignored=ignored)
 
 
 def _npz_labels(labels: np.ndarray, where: str) -> np.ndarray:

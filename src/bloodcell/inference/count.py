@@ -38,6 +38,7 @@ class FieldResult:
     height: int
     cells: list[dict] = field(default_factory=list)
     magnification: float = 1.0  # > 1: taken at a lower magnification than the detector's training, read on tiles
+    crops: list[np.ndarray] = field(default_factory=list)  # the white cells as the classifier saw them, in row order
 
     def counts(self, class_names: list[str]) -> dict:
         white = [c for c in self.cells if c["kind"] == "white_cell"]
@@ -165,11 +166,12 @@ class FieldCounter:
     def class_names(self) -> list[str]:
         return self.predictor.class_names
 
-    def count(self, images: list[np.ndarray], names: list[str]) -> list[FieldResult]:
-        return self.type_cells(images, names, self.detector.detect_batch(images))
+    def count(self, images: list[np.ndarray], names: list[str], keep_crops: bool = False) -> list[FieldResult]:
+        return self.type_cells(images, names, self.detector.detect_batch(images), keep_crops)
 
-    def type_cells(self, images: list[np.ndarray], names: list[str], found: list[Detections]) -> list[FieldResult]:
-        """Fields' detections as cells, each white cell cut out and classified."""
+    def type_cells(self, images: list[np.ndarray], names: list[str], found: list[Detections],
+                   keep_crops: bool = False) -> list[FieldResult]:
+        """Fields' detections as cells, each white cell cut out and classified (``keep_crops``: kept in the result)."""
         crops, owners = [], []
         results = []
         for index, (image, name, det) in enumerate(zip(images, names, found)):
@@ -181,6 +183,8 @@ class FieldCounter:
                 if KINDS[kind] == "white_cell":
                     crops.append(square_crop(image, box, self.context))
                     owners.append(cell)
+                    if keep_crops:
+                        result.crops.append(crops[-1])
                 result.cells.append(cell)
             results.append(result)
         if crops:

@@ -48,6 +48,7 @@ from ..training.adapt import (
     least_certain,
     shift_class_prior,
 )
+from .count import TO_CHECK_FOLDER
 
 MIN_PER_CLASS = 5
 TO_LABEL_FILE = "to_label.csv"
@@ -97,9 +98,12 @@ def load_labelled(path: Path, class_names: list[str], size: int, framing: dict |
         tensor = torch.from_numpy(np.stack([images[i] for i in keep])).permute(0, 3, 1, 2).contiguous()
         labels = np.array([class_names.index(types[i]) for i in keep], np.int64)
     else:
-        source = open_source(path, list(class_names))  # 'Neutrophils', 'EOS' ... read as the model's classes
+        # 'Neutrophils', 'EOS' ... read as the model's classes; count --crops's to_check/ is what the lab did not sort
+        source = open_source(path, list(class_names), ignore=(TO_CHECK_FOLDER,))
         if source.renamed:
             log(renamed_line(source.renamed))
+        for folder, files in source.ignored.items():
+            log(f"{folder}/: {files} cell(s) not sorted into a class folder, left out")
         split = load_split(source, class_names, size, framing=framing)
         tensor, labels = split.images, split.labels.numpy()
     counts = {class_names[c]: int((labels == c).sum()) for c in np.unique(labels)}

@@ -9,7 +9,12 @@ Writes into OUT (created; the fields themselves are never changed):
 - ``summary.json``: the run's differential and totals, the fields skipped with a reason, and
   the fields read on magnified tiles (taken at a lower magnification than the detector's
   training fields) with the magnification;
-- ``overlays/<image>.png``: each field with its boxes and labels drawn.
+- ``overlays/<image>.png``: each field with its boxes and labels drawn;
+- with ``crops``, ``crops/<class>/<image>-<n>.png``: each white cell cut out as the classifier saw
+  it, in the folder of its class, or in ``crops/to_check/``. A lab reviews them as it would on an
+  analyser (moves a wrong cell to its class's folder, sorts the cells to check, deletes what it
+  cannot tell), and ``bloodcell adapt --data OUT/crops`` then learns from its own cells. The
+  ``crop`` column of cells.csv names each cell's file.
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ from ..inference.count import (
 from ..inference.detect import load_detector
 from ..inference.predictor import load_predictor
 
-CELL_COLUMNS = ["image", "kind", "x0", "y0", "x1", "y1", "score", "class", "confidence", "ood_score", "to_check"]
+CELL_COLUMNS = ["image", "kind", "x0", "y0", "x1", "y1", "score", "class", "confidence", "ood_score", "to_check", "crop"]
+TO_CHECK_FOLDER = "to_check"  # crops/ folder of the white cells to check (adapt leaves it out)
 
 
 def overlay_name(name: str, taken: set[str]) -> str:
@@ -47,10 +53,22 @@ def overlay_name(name: str, taken: set[str]) -> str:
     return candidate
 
 
+def save_crops(result: FieldResult, root: Path, stem: str, pool: ThreadPoolExecutor) -> None:
+    """Write ``result``'s white cells under ``root/<class or to_check>/<stem>-<n>.png``; each row gets its ``crop``."""
+    from PIL import Image
+
+    white = [cell for cell in result.cells if cell["kind"] == "white_cell"]
+    for n, (cell, crop) in enumerate(zip(white, result.crops), start=1):
+        folder = TO_CHECK_FOLDER if cell["to_check"] else cell["class"]
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        cell["crop"] = f"crops/{folder}/{stem}-{n}.png"
+        pool.submit(Image.fromarray(crop).save, root / folder / f"{stem}-{n}.png")
+
+
 def count_fields(paths: Iterable[str | Path], out: str | Path, model: str | Path = "default",
                  detector: str | Path = "default", abstain_below: float = 0.7, batch_size: int = 8,
                  workers: int = 2, overlays: bool = True, context: float = CROP_CONTEXT,
-                 progress: Callable[[int], None] | None = None) -> dict:
+                 progress: Callable[[int], None] | None = None, crops: bool = False) -> dict:
     """Count every field under ``paths`` (files and folders, recursive); returns the summary written to OUT."""
     from ..data import decode_file
 
@@ -71,9 +89,10 @@ def count_fields(paths: Iterable[str | Path], out: str | Path, model: str | Path
 
     results: list[FieldResult] = []
     taken: set[str] = set()
+    crop_stems: set[str] = set()
     with open(out / "cells.csv", "w", newline="") as cells_file, open(out / "counts.csv", "w", newline="") as counts_file, \
             ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        cells_writer = csv.DictWriter(cells_file, fieldnames=CELL_COLUMNS)
+        cells_writer = csv.DictWriter(cells_file, fieldnames=CELL_COLUMNS, restval="")
         cells_writer.writeheader()
         counts_writer = csv.DictWriter(counts_file, fieldnames=["image", "white_cells", *counter.class_names,
                                                                 "red_cells", "platelets", "to_check"])
@@ -84,8 +103,11 @@ def count_fields(paths: Iterable[str | Path], out: str | Path, model: str | Path
             good = [(name, image) for (name, _), image in zip(chunk, decoded) if not isinstance(image, Exception)]
             bad += [(name, str(image)) for (name, _), image in zip(chunk, decoded) if isinstance(image, Exception)]
             if good:
-                batch = counter.count([image for _, image in good], [name for name, _ in good])
+                batch = counter.count([image for _, image in good], [name for name, _ in good], keep_crops=crops)
                 for (_, image), result in zip(good, batch):
+                    if crops:
+                        save_crops(result, out / "crops", Path(overlay_name(result.name, crop_stems)).stem, pool)
+                    result.crops = []  # a run may hold thousands of fields
                     cells_writer.writerows({"image": result.name, **cell} for cell in result.cells)
                     counts_writer.writerow(result.counts(counter.class_names))
                     if overlays:
