@@ -182,6 +182,53 @@ def test_predict_command(onnx_model, original_files, tmp_path):
     assert (tmp_path / "again.csv").read_text().splitlines()[1] == out.read_text().splitlines()[1]
 
 
+def test_predict_sorts_copies_for_review_and_adapt_reads_the_sorted_folder(onnx_model, original_files, tmp_path):
+    """`predict --sort-into DIR`: each image copied (never moved) into DIR/<class>/ or DIR/to_check/, a name
+    taken twice numbered, an .npz array written as PNG; the sorted folder is what adapt --data reads."""
+    import csv
+
+    from bloodcell.core.classes import CLASS_NAMES
+    from bloodcell.workflows.adapt import load_labelled
+
+    folder = tmp_path / "cells"
+    for sub, files in (("a", original_files[:4]), ("b", original_files[:2])):  # b repeats two of a's names
+        (folder / sub).mkdir(parents=True)
+        for f in files:
+            (folder / sub / f.name).write_bytes(f.read_bytes())
+    arrays = tmp_path / "more.npz"
+    np.savez(arrays, images=np.stack([np.asarray(Image.open(f).convert("RGB").resize((64, 64))) for f in original_files[4:6]]),
+             labels=np.zeros(2, np.int64))
+    before = sorted((p, p.stat().st_mtime_ns) for p in folder.rglob("*"))
+    review = tmp_path / "review"
+    result = CliRunner().invoke(cli, ["predict", str(folder), str(arrays), "--model", onnx_model["onnx"],
+                                      "--out", str(tmp_path / "p.csv"), "--sort-into", str(review)])
+    assert result.exit_code == 0, result.output
+    assert sorted((p, p.stat().st_mtime_ns) for p in folder.rglob("*")) == before  # copies, the input untouched
+    rows = list(csv.DictReader((tmp_path / "p.csv").read_text().splitlines()))
+    expected = {}
+    for row in rows:
+        to_check = row["abstained"] == "True" or row["out_of_distribution"] == "True"
+        key = "to_check" if to_check else row["pred"]
+        expected[key] = expected.get(key, 0) + 1
+    copied = {d.name: len(list(d.iterdir())) for d in review.iterdir()}
+    assert copied == expected and sum(copied.values()) == 8
+    names = sorted(p.name for p in review.rglob("*") if p.is_file())
+    assert sum(n.endswith(".png") and "images" in n for n in names) == 2
+    assert len(set(names)) == 8  # the repeated names were numbered, nothing overwritten
+    assert "bloodcell adapt --data" in " ".join(result.output.split())
+    # Reviewed: every cell to check but one sorted into a class folder; adapt reads the rest and says so.
+    to_check = review / "to_check"
+    to_check.mkdir(exist_ok=True)
+    if not any(to_check.iterdir()):
+        next(p for p in review.rglob("*") if p.is_file()).rename(to_check / "unsure.png")
+    (review / "neutrophil").mkdir(exist_ok=True)
+    for file in sorted(to_check.iterdir())[1:]:
+        file.rename(review / "neutrophil" / file.name)
+    lines = []
+    _, labels, _ = load_labelled(review, list(CLASS_NAMES), 32, None, lines.append)
+    assert len(labels) == 7 and "to_check/: 1 cell(s) not sorted into a class folder, left out" in lines
+
+
 def test_out_of_distribution_scores_travel_with_the_model(run, onnx_model, cells):
     """Training stores the training lab's statistics; ONNX (float and int8) scores as PyTorch does."""
     contract = json.loads((run["run"] / "model.json").read_text())

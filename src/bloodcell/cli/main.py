@@ -393,10 +393,12 @@ def predict(
     batch_size: int = typer.Option(64, "--batch-size"),
     workers: Optional[int] = typer.Option(None, "--workers",
                                           help="Processes decoding images (default: one per core from 1,024 images; 0: none)."),
+    sort_into: Optional[Path] = typer.Option(None, "--sort-into", help="Copy each image into DIR/<class>/ (or DIR/to_check/) "
+                                             "to review and sort, then: bloodcell adapt --data DIR."),
 ):
     """Classify images; print a differential count; exit non-zero only when nothing could be read."""
     from ..inference import differential_count, load_predictor, predict_paths, shift_summary, write_predictions
-    from ..inference.batch import boot_workers_for
+    from ..inference.batch import boot_workers_for, sort_for_review
     from ..inference.count import count_field_like
 
     with user_errors():
@@ -444,6 +446,11 @@ def predict(
         warn_if_fields(count_field_like([row["path"] for row in rows]), "classified",
                        "`bloodcell count` finds and types every cell of a field.")
         console.print(f"{len(rows)} predicted, {len(bad)} skipped" + (f"; written to {out}" if out else ""))
+        if sort_into is not None:
+            sorted_counts = sort_for_review(rows, [str(p) for p in paths], sort_into)
+            console.print(f"copied into {sort_into}: " + ", ".join(f"{n} {folder}" for folder, n in sorted(sorted_counts.items()))
+                          + f". Review them (move a wrong cell to its class's folder, sort to_check/), then adapt the model "
+                          f"to them: bloodcell adapt --data {sort_into}", highlight=False)
 
 
 @app.command()

@@ -14,6 +14,9 @@ CLASS_NAMES: tuple[str, ...] = (
 )
 # The classes a white-cell differential counts (erythroblasts and platelets are reported apart).
 WHITE_CELLS: tuple[str, ...] = ("basophil", "eosinophil", "ig", "lymphocyte", "monocyte", "neutrophil")
+# The folder of cells sorted for review (`predict --sort-into`, `count --crops`) that a person still has to
+# check; `adapt --data` leaves it out.
+TO_CHECK_FOLDER = "to_check"
 
 # Other names labs give the same classes (folder names are compared after `name_key`: lower case,
 # no spaces, hyphens or underscores, no plural "s"). PBC's neutrophil class holds band and

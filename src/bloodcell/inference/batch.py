@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.classes import WHITE_CELLS
+from ..core.classes import TO_CHECK_FOLDER, WHITE_CELLS
 from ..core.errors import BloodcellError, ImageReadError
 from ..data import IMAGE_EXTENSIONS, load_item, open_source
 from ..data.pipeline import Preparer, usable_cores, warm_up
@@ -169,3 +169,42 @@ def write_predictions(rows: list[dict], class_names: list[str], out: Path, fmt: 
         writer = csv.DictWriter(handle, fieldnames=["path", "pred", "confidence", "abstained", *shift, *class_names])
         writer.writeheader()
         writer.writerows(rows)
+
+
+def sort_for_review(rows: list[dict], paths: Iterable[str | Path], dest: str | Path) -> dict[str, int]:
+    """Copy each predicted image into ``dest/<predicted class>/``, or ``dest/to_check/`` when it is to
+    check (abstained or out of distribution), for a person to review; returns files per folder.
+
+    The images are copied, never moved (an array of an .npz file is written as PNG), and a name
+    already taken in a folder gets a number: nothing in ``dest`` is overwritten. A reviewed
+    folder is what ``bloodcell adapt --data`` reads (it leaves ``to_check/`` out)."""
+    import shutil
+
+    from PIL import Image
+
+    entries = dict(collect_inputs(paths)[0])
+    dest = Path(dest)
+    written: Counter = Counter()
+    for row in rows:
+        folder = TO_CHECK_FOLDER if to_check(row) else row["pred"]
+        target_dir = dest / folder
+        target_dir.mkdir(parents=True, exist_ok=True)
+        entry = entries.get(row["path"])
+        if isinstance(entry, Path):
+            name = entry.name
+        else:  # an array of an .npz file: 'file.npz::images[3]' -> file-images-3.png
+            name = "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(row["path"]).name).strip("-") + ".png"
+        target = target_dir / name
+        n = 1
+        while target.exists():
+            n += 1
+            target = target_dir / f"{Path(name).stem}-{n}{Path(name).suffix}"
+        if isinstance(entry, Path):
+            shutil.copy2(entry, target)
+        elif entry is not None:
+            Image.fromarray(load_item(*entry)[0]).save(target)
+        else:
+            continue
+        written[folder] += 1
+    return dict(written)
+

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..core.classes import TO_CHECK_FOLDER
 from ..core.contract import write_contract
 from ..core.errors import BloodcellError, ImageReadError, MissingExtraError
 from ..data import decode_file, open_source, preprocess
@@ -48,7 +49,6 @@ from ..training.adapt import (
     least_certain,
     shift_class_prior,
 )
-from .count import TO_CHECK_FOLDER
 
 MIN_PER_CLASS = 5
 TO_LABEL_FILE = "to_label.csv"

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from ..core.classes import TO_CHECK_FOLDER
 from ..core.errors import BloodcellError, ImageReadError
 from ..inference.batch import collect_inputs
 from ..inference.count import (
@@ -39,7 +40,6 @@ from ..inference.detect import load_detector
 from ..inference.predictor import load_predictor
 
 CELL_COLUMNS = ["image", "kind", "x0", "y0", "x1", "y1", "score", "class", "confidence", "ood_score", "to_check", "crop"]
-TO_CHECK_FOLDER = "to_check"  # crops/ folder of the white cells to check (adapt leaves it out)
 
 
 def overlay_name(name: str, taken: set[str]) -> str:
