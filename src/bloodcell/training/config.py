@@ -16,6 +16,7 @@ from ..data.augment import AugmentConfig
 from ..data.framing import FramingConfig
 from ..models import CNNConfig
 from ..models.feature_style import FeatureStyleConfig
+from ..models.random_conv import RandomConvConfig
 from .distill import DistillConfig
 
 
@@ -139,6 +140,9 @@ class TrainConfig(BaseModel):
     feature_style: FeatureStyleConfig | None = Field(
         None, description="perturb the early blocks' feature statistics while training (MixStyle or DSU; "
         "bloodcell.models.feature_style), or none")
+    random_conv: RandomConvConfig | None = Field(
+        None, description="convolve training inputs with random filters (RandConv or progressive RandConv; "
+        "bloodcell.models.random_conv), or none")
     subclasses: SubclassConfig | None = Field(None, description="train on subclasses named in the file names (SubclassConfig)")
     progressive: ProgressiveConfig | None = Field(None, description="progressive resizing of the training crops (ProgressiveConfig)")
     distill: DistillConfig | None = Field(None, description="learn from teachers' probabilities as well (bloodcell.training.distill)")

@@ -30,6 +30,7 @@ from ..evaluation.shift import fit_run_ood_temperature, fit_run_shift
 from ..inference.teachers import path_key
 from ..models import create_model, has_folded_batchnorm, load_checkpoint, recalibrate_folded_batchnorm, save_checkpoint
 from ..models.feature_style import add_feature_style
+from ..models.random_conv import add_random_conv
 from .config import TrainConfig
 from .distill import DistillationLoss, load_targets, targets_for
 from .distributed import Dist, init_distributed, sync_buffers
@@ -138,6 +139,8 @@ def build_model(config: TrainConfig, class_names: list[str], subclasses: Subclas
         subclasses=ContractSubclasses(names=subclasses.names, parents=subclasses.parents) if subclasses else None)
     if config.feature_style is not None:
         add_feature_style(model.net, config.feature_style)
+    if config.random_conv is not None:
+        add_random_conv(model.net, config.random_conv)
     return model, contract
 
 
