@@ -195,3 +195,44 @@ def test_grey_input_sees_luminance_only():
         plain, _ = create_model("cnn", 8, pretrained=False)
         assert not torch.allclose(plain.normalise(a), plain.normalise(b), atol=1e-2)
     assert "luma" not in model.state_dict()  # saved models keep their keys
+
+
+def test_reinhard_input_standardises_each_images_colours_as_the_published_transform():
+    """input_norm="reinhard": each image's l-alpha-beta channel statistics made the reference's (Reinhard et
+    al. 2001), checked against a NumPy transcription of the paper's formulas; a lamp's brightness
+    does not reach the network; the ONNX graph answers alike."""
+    import io
+
+    import onnxruntime as ort
+    import torch
+
+    from bloodcell.models import create_model
+    from bloodcell.models.factory import LOG_LMS_TO_LAB, REINHARD_REFERENCE, RGB_TO_LMS
+
+    torch.manual_seed(0)
+    model, _ = create_model("cnn", 8, pretrained=False, input_norm="reinhard")
+    model.eval()
+    rng = np.random.default_rng(0)
+    images = rng.integers(30, 230, (3, 3, 24, 24)).astype(np.float32)
+    images[:, 0] *= 1.15  # a colour cast
+    with torch.no_grad():
+        out = model.reinhard(torch.from_numpy(images)).numpy()
+    # NumPy transcription (the paper prints LMS -> RGB rounded; its third row is 2% off the exact inverse)
+    lms_to_rgb = np.linalg.inv(np.array(RGB_TO_LMS, dtype=np.float64))
+    lab_to_log_lms = np.array([[1, 1, 1], [1, 1, -1], [1, -2, 0]]) @ np.diag([3**-0.5, 6**-0.5, 2**-0.5])
+    mean, std = (np.array(v).reshape(3, 1) for v in REINHARD_REFERENCE)
+    for image, got in zip(images, out):
+        rgb = np.clip(image.reshape(3, -1), 1, None) / 255
+        lab = np.array(LOG_LMS_TO_LAB) @ np.log(np.array(RGB_TO_LMS) @ rgb)
+        lab = (lab - lab.mean(1, keepdims=True)) / lab.std(1, ddof=1, keepdims=True) * std + mean
+        expected = np.clip(lms_to_rgb @ np.exp(lab_to_log_lms @ lab) * 255, 0, 255)
+        assert np.abs(expected - got.reshape(3, -1)).max() < 0.05
+    with torch.no_grad():
+        dimmer = model.reinhard(torch.from_numpy(images * 0.8)).numpy()
+    assert np.abs(dimmer - out).max() < 0.05  # a dimmer lamp: the same input
+    batch = torch.from_numpy(images.round().astype(np.uint8))
+    buffer = io.BytesIO()
+    torch.onnx.export(model, (batch,), buffer, input_names=["images"], output_names=["logits"], dynamo=False)
+    session = ort.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        np.testing.assert_allclose(session.run(None, {"images": batch.numpy()})[0], model(batch).numpy(), atol=1e-4)

@@ -41,7 +41,7 @@ class ModelContract(BaseModel):
     input: str = INPUT
     resize: str = RESIZE
     framing: dict[str, Any] | None = Field(None, description="bloodcell.data.framing.FramingConfig, or None")
-    input_norm: str | None = Field(None, description="inside the network before mean/std: None, 'grey_world' colour constancy, or 'grey' (luminance only)")
+    input_norm: str | None = Field(None, description="inside the network before mean/std: None, 'grey_world' colour constancy, 'grey' (luminance only) or 'reinhard' (colour statistics standardised)")
     per_image_norm: int = Field(0, ge=0, description="the first this many stages' BatchNorms normalise each image by its own statistics")
     cnn: dict[str, Any] | None = Field(None, description="bloodcell.models.CNNConfig of the custom CNN")
     subclasses: Subclasses | None = None

@@ -64,10 +64,26 @@ class Classifier(nn.Module):
         self.register_buffer("shift", (torch.tensor(mean) / torch.tensor(std)).view(1, 3, 1, 1))
         # Not in the state dict: a constant of the "grey" input, so every saved model loads as before.
         self.register_buffer("luma", torch.tensor(LUMA).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("rgb_to_lms", torch.tensor(RGB_TO_LMS), persistent=False)
+        self.register_buffer("log_lms_to_lab", torch.tensor(LOG_LMS_TO_LAB), persistent=False)
+        self.register_buffer("reference", torch.tensor(REINHARD_REFERENCE), persistent=False)
         # With subclasses the network scores each subclass; the classifier still answers with
         # classes, unless training asks for the subclasses' own logits (emit_subclasses).
         self.emit_subclasses = False
         self.register_buffer("subclass_mask", subclass_merge_mask(subclass_parents) if subclass_parents is not None else None)
+
+    def reinhard(self, x: torch.Tensor) -> torch.Tensor:
+        """Each image's colours standardised as Reinhard et al.'s colour transfer does (as Chossegros et al.
+        2024 put every lab's white cells into one colour style): in l-alpha-beta space, each channel's
+        mean and standard deviation over the image are made the reference's; then back to RGB 0-255."""
+        def mix(matrix: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # a 3 x 3 matrix on the channel axis
+            return (matrix.view(1, 3, 3, 1, 1) * t.unsqueeze(1)).sum(2)
+
+        lab = mix(self.log_lms_to_lab, torch.log(mix(self.rgb_to_lms, x.clamp_min(1.0) / 255.0)))
+        mean, std = lab.mean(dim=(2, 3), keepdim=True), lab.std(dim=(2, 3), keepdim=True)
+        lab = (lab - mean) / (std + 1e-4) * self.reference[1].view(1, 3, 1, 1) + self.reference[0].view(1, 3, 1, 1)
+        rgb = mix(torch.linalg.inv(self.rgb_to_lms), torch.exp(mix(torch.linalg.inv(self.log_lms_to_lab), lab)))
+        return (rgb * 255.0).clamp(0, 255)
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 RGB -> the network's input: (x / 255 - mean) / std, folded into one multiply-add.
@@ -83,6 +99,8 @@ class Classifier(nn.Module):
             x = (x * (channel_mean.mean(dim=1, keepdim=True) / channel_mean)).clamp(0, 255)
         elif self.input_norm == "grey":
             x = (x * self.luma).sum(dim=1, keepdim=True).expand(-1, 3, -1, -1)
+        elif self.input_norm == "reinhard":
+            x = self.reinhard(x)
         return x * self.scale - self.shift
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -109,8 +127,14 @@ class Classifier(nn.Module):
         return merge_subclasses(logits, self.subclass_mask)
 
 
-INPUT_NORMS = (None, "grey_world", "grey")
+INPUT_NORMS = (None, "grey_world", "grey", "reinhard")
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601, as Pillow's convert("L")
+# Reinhard et al. (2001) colour transfer: RGB -> LMS cone space -> log -> l-alpha-beta, decorrelated axes.
+RGB_TO_LMS = ((0.3811, 0.5783, 0.0402), (0.1967, 0.7244, 0.0782), (0.0241, 0.1288, 0.8444))
+LOG_LMS_TO_LAB = ((1 / 3**0.5, 1 / 3**0.5, 1 / 3**0.5), (1 / 6**0.5, 1 / 6**0.5, -2 / 6**0.5), (1 / 2**0.5, -1 / 2**0.5, 0.0))
+# Where every image's l-alpha-beta channel means and standard deviations are moved: the averages over
+# PBC training crops as the shipped model frames them (6,000 images; /work/runs/s20/reinhard_ref.py).
+REINHARD_REFERENCE = ((-0.6486, -0.0114, 0.0269), (0.5710, 0.2015, 0.0148))
 
 
 def subclass_merge_mask(parents) -> torch.Tensor:

@@ -131,9 +131,10 @@ class TrainConfig(BaseModel):
         "references, timm), or copied from the live model (runs 13-15: EMA validation near chance until the weights settle)")
     augment: AugmentConfig = AugmentConfig()
     framing: FramingConfig | None = Field(None, description="crop a window around the stained cell before the resize (bloodcell.data.framing)")
-    input_norm: Literal["grey_world", "grey"] | None = Field(
+    input_norm: Literal["grey_world", "grey", "reinhard"] | None = Field(
         None, description="inside the network: grey-world colour constancy (each image's channel means made equal), "
-        "grey (luminance only: a colour-blind model), or none")
+        "grey (luminance only: a colour-blind model), reinhard (each image's l-alpha-beta colour statistics "
+        "standardised, Reinhard et al. 2001), or none")
     per_image_norm: int = Field(
         0, ge=0, description="the BatchNorms of the stem and the first blocks (this many stages in all) normalise each "
         "image by its own channel statistics (instance normalisation, as IBN-Net), in training and at test time; 0: none")
