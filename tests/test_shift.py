@@ -202,6 +202,7 @@ def test_reinhard_input_standardises_each_images_colours_as_the_published_transf
     al. 2001), checked against a NumPy transcription of the paper's formulas; a lamp's brightness
     does not reach the network; the ONNX graph answers alike."""
     import io
+    import warnings
 
     import onnxruntime as ort
     import torch
@@ -232,7 +233,10 @@ def test_reinhard_input_standardises_each_images_colours_as_the_published_transf
     assert np.abs(dimmer - out).max() < 0.05  # a dimmer lamp: the same input
     batch = torch.from_numpy(images.round().astype(np.uint8))
     buffer = io.BytesIO()
-    torch.onnx.export(model, (batch,), buffer, input_names=["images"], output_names=["logits"], dynamo=False)
+    with warnings.catch_warnings():  # the exporter the package uses (inference/export.py), without its notice
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(model, (batch,), buffer, input_names=["images"], output_names=["logits"], opset_version=17,
+                          dynamo=False)
     session = ort.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
     with torch.no_grad():
         np.testing.assert_allclose(session.run(None, {"images": batch.numpy()})[0], model(batch).numpy(), atol=1e-4)
