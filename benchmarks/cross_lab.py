@@ -27,7 +27,9 @@ subfolder one lab); default: ``$BLOODCELL_DATA/foreign/jtsc``. For each set it r
   types of the cells found (misses counted as wrong), with the detector's AP50 per kind beside
   them. Its typed cells, cut out from the lab's boxes as ``count`` cuts a white cell, then get
   the adaptation figures and AUROC of a class-folder set (``as_given_cells``: the model on those
-  crops);
+  crops). A boxed set without types (``WBC`` boxes) has no accuracy, but still gets the shift
+  warning's figures on its boxed white cells (AUROC, the set's verdict) and the class mix of the
+  model's answers, to set beside what the lab's donors should show;
 - the out-of-distribution AUROC of the PBC test split (``--pbc-test``: a curated PBC folder;
   its ``images/test``) against the set, and how many random batches of 50 PBC test images
   are flagged (the target: none).
@@ -239,16 +241,15 @@ def bench_set(set_dir: Path, args, work: Path) -> dict:
     return report
 
 
-def bench_boxed(set_dir: Path, args, work: Path) -> dict | None:
-    """A lab's boxed fields with typed white cells, read as `bloodcell count` reads them (None: untyped)."""
+def bench_boxed(set_dir: Path, args, work: Path) -> dict:
+    """A lab's boxed fields, read as `bloodcell count` reads them; with typed white cells, their accuracy."""
     from bloodcell.evaluation.boxed_fields import evaluate_field_set
 
     result = evaluate_field_set(args.model, set_dir, work)
     types = result.get("types")
-    if types is None:
-        print(f"{set_dir}: boxed fields without white-cell types: left out (benchmarks/fields.py scores the detector)")
-        return None
     detection = {kind: result["detection"][kind]["ap50"] for kind in ("white_cell", "red_cell", "platelet")}
+    if types is None:
+        return bench_untyped(set_dir, args, work, result, detection)
     print(f"{set_dir.name}: boxed fields, {types['typed_cells']} typed white cells, {types['found']} found; AP50 "
           + ", ".join(f"{k} {'-' if v is None else f'{v:.3f}'}" for k, v in detection.items()))
     as_given = {"accuracy": types["accuracy"], "balanced_accuracy": types["balanced_accuracy"],
@@ -267,6 +268,35 @@ def bench_boxed(set_dir: Path, args, work: Path) -> dict | None:
         if key in crops:
             report[key] = crops[key]
     return report
+
+
+def bench_untyped(set_dir: Path, args, work: Path, result: dict, detection: dict) -> dict:
+    """A lab's boxed fields without white-cell types: no accuracy, but the shift warning's figures (the AUROC of
+    the PBC test split against the lab's boxed white cells, cut out as `count` cuts them; the set's verdict) and
+    the class mix of the model's answers, to set beside what the lab's donors should show."""
+    from PIL import Image
+
+    from bloodcell.inference import load_predictor
+    from bloodcell.inference.batch import prediction_row, to_check
+    from bloodcell.inference.count import boxed_white_cells
+
+    cells = work / "cells"
+    cells.mkdir(parents=True, exist_ok=True)
+    crops = [crop for crop, _, _ in boxed_white_cells(set_dir)]
+    for n, crop in enumerate(crops):
+        Image.fromarray(crop).save(cells / f"{n}.png")
+    predictor = load_predictor(args.model)
+    probs, ood = predictor.scores(crops)
+    rows = [prediction_row("", p, predictor.class_names, 0.7, None if ood is None else float(o))
+            for p, o in zip(probs, ood if ood is not None else [None] * len(probs))]
+    answers = {name: round(float((probs.argmax(1) == i).mean()), 4) for i, name in enumerate(predictor.class_names)}
+    print(f"{set_dir.name}: boxed fields without white-cell types, {len(crops)} boxed white cells; answers: "
+          + ", ".join(f"{k} {v:.2f}" for k, v in answers.items()), flush=True)
+    return {"set": str(set_dir), "read_as": "boxed_fields_untyped", "fields": result["fields"], "white_cells": len(crops),
+            "detection": detection, "white_cell_recall": result["detection"]["white_cell"]["recall"],
+            "domain_shift": result.get("domain_shift"), "answers": answers,
+            "to_check_share": round(sum(map(to_check, rows)) / max(1, len(rows)), 4),
+            "mean_confidence": round(float(probs.max(1).mean()), 4), "ood": ood_figures(args.model, args.pbc_test, cells)}
 
 
 def typed_cells_as_folders(set_dir: Path, out: Path) -> dict[str, int]:
@@ -319,9 +349,7 @@ def main() -> None:
         for index, set_dir in enumerate(sets):
             results["sets"].append(bench_set(set_dir, args, Path(tmp) / str(index)))
         for index, set_dir in enumerate(boxed):
-            report = bench_boxed(set_dir, args, Path(tmp) / f"boxed{index}")
-            if report is not None:
-                results["sets"].append(report)
+            results["sets"].append(bench_boxed(set_dir, args, Path(tmp) / f"boxed{index}"))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(f"\n{'set':<16}{'as given':>10}{'balanced':>10}{'ECE':>7}{f'adapted({args.per_class}/cl)':>18}{'+ rest unl.':>14}"
@@ -333,9 +361,14 @@ def main() -> None:
         both = f"{both['accuracy']['mean']:.3f}±{both['accuracy']['sd']:.3f}" if both else "-"
         unl = f"{r['unlabelled']['accuracy']:.3f}" if "unlabelled" in r else "-"
         auroc = f"{r['ood']['auroc']:.3f}" if r.get("ood") else "-"
-        name = Path(r["set"]).name + {"fields": " (fields)", "boxed_fields": " (boxed)"}.get(r.get("read_as"), "")
-        print(f"{name:<16}{r['as_given']['accuracy']:>10.3f}{r['as_given']['balanced_accuracy']:>10.3f}"
-              f"{'-' if r['as_given']['ece'] is None else format(r['as_given']['ece'], '.3f'):>7}"
+        name = Path(r["set"]).name + {"fields": " (fields)", "boxed_fields": " (boxed)",
+                                      "boxed_fields_untyped": " (boxed, no types)"}.get(r.get("read_as"), "")
+        given = r.get("as_given")
+        if given is None:  # no types: the shift warning's figures only
+            print(f"{name:<16}{'-':>10}{'-':>10}{'-':>7}{adapted:>18}{both:>14}{unl:>12}{auroc:>8}")
+            continue
+        print(f"{name:<16}{given['accuracy']:>10.3f}{given['balanced_accuracy']:>10.3f}"
+              f"{'-' if given['ece'] is None else format(given['ece'], '.3f'):>7}"
               f"{adapted:>18}{both:>14}{unl:>12}{auroc:>8}")
         if "next" in r:
             n = r["next"]
