@@ -456,7 +456,7 @@ def predict(
 @app.command()
 def adapt(
     model: str = typer.Option("default", "--model", "-m", help="A run directory (PyTorch weights) or 'default'."),
-    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Class folders of the lab's own labelled cells (5-20 per class; a subset of the classes is fine), or the lab's boxed fields with typed white cells."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Class folders of the lab's own labelled cells (5-20 per class; a subset of the classes is fine; a to_check/ folder, as predict --sort-into and count --crops write, is left out), or the lab's boxed fields with typed white cells."),
     unlabelled: Optional[Path] = typer.Option(None, "--unlabelled", help="A folder (recursive) of the lab's unlabelled cell images, or boxed fields (every white cell boxed)."),
     out: Path = typer.Option(..., "--out", "-o", help="The adapted model directory to write."),
     steps: int = typer.Option(150, help="Fine-tuning steps."),
