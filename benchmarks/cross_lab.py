@@ -96,7 +96,8 @@ def summarise(rows: list[dict]) -> dict:
             for key in FIGURES}
 
 
-def ood_figures(model: str, pbc_test: Path | None, set_dir: Path) -> dict | None:
+def ood_figures(model: str, pbc_test: Path | None, set_dir: Path | None, outside: np.ndarray | None = None) -> dict | None:
+    """The shift warning's figures for ``set_dir``'s images, or for their scores already at hand (``outside``)."""
     from sklearn.metrics import roc_auc_score
 
     from bloodcell.data import decode_file
@@ -111,7 +112,8 @@ def ood_figures(model: str, pbc_test: Path | None, set_dir: Path) -> dict | None
         files = sorted(p for p in root.rglob("*") if p.is_file())
         return predictor.scores([decode_file(f)[0] for f in files])[1]
 
-    inside, outside = scores(pbc_test), scores(set_dir)
+    inside = scores(pbc_test)
+    outside = scores(set_dir) if outside is None else outside
     rng = np.random.default_rng(0)
     batches = [batch_shift(inside[rng.choice(len(inside), 50, replace=False)])["flagged"] for _ in range(1000)]
     return {"auroc": float(roc_auc_score(np.r_[np.zeros(len(inside)), np.ones(len(outside))], np.r_[inside, outside])),
@@ -249,7 +251,7 @@ def bench_boxed(set_dir: Path, args, work: Path) -> dict:
     types = result.get("types")
     detection = {kind: result["detection"][kind]["ap50"] for kind in ("white_cell", "red_cell", "platelet")}
     if types is None:
-        return bench_untyped(set_dir, args, work, result, detection)
+        return bench_untyped(set_dir, args, result, detection)
     print(f"{set_dir.name}: boxed fields, {types['typed_cells']} typed white cells, {types['found']} found; AP50 "
           + ", ".join(f"{k} {'-' if v is None else f'{v:.3f}'}" for k, v in detection.items()))
     as_given = {"accuracy": types["accuracy"], "balanced_accuracy": types["balanced_accuracy"],
@@ -270,21 +272,15 @@ def bench_boxed(set_dir: Path, args, work: Path) -> dict:
     return report
 
 
-def bench_untyped(set_dir: Path, args, work: Path, result: dict, detection: dict) -> dict:
+def bench_untyped(set_dir: Path, args, result: dict, detection: dict) -> dict:
     """A lab's boxed fields without white-cell types: no accuracy, but the shift warning's figures (the AUROC of
     the PBC test split against the lab's boxed white cells, cut out as `count` cuts them; the set's verdict) and
     the class mix of the model's answers, to set beside what the lab's donors should show."""
-    from PIL import Image
-
     from bloodcell.inference import load_predictor
     from bloodcell.inference.batch import prediction_row, to_check
     from bloodcell.inference.count import boxed_white_cells
 
-    cells = work / "cells"
-    cells.mkdir(parents=True, exist_ok=True)
     crops = [crop for crop, _, _ in boxed_white_cells(set_dir)]
-    for n, crop in enumerate(crops):
-        Image.fromarray(crop).save(cells / f"{n}.png")
     predictor = load_predictor(args.model)
     probs, ood = predictor.scores(crops)
     rows = [prediction_row("", p, predictor.class_names, 0.7, None if ood is None else float(o))
@@ -296,7 +292,7 @@ def bench_untyped(set_dir: Path, args, work: Path, result: dict, detection: dict
             "detection": detection, "white_cell_recall": result["detection"]["white_cell"]["recall"],
             "domain_shift": result.get("domain_shift"), "answers": answers,
             "to_check_share": round(sum(map(to_check, rows)) / max(1, len(rows)), 4),
-            "mean_confidence": round(float(probs.max(1).mean()), 4), "ood": ood_figures(args.model, args.pbc_test, cells)}
+            "mean_confidence": round(float(probs.max(1).mean()), 4), "ood": None if ood is None else ood_figures(args.model, args.pbc_test, None, ood)}
 
 
 def typed_cells_as_folders(set_dir: Path, out: Path) -> dict[str, int]:
