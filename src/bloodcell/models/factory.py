@@ -66,6 +66,8 @@ class Classifier(nn.Module):
         self.register_buffer("luma", torch.tensor(LUMA).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("rgb_to_lms", torch.tensor(RGB_TO_LMS), persistent=False)
         self.register_buffer("log_lms_to_lab", torch.tensor(LOG_LMS_TO_LAB), persistent=False)
+        self.register_buffer("lms_to_rgb", torch.linalg.inv(self.rgb_to_lms), persistent=False)
+        self.register_buffer("lab_to_log_lms", torch.linalg.inv(self.log_lms_to_lab), persistent=False)
         self.register_buffer("reference", torch.tensor(REINHARD_REFERENCE), persistent=False)
         # With subclasses the network scores each subclass; the classifier still answers with
         # classes, unless training asks for the subclasses' own logits (emit_subclasses).
@@ -82,7 +84,7 @@ class Classifier(nn.Module):
         lab = mix(self.log_lms_to_lab, torch.log(mix(self.rgb_to_lms, x.clamp_min(1.0) / 255.0)))
         mean, std = lab.mean(dim=(2, 3), keepdim=True), lab.std(dim=(2, 3), keepdim=True)
         lab = (lab - mean) / (std + 1e-4) * self.reference[1].view(1, 3, 1, 1) + self.reference[0].view(1, 3, 1, 1)
-        rgb = mix(torch.linalg.inv(self.rgb_to_lms), torch.exp(mix(torch.linalg.inv(self.log_lms_to_lab), lab)))
+        rgb = mix(self.lms_to_rgb, torch.exp(mix(self.lab_to_log_lms, lab)))
         return (rgb * 255.0).clamp(0, 255)
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:

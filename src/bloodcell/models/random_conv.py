@@ -19,7 +19,6 @@ evaluation, export and every saved weight are unchanged (the hook holds no param
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -28,9 +27,8 @@ from torch import nn
 
 
 class RandomConvConfig(BaseModel):
-    kind: Literal["randconv"] = "randconv"
     p: float = Field(0.5, ge=0, le=1, description="probability, per image, of a random convolution")
-    kernel_sizes: list[int] = Field(default_factory=lambda: [1, 3, 5, 7], description="randconv: the kernel sizes drawn from (odd)")
+    kernel_sizes: list[int] = Field(default_factory=lambda: [1, 3, 5, 7], description="the kernel sizes drawn from (odd)")
 
 
 def _per_image_conv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
