@@ -13,6 +13,8 @@ subfolder one lab); default: ``$BLOODCELL_DATA/foreign/jtsc``. For each set it r
   (``--folds``, as the command does by default);
 - the same draws with the rest of the set given as unlabelled cells too (``adapt --data
   --unlabelled --lab-frequencies``: the lab's class frequencies), without cross-validation;
+- with ``--reviewed N [N ...]``: a lab that reviews N of its cells in its own class mix (``predict
+  --sort-into``, corrected) and adapts on them, over the same draws, scored on the rest;
 - with ``--next N``: the cells to label next, as a lab would follow them. The first adaptation
   is also given the rest as unlabelled cells, so it lists the ``N`` it is least sure of
   (``to_label.csv``). Those ``N``, with their labels, join the labelled cells, and adapt runs
@@ -232,6 +234,8 @@ def bench_set(set_dir: Path, args, work: Path) -> dict:
     if following:
         report["next"] = {"cells": args.next, "draws": following,
                           **{arm: summarise([d[arm] for d in following]) for arm in ("labelled_only", "suggested", "random")}}
+    if args.reviewed:
+        report["reviewed"] = {str(n): reviewed(args, files, n, work / f"reviewed{n}") for n in args.reviewed}
     if args.unlabelled:
         t0 = time.perf_counter()
         adapt_model(args.model, work / "unlabelled", None, set_dir, AdaptConfig(steps=args.steps), export=False,
@@ -241,6 +245,34 @@ def bench_set(set_dir: Path, args, work: Path) -> dict:
         print(f"  unlabelled: {report['unlabelled']['accuracy']:.3f}", flush=True)
     report["seconds"] = round(time.perf_counter() - start, 1)
     return report
+
+
+def reviewed(args, files: dict[str, list[Path]], count: int, work: Path) -> dict:
+    """A lab that reviews ``count`` of its cells (`predict --sort-into`, then corrects them) and adapts on
+    them: the cells drawn at random from the whole set, so in the lab's own class mix, not per class;
+    ``--draws`` draws, each scored on the rest of the set."""
+    from bloodcell.evaluation import evaluate_model
+    from bloodcell.training.adapt import AdaptConfig
+    from bloodcell.workflows import adapt_model
+
+    pool = [(name, path) for name, paths in files.items() for path in paths]
+    draws = []
+    for draw in range(args.draws):
+        picked = pool[:]
+        random.Random(draw).shuffle(picked)
+        train: dict[str, list[Path]] = {}
+        rest: dict[str, list[Path]] = {}
+        for index, (name, path) in enumerate(picked):
+            (train if index < count else rest).setdefault(name, []).append(path)
+        root = work / f"draw{draw}"
+        link_tree(root / "train", train)
+        link_tree(root / "rest", rest)
+        adapt_model(args.model, root / "model", root / "train", None, AdaptConfig(steps=args.steps, seed=draw),
+                    folds=0, export=False, log=lambda line: None)
+        draws.append({**figures(evaluate_model(root / "model", root / "rest", root / "eval")),
+                      "labelled": {name: len(paths) for name, paths in train.items()}})
+        print(f"  {count} cells reviewed, draw {draw}: {draws[-1]['accuracy']:.3f} on the rest", flush=True)
+    return {"cells": count, "draws": draws, **summarise(draws)}
 
 
 def bench_boxed(set_dir: Path, args, work: Path) -> dict:
@@ -322,6 +354,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--folds", type=int, default=3, help="adapt's cross-validation (its estimate and temperature); 0: none")
     parser.add_argument("--next", type=int, default=0, help="also label the N cells adapt lists next, against N at random; 0: off")
+    parser.add_argument("--reviewed", type=int, nargs="*", default=[],
+                        help="also adapt on N cells drawn at random in the lab's own mix (a review of predict "
+                             "--sort-into's copies), for each N given; --draws draws each, scored on the rest")
     parser.add_argument("--unlabelled", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--fields", choices=("auto", "yes", "no"), default="auto",
                         help="read a set as whole fields (one white cell each) through the detector; auto: when "
@@ -366,6 +401,9 @@ def main() -> None:
         print(f"{name:<16}{given['accuracy']:>10.3f}{given['balanced_accuracy']:>10.3f}"
               f"{'-' if given['ece'] is None else format(given['ece'], '.3f'):>7}"
               f"{adapted:>18}{both:>14}{unl:>12}{auroc:>8}")
+        for cells, rev in r.get("reviewed", {}).items():
+            print(f"{'':<16}{cells} cells reviewed, in the lab's mix, adapted on: "
+                  f"{rev['accuracy']['mean']:.3f}±{rev['accuracy']['sd']:.3f} on the rest")
         if "next" in r:
             n = r["next"]
             print(f"{'':<16}{n['cells']} cells to label next, on the cells neither picked: "
