@@ -89,6 +89,22 @@ def link_tree(target: Path, files: dict[str, list[Path]]) -> Path:
     return target
 
 
+def known_classes_only(set_dir: Path, work: Path) -> tuple[Path, dict[str, int]]:
+    """``set_dir`` itself, or where some of its class folders name none of the model's classes (smudge cells,
+    blasts), a linked copy without them, and those folders' file counts (``evaluate --skip-unknown``)."""
+    from bloodcell.core.classes import CLASS_NAMES
+    from bloodcell.data import open_source
+
+    source = open_source(set_dir, list(CLASS_NAMES), skip_unknown=True)
+    if not source.ignored:
+        return set_dir, {}
+    files: dict[str, list[Path]] = {}
+    for item in source.items:
+        path = Path(item.path)
+        files.setdefault(path.relative_to(set_dir).parts[0], []).append(path)
+    return link_tree(work / "known", files), source.ignored
+
+
 def figures(result: dict) -> dict:
     return {key: result[key] for key in FIGURES}
 
@@ -170,8 +186,14 @@ def bench_set(set_dir: Path, args, work: Path) -> dict:
     from bloodcell.workflows import adapt_model
 
     quiet = lambda line: None
+    report: dict = {"set": str(set_dir)}
+    set_dir, left_out = known_classes_only(set_dir, work)
+    if left_out:
+        report["left_out"] = left_out
+        print(f"{Path(report['set']).name}: class folders the model does not know, left out: "
+              + ", ".join(f"{name} ({count})" for name, count in left_out.items()), flush=True)
     files = files_by_class(set_dir)
-    report: dict = {"set": str(set_dir), "images": {k: len(v) for k, v in files.items()}}
+    report["images"] = {k: len(v) for k, v in files.items()}
     start = time.perf_counter()
     plain = evaluate_model(args.model, set_dir, work / "as_given", check_fields=args.fields == "auto")
     report["as_given"] = {**figures(plain), "domain_shift": plain.get("domain_shift")}
@@ -186,11 +208,11 @@ def bench_set(set_dir: Path, args, work: Path) -> dict:
         report["as_given_plain"] = report["as_given"]
         report["as_given"] = {**figures(found), "domain_shift": found.get("domain_shift"),
                               "white_cell_found": found["fields"]["white_cell_found"]}
-        print(f"{set_dir.name}: whole fields (plain {report['as_given_plain']['accuracy']:.3f}); through the "
+        print(f"{Path(report['set']).name}: whole fields (plain {report['as_given_plain']['accuracy']:.3f}); through the "
               f"detector {report['as_given']['accuracy']:.3f}; adaptation left out (it learns from cells)", flush=True)
     else:
         report["read_as"] = "cells"
-        print(f"{set_dir.name}: as given {report['as_given']['accuracy']:.3f}", flush=True)
+        print(f"{Path(report['set']).name}: as given {report['as_given']['accuracy']:.3f}", flush=True)
     report["ood"] = ood_figures(args.model, args.pbc_test, set_dir)
     if fields:
         report["seconds"] = round(time.perf_counter() - start, 1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -11,11 +12,13 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from bloodcell.cli.main import app as cli
+from bloodcell.core.classes import CLASS_NAMES
 from bloodcell.core.errors import BloodcellError
 from bloodcell.inference import load_predictor
 from bloodcell.training import TrainConfig, train
 from bloodcell.training.adapt import AdaptConfig, finetune
 from bloodcell.workflows import adapt_model
+from bloodcell.workflows.adapt import load_labelled
 
 from .conftest import PBC224, require
 from .test_train import make_tiny_data
@@ -184,10 +187,21 @@ def test_adapt_refuses_in_one_clear_line(run, lab, tmp_path, case):
         assert result.exit_code == 2 and "blast" in result.output and "Traceback" not in result.output
 
 
+def test_adapt_leaves_out_class_folders_it_does_not_know_when_asked(run, lab, tmp_path):
+    """--skip-unknown: a lab's extra classes are left out with a line; the cells of known classes are all read."""
+    mixed = tmp_path / "mixed"
+    shutil.copytree(lab["labelled"], mixed)
+    (mixed / "blast").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(mixed / "blast" / "a.png")
+    lines = []
+    _, labels, counts = load_labelled(mixed, list(CLASS_NAMES), 32, None, lines.append, skip_unknown=True)
+    _, plain_labels, plain_counts = load_labelled(lab["labelled"], list(CLASS_NAMES), 32, None, lambda line: None)
+    assert counts == plain_counts and np.array_equal(np.sort(labels), np.sort(plain_labels))
+    assert "blast/: 1 cell(s) not a class of this model, left out" in lines
+
+
 def test_calibrate_gives_an_older_run_its_shift_statistics(run, tmp_path):
     """A run without shift.safetensors (trained before it existed) gets it from `bloodcell calibrate`."""
-    import shutil
-
     old = tmp_path / "old"
     shutil.copytree(run / "run", old)
     (old / "shift.safetensors").unlink()

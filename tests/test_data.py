@@ -65,8 +65,25 @@ def test_class_folders_named_another_way_are_read_as_the_given_classes(tmp_path,
 def test_unknown_class_folder_is_named(tmp_path, rgb):
     save(tmp_path / "basophil" / "a.png", Image.fromarray(rgb))
     save(tmp_path / "basofil" / "a.png", Image.fromarray(rgb))
-    with pytest.raises(BloodcellError, match="unknown class folder.*basofil"):
+    with pytest.raises(BloodcellError, match="unknown class folder.*basofil.*--skip-unknown"):
         open_source(tmp_path, class_names=list(CLASS_NAMES))
+
+
+def test_unknown_class_folders_can_be_left_out_and_are_counted(tmp_path, rgb):
+    """A lab's set with classes a model does not know (smudge cells, blasts): skip_unknown reads the rest."""
+    for path in ("Neutrophils/a.png", "Neutrophils/b.png", "lymphocyte/a.png", "smudge/a.png", "smudge/b.png",
+                 "smudge/deeper/c.png", "blast/a.png"):
+        save(tmp_path / path, Image.fromarray(rgb))
+    source = open_source(tmp_path, class_names=list(CLASS_NAMES), skip_unknown=True)
+    assert sorted((Path(i.path).parent.name, source.label_name(i.label)) for i in source.items) == [
+        ("Neutrophils", "neutrophil"), ("Neutrophils", "neutrophil"), ("lymphocyte", "lymphocyte")]
+    assert source.ignored == {"blast": 1, "smudge": 3}
+    assert source.renamed == {"Neutrophils": "neutrophil"}
+    # nothing the model knows at all: refused, even when skipping
+    only_unknown = tmp_path / "only"
+    save(only_unknown / "smudge" / "a.png", Image.fromarray(rgb))
+    with pytest.raises(BloodcellError, match="none of its class folders"):
+        open_source(only_unknown, class_names=list(CLASS_NAMES), skip_unknown=True)
 
 
 @pytest.mark.parametrize(

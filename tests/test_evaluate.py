@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 import torch
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, recall_score
+from typer.testing import CliRunner
 
+from bloodcell.cli.main import app as cli
 from bloodcell.data.corruptions import CORRUPTIONS, corrupt
 from bloodcell.evaluation import compute_metrics, expected_calibration_error, fit_temperature
 
@@ -144,6 +146,14 @@ def test_a_dataset_with_a_subset_of_classes_is_scored_on_those(tmp_path, origina
     (other_lab / "blast" / "x.jpg").write_bytes(original_files[0].read_bytes())
     with pytest.raises(BloodcellError, match="unknown class folder.*blast"):
         evaluate_model(tmp_path / "run", other_lab, tmp_path / "eval2")
+    # left out on request: the same figures on the classes it knows, the folder named with its files
+    skipped = evaluate_model(tmp_path / "run", other_lab, tmp_path / "eval3", skip_unknown=True)
+    assert skipped["left_out"] == {"blast": 1} and skipped["accuracy"] == result["accuracy"]
+    assert skipped["count"] == result["count"]
+    cli_result = CliRunner().invoke(cli, ["evaluate", "--model", str(tmp_path / "run"), "--data", str(other_lab),
+                                          "--out", str(tmp_path / "eval4"), "--skip-unknown"])
+    assert cli_result.exit_code == 0, cli_result.output
+    assert "blast/: 1 image(s) of a class the model does not know, left out" in cli_result.output
 
 
 def test_temperature_stays_finite_on_a_model_that_learnt_nothing():

@@ -195,6 +195,8 @@ def evaluate(
     detector: str = typer.Option("default", "--detector", help="With --fields: a train-detector run, or 'default'."),
     split: Optional[str] = typer.Option(None, "--split", help="Boxed fields (YOLO layout): score one split "
                                         "(train, val, test); default: every field of the set."),
+    skip_unknown: bool = typer.Option(False, "--skip-unknown", help="Leave out class folders naming none of the "
+                                      "model's classes (smudge cells, blasts...) instead of stopping."),
 ):
     """Score a trained model: accuracy, macro-F1, per-class recall, calibration, robustness.
 
@@ -239,7 +241,7 @@ def evaluate(
             raise BloodcellError("--split is for boxed fields (YOLO layout); a curated folder is scored on its test split")
         with console.status("evaluating"):
             result = evaluate_model(model, data, out, corruptions=corruptions, tta=tta, seed=seed, fields=fields,
-                                    detector=detector, check_fields=True)
+                                    detector=detector, check_fields=True, skip_unknown=skip_unknown)
         table = Table(title=f"{model} on {data} ({result['count']} images)")
         table.add_column("metric")
         table.add_column("value", justify="right")
@@ -254,6 +256,8 @@ def evaluate(
             from ..data.sources import renamed_line
 
             Console().print(renamed_line(result["class_folders"]), highlight=False)
+        for folder, files in result.get("left_out", {}).items():
+            Console().print(f"{folder}/: {files} image(s) of a class the model does not know, left out", highlight=False)
         field_like = result.get("field_like")
         if field_like:
             warn_if_fields((field_like["whole_fields"], field_like["images_looked_at"]), "scored",
@@ -467,6 +471,7 @@ def adapt(
     suggest: int = typer.Option(20, help="With --unlabelled: list this many of those cells, the adapted model's least certain, in OUT/to_label.csv (0: none)."),
     fields: bool = typer.Option(False, "--fields", help="With --unlabelled: the images are whole fields; every white cell the cell detector finds is an unlabelled cell."),
     detector: str = typer.Option("default", "--detector", help="With --fields: a train-detector run, or 'default'."),
+    skip_unknown: bool = typer.Option(False, "--skip-unknown", help="Leave out --data class folders naming none of the model's classes (smudge cells, blasts...) instead of stopping."),
 ):
     """Adapt a model to one lab's images; OUT works with every --model (evaluate, predict, serve, export)."""
     from ..training.adapt import AdaptConfig
@@ -476,7 +481,7 @@ def adapt(
         log = lambda line: console.print(line, highlight=False, markup=False)  # noqa: E731
         with console.status("adapting"):
             adapt_model(model, out, data, unlabelled, AdaptConfig(steps=steps, seed=seed, lab_frequencies=lab_frequencies),
-                        folds, onnx, log, suggest, fields, detector)
+                        folds, onnx, log, suggest, fields, detector, skip_unknown)
         Console().print(f"Adapted model: {out}")
 
 

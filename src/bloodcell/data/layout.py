@@ -72,13 +72,14 @@ def training_sources(path: str | Path) -> tuple[dict[str, Source], list[str]]:
     return sources, names
 
 
-def evaluation_source(path: str | Path, class_names: list[str] | None = None) -> Source:
+def evaluation_source(path: str | Path, class_names: list[str] | None = None, skip_unknown: bool = False) -> Source:
     """What a model is scored on: the test split of a split dataset, or the whole of a plain one.
 
     ``class_names``: the model's classes; a class folder may name one of them another way
-    ('Neutrophils', 'EOS'), and one naming none of them is refused.
+    ('Neutrophils', 'EOS'), and one naming none of them is refused (``skip_unknown``: left out,
+    in ``Source.ignored``).
     """
-    return open_source(find_layout(path).path("test"), class_names)
+    return open_source(find_layout(path).path("test"), class_names, skip_unknown=skip_unknown)
 
 
 def check_source(path: str | Path) -> Source:

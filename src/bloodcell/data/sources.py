@@ -52,7 +52,8 @@ class Source:
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     # Class folders read under another name: folder name -> class ('Neutrophils' -> 'neutrophil').
     renamed: dict[str, str] = field(default_factory=dict)
-    # Folders left out on purpose (``open_source(..., ignore=...)``): folder name -> files in it.
+    # Folders left out on purpose (``open_source(..., ignore=...)``, or of classes unknown with
+    # ``skip_unknown``): folder name -> files in it.
     ignored: dict[str, int] = field(default_factory=dict)
 
     def label_name(self, label: int | None) -> str:
@@ -74,10 +75,13 @@ class Batch:
     conversions: Counter  # "mode P converted to RGB" -> count
 
 
-def open_source(path: str | os.PathLike, class_names: list[str] | None = None, ignore: tuple[str, ...] = ()) -> Source:
+def open_source(path: str | os.PathLike, class_names: list[str] | None = None, ignore: tuple[str, ...] = (),
+                skip_unknown: bool = False) -> Source:
     """Read a dataset's layout (not its pixels) from a class-folder tree or an ``.npz`` file.
 
-    Folders named in ``ignore`` (``count --crops``'s ``to_check``) are left out and counted in ``Source.ignored``."""
+    Folders named in ``ignore`` (``count --crops``'s ``to_check``) are left out and counted in ``Source.ignored``.
+    A folder naming none of ``class_names`` is refused, or with ``skip_unknown`` left out and counted there too
+    (a lab's set often holds classes a model does not know: smudge cells, blasts, artefacts)."""
     root = Path(path)
     if not root.exists():
         raise BloodcellError(f"{root}: no such file or folder")
@@ -85,10 +89,11 @@ def open_source(path: str | os.PathLike, class_names: list[str] | None = None, i
         if root.suffix.lower() != ".npz":
             raise BloodcellError(f"{root}: expected a folder of class folders or an .npz file")
         return _open_npz(root, class_names)
-    return _open_folders(root, class_names, ignore)
+    return _open_folders(root, class_names, ignore, skip_unknown)
 
 
-def _open_folders(root: Path, class_names: list[str] | None, ignore: tuple[str, ...] = ()) -> Source:
+def _open_folders(root: Path, class_names: list[str] | None, ignore: tuple[str, ...] = (),
+                  skip_unknown: bool = False) -> Source:
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     ignored = {d.name: sum(1 for p in d.rglob("*") if p.is_file() and not p.name.startswith("."))
                for d in subdirs if d.name in ignore}
@@ -107,10 +112,16 @@ def _open_folders(root: Path, class_names: list[str] | None, ignore: tuple[str, 
         # A model's classes: a lab's folder may name one of them another way ('Neutrophils', 'EOS').
         folder_class = {name: name if name in class_names else canonical_class(name) for name in found}
     unknown = [name for name, cls in folder_class.items() if cls not in class_names]
-    if unknown:
+    if unknown and not skip_unknown:
         raise BloodcellError(
-            f"{root}: unknown class folder(s) {', '.join(unknown)}; known classes: {', '.join(class_names)}"
+            f"{root}: unknown class folder(s) {', '.join(unknown)}; known classes: {', '.join(class_names)} "
+            "(--skip-unknown leaves them out)"
         )
+    for name in unknown:
+        ignored[name] = sum(1 for p in (root / name).rglob("*") if p.is_file() and not p.name.startswith("."))
+        found.remove(name)
+    if not found:
+        raise BloodcellError(f"{root}: none of its class folders names one of the classes {', '.join(class_names)}")
     items: list[Item] = []
     problems: list[tuple[int, str, str]] = []
     for label, name in enumerate(class_names):
@@ -124,7 +135,7 @@ def _open_folders(root: Path, class_names: list[str] | None, ignore: tuple[str, 
                     problems.append((len(items) + len(problems), str(file), "not an image file extension"))
     for file in sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")):
         problems.append((len(items) + len(problems), str(file), "not inside a class folder"))
-    renamed = {name: cls for name, cls in folder_class.items() if name != cls}
+    renamed = {name: folder_class[name] for name in found if name != folder_class[name]}
     return Source(root, "folders", list(class_names), items, problems, renamed=renamed, ignored=ignored)
 
 

@@ -26,15 +26,16 @@ from .robustness import corruption_accuracy
 from .scoring import backend_scores
 
 
-def model_source(data: str | Path, predictor: Predictor) -> Source:
+def model_source(data: str | Path, predictor: Predictor, skip_unknown: bool = False) -> Source:
     """What ``predictor`` is scored on (a split dataset's test split), labelled in its classes; a class
-    folder naming none of them is refused."""
-    return evaluation_source(data, list(predictor.class_names))
+    folder naming none of them is refused, or with ``skip_unknown`` left out (``Source.ignored``)."""
+    return evaluation_source(data, list(predictor.class_names), skip_unknown)
 
 
-def load_eval_images(data: str | Path, predictor: Predictor) -> tuple[torch.Tensor, np.ndarray, list[str], Source]:
+def load_eval_images(data: str | Path, predictor: Predictor,
+                     skip_unknown: bool = False) -> tuple[torch.Tensor, np.ndarray, list[str], Source]:
     """The evaluation images (a split dataset's test split) at the model's size, labels in the model's classes."""
-    source = model_source(data, predictor)
+    source = model_source(data, predictor, skip_unknown)
     split = load_split(source, predictor.class_names, predictor.image_size, framing=predictor.framing)
     return split.images, split.labels.numpy(), split.paths, source
 
@@ -49,7 +50,7 @@ class FieldCells:
 
 
 def load_field_eval_images(data: str | Path, predictor: Predictor, detector: str | Path = "default",
-                           batch_size: int = 16) -> tuple[torch.Tensor, np.ndarray, list[str], Source, FieldCells]:
+                           batch_size: int = 16, skip_unknown: bool = False) -> tuple[torch.Tensor, np.ndarray, list[str], Source, FieldCells]:
     """Like :func:`load_eval_images`, for whole fields holding one white cell each (labelled by their folder).
 
     Each field goes through ``bloodcell count``'s path: the cell detector finds the white cells, the
@@ -61,7 +62,7 @@ def load_field_eval_images(data: str | Path, predictor: Predictor, detector: str
     from ..inference.count import CROP_CONTEXT, best_white_cell, square_crop
     from ..inference.detect import load_detector
 
-    source = model_source(data, predictor)
+    source = model_source(data, predictor, skip_unknown)
     finder = load_detector(detector)
     images, labels, paths, boxes, scores, unreadable = [], [], [], [], [], []
     for start in range(0, len(source.items), batch_size):
@@ -113,8 +114,11 @@ def write_predictions_csv(path: Path, paths: list[str], labels: np.ndarray, prob
 def evaluate_model(model_path: str | Path, data: str | Path, out: str | Path, corruptions: bool = False,
                    tta: bool = False, seed: int = 0, families: list[str] | None = None,
                    corruption_limit: int | None = None, fields: bool = False,
-                   detector: str | Path = "default", check_fields: bool = False) -> dict:
+                   detector: str | Path = "default", check_fields: bool = False, skip_unknown: bool = False) -> dict:
     """Score ``model_path`` on ``data``; ``corruption_limit`` scores corruptions on a seeded subset.
+
+    ``skip_unknown``: class folders naming none of the model's classes are left out (``left_out`` in
+    the result: folder -> files) instead of refused.
 
     ``fields``: the images are whole fields with one white cell each, found by ``detector`` and
     cut out as ``bloodcell count`` cuts them (:func:`load_field_eval_images`). ``check_fields``
@@ -127,9 +131,10 @@ def evaluate_model(model_path: str | Path, data: str | Path, out: str | Path, co
     predictor = load_predictor(model_path)  # a run, a checkpoint, an .onnx file or 'default'
     cells = None
     if fields:
-        images, labels, paths, source, cells = load_field_eval_images(data, predictor, detector)
+        images, labels, paths, source, cells = load_field_eval_images(data, predictor, detector,
+                                                                      skip_unknown=skip_unknown)
     else:
-        images, labels, paths, source = load_eval_images(data, predictor)
+        images, labels, paths, source = load_eval_images(data, predictor, skip_unknown)
     temperature = float(predictor.temperature)
     logits, ood = backend_scores(predictor, images, tta=tta)
     probs = predictor.softmax(logits.numpy(), ood)  # the temperature, and the shift's where the contract has one
@@ -139,6 +144,8 @@ def evaluate_model(model_path: str | Path, data: str | Path, out: str | Path, co
               **result, "temperature": temperature, "tta": tta, "model": str(model_path), "data": str(data)}
     if source.renamed:
         result["class_folders"] = source.renamed  # 'Neutrophils' read as neutrophil
+    if source.ignored:
+        result["left_out"] = source.ignored  # folders of classes the model does not know: files in each
     out.mkdir(parents=True, exist_ok=True)
     write_predictions_csv(out / "predictions.csv", paths, labels, probs, names, cells)
     if cells is None and check_fields:

@@ -83,7 +83,7 @@ def field_cells(path: Path, size: int, framing: dict | None, log: Callable[[str]
 
 
 def load_labelled(path: Path, class_names: list[str], size: int, framing: dict | None,
-                  log: Callable[[str], None]) -> tuple[torch.Tensor, np.ndarray, dict[str, int]]:
+                  log: Callable[[str], None], skip_unknown: bool = False) -> tuple[torch.Tensor, np.ndarray, dict[str, int]]:
     from ..data.fields import is_field_set
 
     if is_field_set(path):  # the lab's own fields, their white cells boxed and typed
@@ -99,11 +99,12 @@ def load_labelled(path: Path, class_names: list[str], size: int, framing: dict |
         labels = np.array([class_names.index(types[i]) for i in keep], np.int64)
     else:
         # 'Neutrophils', 'EOS' ... read as the model's classes; count --crops's to_check/ is what the lab did not sort
-        source = open_source(path, list(class_names), ignore=(TO_CHECK_FOLDER,))
+        source = open_source(path, list(class_names), ignore=(TO_CHECK_FOLDER,), skip_unknown=skip_unknown)
         if source.renamed:
             log(renamed_line(source.renamed))
         for folder, files in source.ignored.items():
-            log(f"{folder}/: {files} cell(s) not sorted into a class folder, left out")
+            why = "not sorted into a class folder" if folder == TO_CHECK_FOLDER else "not a class of this model"
+            log(f"{folder}/: {files} cell(s) {why}, left out")
         split = load_split(source, class_names, size, framing=framing)
         tensor, labels = split.images, split.labels.numpy()
     counts = {class_names[c]: int((labels == c).sum()) for c in np.unique(labels)}
@@ -228,8 +229,11 @@ def cross_validate(net, images: torch.Tensor, labels: np.ndarray, config: AdaptC
 def adapt_model(model: str | Path, out: str | Path, labelled: str | Path | None = None,
                 unlabelled: str | Path | None = None, config: AdaptConfig | None = None, folds: int = 3,
                 export: bool = True, log: Callable[[str], None] = print, suggest: int = 20,
-                fields: bool = False, detector: str | Path = "default") -> dict:
+                fields: bool = False, detector: str | Path = "default", skip_unknown: bool = False) -> dict:
     """Adapt ``model`` to a lab and write the adapted model directory ``out``; returns a summary.
+
+    ``skip_unknown``: class folders of ``labelled`` naming none of the model's classes are left out
+    (with a line) instead of refused.
 
     With unlabelled cells, ``out/to_label.csv`` lists the ``suggest`` of them the adapted model is
     least sure of: the cells whose labels would teach the next adaptation most. ``fields``: the
@@ -250,7 +254,7 @@ def adapt_model(model: str | Path, out: str | Path, labelled: str | Path | None 
     images = labels = None
     counts: dict[str, int] = {}
     if labelled is not None:
-        images, labels, counts = load_labelled(Path(labelled), names, size, framing, log)
+        images, labels, counts = load_labelled(Path(labelled), names, size, framing, log, skip_unknown)
     pool, pool_files = (load_unlabelled(Path(unlabelled), size, framing, log, fields, detector)
                         if unlabelled is not None else (None, []))
     log(f"adapting {source_dir} on " + " and ".join(
