@@ -176,6 +176,34 @@ def test_exported_graph_and_postprocess_give_torchvisions_fcos_detections():
     np.testing.assert_allclose(kept[order], reference["boxes"].numpy()[ref_order], atol=1e-3)
 
 
+def test_a_white_cell_typed_as_a_platelet_is_sent_to_check():
+    """The detector found a nucleated cell: a classifier answering "platelet" for it contradicts the detector,
+    so that cell goes to "to check", out of the counts, even when the classifier is sure."""
+    from bloodcell.core.classes import CLASS_NAMES
+    from bloodcell.inference.count import FieldCounter
+
+    class Sure:  # a stand-in classifier: sure of one class per crop, in order, inside the training lab's range
+        class_names = list(CLASS_NAMES)
+
+        def __init__(self, answers):
+            self.answers = answers
+
+        def scores(self, crops):
+            probs = np.full((len(crops), 8), 0.01, np.float32)
+            for i, name in enumerate(self.answers[: len(crops)]):
+                probs[i, CLASS_NAMES.index(name)] = 0.93
+            return probs, np.full(len(crops), 0.5, np.float32)
+
+    field = np.full((120, 160, 3), 230, np.uint8)
+    boxes = Boxes(np.array([[10, 10, 40, 40], [60, 60, 90, 90], [100, 20, 110, 30]], np.float32), np.array([0, 0, 2]))
+    found = [Detections(boxes, np.array([0.9, 0.8, 0.7], np.float32))]
+    result = FieldCounter(None, Sure(["neutrophil", "platelet"])).type_cells([field], ["f.png"], found)[0]
+    white = [c for c in result.cells if c["kind"] == "white_cell"]
+    assert [(c["class"], c["to_check"]) for c in white] == [("neutrophil", False), ("platelet", True)]
+    counts = result.counts(list(CLASS_NAMES))
+    assert counts["neutrophil"] == 1 and counts["platelet"] == 0 and counts["to_check"] == 1 and counts["platelets"] == 1
+
+
 def test_one_cell_is_counted_once_across_kinds():
     contract = DetectorContract(score_threshold=0.1, cross_kind_iou=0.7)
     boxes = np.array([[0, 0, 10, 10], [0, 0, 10, 10.5], [50, 50, 60, 60]], np.float32)

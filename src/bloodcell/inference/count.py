@@ -26,6 +26,8 @@ from .predictor import Predictor
 # PBC image side / detected white-cell box side: median 2.33 over 400 PBC training images
 # (benchmarks/fields.py, the shipped detector).
 CROP_CONTEXT = 2.3
+# A white-cell box holds a nucleus (the detector's nucleus rule); the classifier answering this is sent to check.
+NOT_A_WHITE_CELL = "platelet"
 KIND_COLOURS = {"white_cell": (123, 44, 191), "red_cell": (214, 40, 40), "platelet": (0, 150, 80)}
 
 
@@ -194,7 +196,8 @@ class FieldCounter:
                                      None if ood is None else float(ood[i]))
                 cell["class"], cell["confidence"] = row["pred"], row["confidence"]
                 cell["ood_score"] = row.get("ood_score", "")
-                cell["to_check"] = to_check(row)
+                # The detector found a nucleated cell; a classifier calling it a platelet contradicts it.
+                cell["to_check"] = to_check(row) or row["pred"] == NOT_A_WHITE_CELL
         return results
 
 
