@@ -183,7 +183,7 @@ def test_a_white_cell_typed_as_a_platelet_is_sent_to_check():
     from bloodcell.inference.count import FieldCounter
 
     class Sure:  # a stand-in classifier: sure of one class per crop, in order, inside the training lab's range
-        class_names = list(CLASS_NAMES)
+        class_names = CLASS_NAMES
 
         def __init__(self, answers):
             self.answers = answers
