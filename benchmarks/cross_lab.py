@@ -331,8 +331,8 @@ def bench_untyped(set_dir: Path, args, result: dict, detection: dict) -> dict:
     the PBC test split against the lab's boxed white cells, cut out as `count` cuts them; the set's verdict) and
     the class mix of the model's answers, to set beside what the lab's donors should show."""
     from bloodcell.inference import load_predictor
-    from bloodcell.inference.batch import prediction_row, to_check
-    from bloodcell.inference.count import NOT_A_WHITE_CELL, boxed_white_cells
+    from bloodcell.inference.batch import prediction_row
+    from bloodcell.inference.count import boxed_white_cells, white_cell_to_check
 
     crops = [crop for crop, _, _ in boxed_white_cells(set_dir)]
     predictor = load_predictor(args.model)
@@ -345,7 +345,7 @@ def bench_untyped(set_dir: Path, args, result: dict, detection: dict) -> dict:
     return {"set": str(set_dir), "read_as": "boxed_fields_untyped", "fields": result["fields"], "white_cells": len(crops),
             "detection": detection, "white_cell_recall": result["detection"]["white_cell"]["recall"],
             "domain_shift": result.get("domain_shift"), "answers": answers,
-            "to_check_share": round(sum(to_check(r) or r["pred"] == NOT_A_WHITE_CELL for r in rows) / max(1, len(rows)), 4),
+            "to_check_share": round(sum(map(white_cell_to_check, rows)) / max(1, len(rows)), 4),
             "mean_confidence": round(float(probs.max(1).mean()), 4), "ood": None if ood is None else ood_figures(args.model, args.pbc_test, None, ood)}
 
 

@@ -28,6 +28,12 @@ from .predictor import Predictor
 CROP_CONTEXT = 2.3
 # A white-cell box holds a nucleus (the detector's nucleus rule); the classifier answering this is sent to check.
 NOT_A_WHITE_CELL = "platelet"
+
+
+def white_cell_to_check(row: dict) -> bool:
+    """A found white cell a person should look at: unsure, unlike the training lab's cells, or called a
+    platelet (the detector found a nucleus in it, so detector and classifier disagree)."""
+    return to_check(row) or row["pred"] == NOT_A_WHITE_CELL
 KIND_COLOURS = {"white_cell": (123, 44, 191), "red_cell": (214, 40, 40), "platelet": (0, 150, 80)}
 
 
@@ -196,8 +202,7 @@ class FieldCounter:
                                      None if ood is None else float(ood[i]))
                 cell["class"], cell["confidence"] = row["pred"], row["confidence"]
                 cell["ood_score"] = row.get("ood_score", "")
-                # The detector found a nucleated cell; a classifier calling it a platelet contradicts it.
-                cell["to_check"] = to_check(row) or row["pred"] == NOT_A_WHITE_CELL
+                cell["to_check"] = white_cell_to_check(row)
         return results
 
 
