@@ -26,6 +26,7 @@ from .predictor import Predictor
 # PBC image side / detected white-cell box side: median 2.33 over 400 PBC training images
 # (benchmarks/fields.py, the shipped detector).
 CROP_CONTEXT = 2.3
+KIND_COLOURS = {"white_cell": (123, 44, 191), "red_cell": (214, 40, 40), "platelet": (0, 150, 80)}
 # A white-cell box holds a nucleus (the detector's nucleus rule); the classifier answering this is sent to check.
 NOT_A_WHITE_CELL = "platelet"
 
@@ -34,7 +35,6 @@ def white_cell_to_check(row: dict) -> bool:
     """A found white cell a person should look at: unsure, unlike the training lab's cells, or called a
     platelet (the detector found a nucleus in it, so detector and classifier disagree)."""
     return to_check(row) or row["pred"] == NOT_A_WHITE_CELL
-KIND_COLOURS = {"white_cell": (123, 44, 191), "red_cell": (214, 40, 40), "platelet": (0, 150, 80)}
 
 
 @dataclass
