@@ -95,8 +95,10 @@ def open_source(path: str | os.PathLike, class_names: list[str] | None = None, i
 def _open_folders(root: Path, class_names: list[str] | None, ignore: tuple[str, ...] = (),
                   skip_unknown: bool = False) -> Source:
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    ignored = {d.name: sum(1 for p in d.rglob("*") if p.is_file() and not p.name.startswith("."))
-               for d in subdirs if d.name in ignore}
+    def files_in(folder: Path) -> int:  # what a folder left out held, to say so
+        return sum(1 for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+    ignored = {d.name: files_in(d) for d in subdirs if d.name in ignore}
     subdirs = [d for d in subdirs if d.name not in ignore]
     if not subdirs:
         raise BloodcellError(
@@ -118,7 +120,7 @@ def _open_folders(root: Path, class_names: list[str] | None, ignore: tuple[str, 
             "(--skip-unknown leaves them out)"
         )
     for name in unknown:
-        ignored[name] = sum(1 for p in (root / name).rglob("*") if p.is_file() and not p.name.startswith("."))
+        ignored[name] = files_in(root / name)
         found.remove(name)
     if not found:
         raise BloodcellError(f"{root}: none of its class folders names one of the classes {', '.join(class_names)}")
