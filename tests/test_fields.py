@@ -204,6 +204,32 @@ def test_a_white_cell_typed_as_a_platelet_is_sent_to_check():
     assert counts["neutrophil"] == 1 and counts["platelet"] == 0 and counts["to_check"] == 1 and counts["platelets"] == 1
 
 
+def test_fields_are_grouped_into_slides_by_their_folder(tmp_path):
+    """A slide is the folder holding its fields, named relative to the folder given; each slide has its own
+    differential, with the cells to check left out as in the run's."""
+    from bloodcell.inference.count import FieldResult, slide_differentials, slide_of
+
+    root = tmp_path / "smears"
+    (root / "patient1" / "s1").mkdir(parents=True)
+    assert slide_of(root, str(root / "patient1" / "s1" / "f.jpg")) == "patient1/s1"
+    assert slide_of(root, str(root / "f.jpg")) == "smears"  # fields directly in the folder given
+    assert slide_of(root / "patient1" / "s1" / "f.jpg", str(root / "patient1" / "s1" / "f.jpg")) == "s1"  # a file given alone
+    assert slide_of(".", "f.jpg") == Path.cwd().name
+
+    def field(slide, *classes, to_check=()):
+        cells = [{"kind": "white_cell", "class": c, "to_check": i in to_check} for i, c in enumerate(classes)]
+        cells.append({"kind": "red_cell", "class": "", "to_check": False})
+        return FieldResult(f"{slide}/x.jpg", 10, 10, cells, slide=slide)
+
+    slides = slide_differentials([field("a", "neutrophil", "lymphocyte"), field("b", "monocyte", "neutrophil", to_check=(1,)),
+                                  field("a", "neutrophil"), field("b")])
+    assert [s["slide"] for s in slides] == ["a", "b"]
+    a, b = slides
+    assert (a["fields"], a["white_cells"], a["red_cells"], a["white_cell_percent"]["neutrophil"]) == (2, 3, 2, 66.7)
+    assert (b["fields"], b["white_cells"], b["to_check"], b["fields_without_white_cells"]) == (2, 1, 1, 1)
+    assert b["white_cell_percent"]["monocyte"] == 100.0 and b["white_cell_percent_95"]["monocyte"] == [2.5, 100.0]
+
+
 def test_one_cell_is_counted_once_across_kinds():
     contract = DetectorContract(score_threshold=0.1, cross_kind_iou=0.7)
     boxes = np.array([[0, 0, 10, 10], [0, 0, 10, 10.5], [50, 50, 60, 60]], np.float32)
@@ -366,6 +392,9 @@ def test_count_writes_cells_counts_summary_and_overlays(tmp_path):
     blank = np.full((300, 400, 3), 235, np.uint8)  # an empty field: no cells at all
     Image.fromarray(blank).save(fields / "blank.png")
     (fields / "broken.jpg").write_bytes(b"\xff\xd8 not a JPEG")
+    other = tmp_path / "in" / "other"  # a second slide: one more field in its own folder
+    other.mkdir()
+    shutil.copyfile(min(fields.glob("*.jpg")), other / "again.jpg")
     before = sorted((p.name, p.stat().st_mtime_ns) for p in fields.iterdir())
     out = tmp_path / "out"
     summary = count_fields([tmp_path / "in"], out, "default", "default")
@@ -376,12 +405,21 @@ def test_count_writes_cells_counts_summary_and_overlays(tmp_path):
     for c in cells:
         assert (c["class"] != "") == (c["kind"] == "white_cell")
     counts = {Path(r["image"]).name: r for r in csv.DictReader((out / "counts.csv").read_text().splitlines())}
-    assert set(counts) == {"blank.png", *(p.name for p in fields.glob("*.jpg") if p.name != "broken.jpg")}
+    assert set(counts) == {"blank.png", "again.jpg", *(p.name for p in fields.glob("*.jpg") if p.name != "broken.jpg")}
     assert counts["blank.png"]["white_cells"] == "0"
+    assert counts["again.jpg"]["slide"] == "other" and counts["blank.png"]["slide"] == "sub"
     assert summary["differential"]["fields_without_white_cells"] >= 1
     assert [s["image"].endswith("broken.jpg") for s in summary["skipped"]] == [True]
-    assert json.loads((out / "summary.json").read_text())["differential"]["fields"] == 4
-    assert len(list((out / "overlays").glob("*.png"))) == 4
+    assert json.loads((out / "summary.json").read_text())["differential"]["fields"] == 5
+    assert len(list((out / "overlays").glob("*.png"))) == 5
+    # one row per slide, adding up to its fields' rows
+    slides = {row["slide"]: row for row in csv.DictReader((out / "slides.csv").read_text().splitlines())}
+    assert set(slides) == {"sub", "other"} and slides["sub"]["fields"] == "4" and slides["other"]["fields"] == "1"
+    for name, row in slides.items():
+        mine = [r for r in counts.values() if r["slide"] == name]
+        for column in ("white_cells", "red_cells", "platelets", "to_check"):
+            assert int(row["white_cell_boxes" if column == "white_cells" else column]) == sum(int(r[column]) for r in mine)
+    assert [s["slide"] for s in summary["slides"]] == list(slides)
     # the white-cell crop: centred on the box, padded with the field's colour at the edge
     image = np.zeros((100, 100, 3), np.uint8)
     image[:] = 200

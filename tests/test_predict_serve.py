@@ -261,6 +261,30 @@ def test_cells_to_check_stay_out_of_the_differential():
     assert differential_count(rows, include_abstained=True)["white_cells"] == 3
 
 
+def test_a_differentials_intervals_are_the_exact_binomial_ones_of_rumkes_table():
+    """Each percentage's 95% interval from counting alone: scipy's exact (Clopper-Pearson) interval, and
+    Rümke's table for a 100-cell count (0% -> 0-4, 10% -> 5-18, 50% -> 40-60, in whole percent)."""
+    from scipy.stats import binomtest
+
+    from bloodcell.inference.batch import percent_intervals
+
+    for total in (1, 2, 7, 40, 100, 200, 1000):
+        counts = sorted({0, 1, total // 10, total // 2, total - 1, total})
+        for count, interval in zip(counts, percent_intervals(counts, total)):
+            reference = binomtest(count, total).proportion_ci(confidence_level=0.95, method="exact")
+            assert interval == [round(100 * reference.low, 1), round(100 * reference.high, 1)]
+            assert interval[0] <= 100 * count / total <= interval[1]
+    assert [[round(v) for v in i] for i in percent_intervals([0, 10, 50], 100)] == [[0, 4], [5, 18], [40, 60]]
+    assert percent_intervals([3], 0) == [None]
+    narrow, wide = percent_intervals([40, 10], 400)[0], percent_intervals([10], 100)[0]
+    assert narrow[1] - narrow[0] < wide[1] - wide[0]  # four times the cells, about half the width
+    rows = [{"pred": p, "abstained": False} for p in ["neutrophil"] * 6 + ["lymphocyte"] * 4]
+    counts = differential_count(rows)
+    assert counts["white_cell_percent_95"]["neutrophil"] == percent_intervals([6], 10)[0]
+    assert counts["white_cell_percent_95"]["basophil"][0] == 0.0
+    assert differential_count([])["white_cell_percent_95"]["neutrophil"] is None
+
+
 def test_unknown_model_is_a_clear_error(tmp_path):
     with pytest.raises(BloodcellError, match="model not found"):
         load_predictor(tmp_path / "nope.onnx")

@@ -41,13 +41,42 @@ def user_errors():
         raise typer.Exit(130) from None
 
 
-def differential_table(title: str, first_column: str, percents: dict[str, float]) -> Table:
-    """A differential count as a table: one row per white-cell type with its percentage; callers add the rest."""
+def differential_table(title: str, first_column: str, percents: dict[str, float],
+                       intervals: dict[str, list[float] | None] | None = None) -> Table:
+    """A differential count as a table: one row per white-cell type with its percentage (and its 95%
+    interval from counting alone, where given); callers add the rest."""
     table = Table(title=title)
     table.add_column(first_column)
     table.add_column("%", justify="right")
+    if intervals is not None:
+        table.add_column("95% interval", justify="right")
     for name, value in percents.items():
-        table.add_row(name, f"{value:.1f}")
+        cells = [name, f"{value:.1f}"]
+        if intervals is not None:
+            cells.append(f"{intervals[name][0]:.1f}-{intervals[name][1]:.1f}" if intervals.get(name) else "")
+        table.add_row(*cells)
+    return table
+
+
+def thin_differential_note(counted: int, where: str) -> Text:
+    """A warning line for a differential of fewer white cells than a manual count's 100."""
+    from ..inference.batch import DIFFERENTIAL_CELLS
+
+    return Text.assemble(("note", "bold yellow"), f": {where} {counted} white cells counted, fewer than the "
+                         f"{DIFFERENTIAL_CELLS} of a manual differential: read its percentages with their 95% intervals.")
+
+
+def slides_table(slides: list[dict]) -> Table:
+    """One row per slide: fields, white cells counted and to check, and each white-cell type's percentage."""
+    table = Table(title="By slide: % of the white cells counted (95% intervals in slides.csv)")
+    for column in ("slide", "fields", "counted", "to check"):
+        table.add_column(column, justify="left" if column == "slide" else "right")
+    names = list(slides[0]["white_cell_percent"])
+    for name in names:
+        table.add_column(name[:4], justify="right")
+    for slide in slides:
+        table.add_row(slide["slide"], str(slide["fields"]), str(slide["white_cells"]), str(slide["to_check"]),
+                      *(f"{slide['white_cell_percent'][name]:.1f}" for name in names))
     return table
 
 
@@ -431,7 +460,7 @@ def predict(
             writer.writerows(rows)
         counts = differential_count(rows)
         table = differential_table(f"Differential count ({counts['white_cells']} white cells)", "cell type",
-                                   counts["white_cell_percent"])
+                                   counts["white_cell_percent"], counts["white_cell_percent_95"])
         table.add_row("platelets (count)", str(counts["platelets"]))
         table.add_row("erythroblasts (count)", str(counts["erythroblasts"]))
         if predictor.has_shift:  # a cell may be both; each is counted once in the total
@@ -559,12 +588,25 @@ def count(
         diff = summary["differential"]
         table = differential_table(f"{diff['fields']} fields: {diff['white_cell_boxes']} white cells, "
                                    f"{diff['red_cells']} red cells, {diff['platelets']} platelets",
-                                   "white cell type", diff["white_cell_percent"])
+                                   "white cell type", diff["white_cell_percent"], diff["white_cell_percent_95"])
         table.add_row("counted (white cells)", str(diff["white_cells"]))
         table.add_row("erythroblasts (count)", str(diff["erythroblasts"]))
         table.add_row("to check (low confidence / unlike the training lab)", str(diff["to_check"]))
         table.add_row("fields without white cells", str(diff["fields_without_white_cells"]))
         console.print(table)
+        from ..inference.batch import DIFFERENTIAL_CELLS
+
+        slides = summary["slides"]
+        if len(slides) > 1:
+            console.print(slides_table(slides))
+        thin = [slide for slide in slides if slide["white_cells"] < DIFFERENTIAL_CELLS]
+        if len(slides) == 1 and thin:
+            console.print(thin_differential_note(diff["white_cells"], "these fields have"), highlight=False)
+        elif thin:
+            console.print(Text.assemble(
+                ("note", "bold yellow"), f": {len(thin)} of {len(slides)} slides have fewer than {DIFFERENTIAL_CELLS} "
+                "white cells counted, the count of a manual differential: read their percentages with the 95% intervals "
+                "in slides.csv."), highlight=False)
         if summary["magnified"]:
             factors = sorted(m["magnification"] for m in summary["magnified"])
             console.print(f"{len(factors)} field(s) were taken at a lower magnification than the detector's training "
@@ -575,7 +617,7 @@ def count(
                 ("warning", "bold yellow"),
                 f": {diff['to_check']} of {diff['white_cell_boxes']} white cells are to check: these fields do not look "
                 "like the lab the classifier was trained on. Check them, or adapt the model (bloodcell adapt)."), highlight=False)
-        console.print(f"Written to {out}: cells.csv, counts.csv, summary.json" + (", overlays/" if overlays else "")
+        console.print(f"Written to {out}: cells.csv, counts.csv, slides.csv, summary.json" + (", overlays/" if overlays else "")
                       + (", crops/" if crops else ""))
         if crops and diff["white_cell_boxes"]:
             console.print(f"Review the white cells in {out / 'crops'}: move each wrong one to its class's folder, sort "

@@ -140,16 +140,43 @@ def shift_summary(rows: list[dict]) -> dict | None:
     return batch_shift(np.array(scores)) if scores else None
 
 
+# A manual differential counts 100 white cells; fewer give wide intervals (see percent_intervals).
+DIFFERENTIAL_CELLS = 100
+
+
+def percent_intervals(counts: list[int], total: int, level: float = 0.95) -> list[list[float] | None]:
+    """The exact (Clopper-Pearson) interval of each share ``count / total``, in percent, rounded to 0.1.
+
+    How far a differential of ``total`` cells may lie from the slide's own from counting alone, as
+    in Rümke's table; the classifier's own errors come on top. None where nothing was counted.
+    What ``scipy.stats.binomtest(...).proportion_ci(method="exact")`` gives (tested), from the beta
+    quantiles in one call: that one costs milliseconds per share, too slow for every request of
+    the service.
+    """
+    if total <= 0:
+        return [None] * len(counts)
+    from scipy.special import betaincinv
+
+    k = np.asarray(counts, dtype=np.float64)
+    tail = (1 - level) / 2
+    with np.errstate(all="ignore"):  # the bounds at k = 0 and k = total are set below
+        low = np.where(k > 0, betaincinv(k, total - k + 1, tail), 0.0)
+        high = np.where(k < total, betaincinv(k + 1, total - k, 1 - tail), 1.0)
+    return [[round(100 * float(a), 1), round(100 * float(b), 1)] for a, b in zip(low, high)]
+
+
 def differential_count(rows: list[dict], include_abstained: bool = False) -> dict:
     """A hematologist's differential: white cells as percentages of white cells; platelets and erythroblasts apart.
 
     Cells to check (low confidence or out of distribution) are left out of the count unless
-    ``include_abstained``."""
+    ``include_abstained``. ``white_cell_percent_95``: each percentage's 95% interval from
+    counting alone (:func:`percent_intervals`), None for a type when no white cell was counted."""
     counts = Counter(r["pred"] for r in rows if include_abstained or not to_check(r))
     white = sum(counts.get(c, 0) for c in WHITE_CELLS)
     return {
         "white_cells": white,
         "white_cell_percent": {c: round(100 * counts.get(c, 0) / white, 1) if white else 0.0 for c in WHITE_CELLS},
+        "white_cell_percent_95": dict(zip(WHITE_CELLS, percent_intervals([counts.get(c, 0) for c in WHITE_CELLS], white))),
         "platelets": counts.get("platelet", 0),
         "erythroblasts": counts.get("erythroblast", 0),
         "erythroblasts_per_100_white_cells": round(100 * counts.get("erythroblast", 0) / white, 1) if white else None,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -47,6 +48,7 @@ class FieldResult:
     cells: list[dict] = field(default_factory=list)
     magnification: float = 1.0  # > 1: taken at a lower magnification than the detector's training, read on tiles
     crops: list[np.ndarray] = field(default_factory=list)  # the white cells as the classifier saw them, in row order
+    slide: str = ""  # the slide it belongs to (:func:`slide_of`), set by whoever knows where it came from
 
     def counts(self, class_names: list[str]) -> dict:
         white = [c for c in self.cells if c["kind"] == "white_cell"]
@@ -223,6 +225,33 @@ def run_differential(results: list[FieldResult]) -> dict:
     # Fields taken at a lower magnification than the detector's training fields, read on magnified tiles.
     counts["fields_magnified"] = sum(1 for r in results if r.magnification > 1)
     return counts
+
+
+def slide_of(root: str | Path, name: str) -> str:
+    """The slide of field ``name``, found under ``root`` (a folder or a file as the user gave it).
+
+    A lab keeps one folder per slide: the slide is the field's folder relative to ``root``, or
+    ``root``'s own name for the fields directly in it; for a file given by itself, its folder's name.
+    """
+    root, folder = Path(root), Path(name).parent
+    if root.is_dir():
+        try:
+            relative = folder.relative_to(root)
+        except ValueError:
+            relative = None
+        if relative is not None and relative != Path("."):
+            return relative.as_posix()
+        if relative is not None:
+            folder = root
+    return folder.name or folder.resolve().name or folder.as_posix()
+
+
+def slide_differentials(results: list[FieldResult]) -> list[dict]:
+    """:func:`run_differential` for each slide's fields (``FieldResult.slide``), in the order slides first appear."""
+    slides: dict[str, list[FieldResult]] = {}
+    for result in results:
+        slides.setdefault(result.slide, []).append(result)
+    return [{"slide": slide, **run_differential(fields)} for slide, fields in slides.items()]
 
 
 def draw_overlay(image: np.ndarray, result: FieldResult) -> Image.Image:

@@ -5,10 +5,14 @@ Writes into OUT (created; the fields themselves are never changed):
 - ``cells.csv``: one row per cell: ``image,kind,x0,y0,x1,y1,score,class,confidence`` (boxes in
   the field's own pixels; class and confidence for white cells only), then ``ood_score`` and
   ``to_check``;
-- ``counts.csv``: one row per field: white cells by class, red cells, platelets, cells to check;
-- ``summary.json``: the run's differential and totals, the fields skipped with a reason, and
-  the fields read on magnified tiles (taken at a lower magnification than the detector's
-  training fields) with the magnification;
+- ``counts.csv``: one row per field: its slide, white cells by class, red cells, platelets, cells
+  to check;
+- ``slides.csv``: one row per slide (the folder holding its fields): fields, white cells counted
+  and to check, each white-cell type's count, percentage and 95% interval from counting alone,
+  erythroblasts, red cells and platelets;
+- ``summary.json``: the run's differential and totals, each slide's, the fields skipped with a
+  reason, and the fields read on magnified tiles (taken at a lower magnification than the
+  detector's training fields) with the magnification;
 - ``overlays/<image>.png``: each field with its boxes and labels drawn;
 - with ``crops``, ``crops/<class>/<image>-<n>.png``: each white cell cut out as the classifier saw
   it, in the folder of its class, or in ``crops/to_check/``. A lab reviews them as it would on an
@@ -26,7 +30,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from ..core.classes import TO_CHECK_FOLDER
+from ..core.classes import TO_CHECK_FOLDER, WHITE_CELLS
 from ..core.errors import BloodcellError, ImageReadError
 from ..inference.batch import collect_inputs
 from ..inference.count import (
@@ -35,11 +39,27 @@ from ..inference.count import (
     FieldResult,
     draw_overlay,
     run_differential,
+    slide_differentials,
+    slide_of,
 )
 from ..inference.detect import load_detector
 from ..inference.predictor import load_predictor
 
 CELL_COLUMNS = ["image", "kind", "x0", "y0", "x1", "y1", "score", "class", "confidence", "ood_score", "to_check", "crop"]
+SLIDE_COLUMNS = ["slide", "fields", "fields_without_white_cells", "white_cell_boxes", "white_cells", "to_check",
+                 *(f"{name}{suffix}" for name in WHITE_CELLS for suffix in ("", "_percent", "_low95", "_high95")),
+                 "erythroblasts", "red_cells", "platelets"]
+
+
+def slide_row(slide: dict) -> dict:
+    """A row of slides.csv from one of :func:`slide_differentials`' entries."""
+    row = {key: slide[key] for key in ("slide", "fields", "fields_without_white_cells", "white_cell_boxes",
+                                       "white_cells", "to_check", "erythroblasts", "red_cells", "platelets")}
+    for name in WHITE_CELLS:
+        interval = slide["white_cell_percent_95"][name]
+        row.update({name: slide["counts"].get(name, 0), f"{name}_percent": slide["white_cell_percent"][name],
+                    f"{name}_low95": interval[0] if interval else "", f"{name}_high95": interval[1] if interval else ""})
+    return row
 
 
 def overlay_name(name: str, taken: set[str]) -> str:
@@ -72,7 +92,12 @@ def count_fields(paths: Iterable[str | Path], out: str | Path, model: str | Path
     """Count every field under ``paths`` (files and folders, recursive); returns the summary written to OUT."""
     from ..data import decode_file
 
-    items, bad = collect_inputs(paths)
+    items, bad, slides = [], [], {}
+    for path in paths:  # one argument at a time, so that each field's slide is named from the folder given
+        found, refused = collect_inputs([path])
+        items += found
+        bad += refused
+        slides.update((name, slide_of(path, name)) for name, _ in found)
     bad += [(name, "an array in an .npz file, not a field's image file") for name, entry in items if isinstance(entry, tuple)]
     items = [(name, entry) for name, entry in items if not isinstance(entry, tuple)]
     counter = FieldCounter(load_detector(detector), load_predictor(model), abstain_below, context)
@@ -94,7 +119,7 @@ def count_fields(paths: Iterable[str | Path], out: str | Path, model: str | Path
             ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         cells_writer = csv.DictWriter(cells_file, fieldnames=CELL_COLUMNS, restval="")
         cells_writer.writeheader()
-        counts_writer = csv.DictWriter(counts_file, fieldnames=["image", "white_cells", *counter.class_names,
+        counts_writer = csv.DictWriter(counts_file, fieldnames=["image", "slide", "white_cells", *counter.class_names,
                                                                 "red_cells", "platelets", "to_check"])
         counts_writer.writeheader()
         for start in range(0, len(items), batch_size):
@@ -105,11 +130,12 @@ def count_fields(paths: Iterable[str | Path], out: str | Path, model: str | Path
             if good:
                 batch = counter.count([image for _, image in good], [name for name, _ in good], keep_crops=crops)
                 for (_, image), result in zip(good, batch):
+                    result.slide = slides[result.name]
                     if crops:
                         save_crops(result, out / "crops", Path(overlay_name(result.name, crop_stems)).stem, pool)
                     result.crops = []  # a run may hold thousands of fields
                     cells_writer.writerows({"image": result.name, **cell} for cell in result.cells)
-                    counts_writer.writerow(result.counts(counter.class_names))
+                    counts_writer.writerow({"slide": result.slide, **result.counts(counter.class_names)})
                     if overlays:
                         target = out / "overlays" / overlay_name(result.name, taken)
                         pool.submit(lambda im=image, r=result, t=target: draw_overlay(im, r).save(t))
@@ -118,8 +144,14 @@ def count_fields(paths: Iterable[str | Path], out: str | Path, model: str | Path
                 progress(len(chunk))
     if not results:
         raise BloodcellError("no field could be read" + (f" ({len(bad)} refused: {bad[0][0]}: {bad[0][1]})" if bad else ""))
+    by_slide = slide_differentials(results)
+    with open(out / "slides.csv", "w", newline="") as slides_file:
+        writer = csv.DictWriter(slides_file, fieldnames=SLIDE_COLUMNS)
+        writer.writeheader()
+        writer.writerows(slide_row(slide) for slide in by_slide)
     summary = {
         "differential": run_differential(results),
+        "slides": by_slide,
         "model": str(model),
         "detector": str(detector),
         "crop_context": context,
