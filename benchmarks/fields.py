@@ -13,7 +13,8 @@ Reports, on the ``--split`` fields of ``--data`` (default ``$BLOODCELL_DATA/fiel
   640x480, a half, a third and a quarter of the magnification (2 x 2, 3 x 3 and 4 x 4 fields side
   by side, resized to one field), a third in a sparse field (shrunk into a corner of a canvas of
   its colour), a crowded 640x480 field at 0.6 of the magnification (a window of 3 x 3 fields, as a
-  lower-power objective shows a smear), a purple stain cast, a yellow lamp, out of focus; the
+  lower-power objective shows a smear), a purple stain cast, a yellow lamp, out of focus, through
+  the eyepiece (a phone's photo: twice the pixels in a round aperture, a dark 4:3 frame); the
   third, quarter, sparse third and crowded 0.6 again without the detector's red-cell ruler
   (``*_no_ruler``), to show what it changes;
 - where the set types its white cells (class names such as ``neutrophil``): the classifier's type
@@ -227,6 +228,34 @@ def variant(image: np.ndarray, boxes: Boxes, name: str) -> tuple[np.ndarray, Box
     return np.clip(x, 0, 255).astype(np.uint8), boxes
 
 
+def eyepiece(image: np.ndarray, boxes: Boxes, seed: int = 0) -> tuple[np.ndarray, Boxes]:
+    """The field as a phone photographs it through the eyepiece: twice the pixels, seen through a round
+    aperture 0.92 of its side across, in a dark 4:3 frame (noisy black, a soft rim). The cells whose
+    centre lies in the aperture are the truth: the others are out of sight."""
+    rng = np.random.default_rng(seed)
+    height, width = image.shape[:2]
+    big = np.asarray(Image.fromarray(image).resize((2 * width, 2 * height), Image.Resampling.BICUBIC)).astype(np.float32)
+    radius = 0.46 * min(big.shape[:2])
+    frame_h = int(2 * radius / 0.9)
+    frame_w = frame_h * 4 // 3
+    canvas = np.zeros((frame_h, frame_w, 3), np.float32)
+    top, left = (frame_h - big.shape[0]) // 2, (frame_w - big.shape[1]) // 2
+    sy0, sx0 = max(0, -top), max(0, -left)
+    dy0, dx0 = max(0, top), max(0, left)
+    h = min(big.shape[0] - sy0, frame_h - dy0)
+    w = min(big.shape[1] - sx0, frame_w - dx0)
+    canvas[dy0 : dy0 + h, dx0 : dx0 + w] = big[sy0 : sy0 + h, sx0 : sx0 + w]
+    yy, xx = np.mgrid[:frame_h, :frame_w]
+    distance = np.hypot(yy - frame_h / 2, xx - frame_w / 2)
+    light = np.clip((radius - distance) / (0.03 * radius), 0, 1)[..., None]  # the aperture's soft rim
+    dark = rng.normal(10, 3, canvas.shape)
+    out = np.clip(canvas * light + dark * (1 - light), 0, 255).astype(np.uint8)
+    xyxy = boxes.xyxy * 2 + np.array([left, top, left, top], np.float32)
+    centre_x, centre_y = (xyxy[:, 0] + xyxy[:, 2]) / 2, (xyxy[:, 1] + xyxy[:, 3]) / 2
+    seen = np.hypot(centre_y - frame_h / 2, centre_x - frame_w / 2) < radius
+    return out, Boxes(xyxy[seen].astype(np.float32), boxes.kinds[seen])
+
+
 def sparse_third(image: np.ndarray, boxes: Boxes) -> tuple[np.ndarray, Boxes]:
     """A third of the magnification in a sparse field: the field shrunk to a third in the corner of a
     canvas of its own size and median colour (one small patch of cells, as in a thin area of a smear)."""
@@ -240,7 +269,7 @@ def sparse_third(image: np.ndarray, boxes: Boxes) -> tuple[np.ndarray, Boxes]:
 
 
 VARIANTS = ("300px", "1600px", "640x480", "zoomed_out", "zoomed_out_3", "zoomed_out_4", "sparse_third", "crowded_0.6",
-            "purple_stain", "yellow_lamp", "blurred")
+            "purple_stain", "yellow_lamp", "blurred", "eyepiece")
 # read again without the detector's red-cell ruler (red_cell_side None): what the ruler changes
 WITHOUT_RULER = ("zoomed_out_3", "zoomed_out_4", "sparse_third", "crowded_0.6")
 CROWDED = 0.6  # the magnification of the crowded variant and of the second speed figure
@@ -374,6 +403,8 @@ def main() -> None:
             changed = [zoomed_out(fields, i, n) for i in range(len(fields))]
         elif name == "sparse_third":
             changed = [sparse_third(image, boxes) for image, boxes in fields]
+        elif name == "eyepiece":
+            changed = [eyepiece(image, boxes, i) for i, (image, boxes) in enumerate(fields)]
         elif name.startswith("crowded"):
             changed = [crowded(fields, i, CROWDED) for i in range(len(fields))]
         else:

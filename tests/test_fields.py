@@ -21,8 +21,11 @@ from bloodcell.data.fields import (
     clip_boxes,
     flip_rotate,
     letterbox,
+    load_field,
     mosaic,
+    open_fields,
     read_boxes,
+    read_kinds,
     training_sample,
 )
 from bloodcell.evaluation.detection import detection_metrics, voc_ap
@@ -228,6 +231,66 @@ def test_fields_are_grouped_into_slides_by_their_folder(tmp_path):
     assert (a["fields"], a["white_cells"], a["red_cells"], a["white_cell_percent"]["neutrophil"]) == (2, 3, 2, 66.7)
     assert (b["fields"], b["white_cells"], b["to_check"], b["fields_without_white_cells"]) == (2, 1, 1, 1)
     assert b["white_cell_percent"]["monocyte"] == 100.0 and b["white_cell_percent_95"]["monocyte"] == [2.5, 100.0]
+
+
+def in_aperture(smear: np.ndarray, radius: float, frame: tuple[int, int], seed: int = 0) -> tuple[np.ndarray, int, int]:
+    """``smear`` centred in a dark frame, seen through a round aperture of ``radius``: a photo through the eyepiece."""
+    rng = np.random.default_rng(seed)
+    height, width = frame
+    photo = rng.normal(10, 3, (height, width, 3))
+    top, left = (height - smear.shape[0]) // 2, (width - smear.shape[1]) // 2
+    yy, xx = np.mgrid[:height, :width]
+    inside = np.hypot(yy - height / 2, xx - width / 2) < radius
+    placed = np.zeros_like(photo)
+    placed[top : top + smear.shape[0], left : left + smear.shape[1]] = smear
+    photo[inside] = placed[inside]
+    return np.clip(photo, 0, 255).astype(np.uint8), left, top
+
+
+def test_the_field_of_view_is_the_smear_inside_a_dark_surround():
+    """An eyepiece's round aperture or a black border is painted in the smear's colour and boxed out;
+    a smear without one, dark nuclei at its edge included, is left alone, as is a photo dark all over."""
+    from bloodcell.data.fields import field_of_view
+
+    rng = np.random.default_rng(1)
+    smear = np.empty((360, 360, 3), np.uint8)
+    smear[:] = (226, 214, 204)
+    yy, xx = np.mgrid[:360, :360]
+    for cy, cx in [(180, 180), (60, 300), (0, 120), (359, 359)]:  # nuclei, two of them cut by the edge
+        smear[np.hypot(yy - cy, xx - cx) < 30] = (105, 55, 150)
+    smear = np.clip(smear + rng.normal(0, 3, smear.shape), 0, 255).astype(np.uint8)
+    assert field_of_view(smear) is None
+    bordered = smear.copy()
+    bordered[:24] = 0  # a black strip, as some fields are padded
+    filled, box = field_of_view(bordered)
+    assert box[0] == 0 and 20 <= box[1] <= 32 and box[2:] == (360, 360)
+    assert np.abs(filled[:20].astype(int) - (226, 214, 204)).max() <= 8 and (filled[40:] == bordered[40:]).all()
+    photo, left, top = in_aperture(smear, 170, (480, 640))
+    filled, (x0, y0, x1, y1) = field_of_view(photo)
+    assert abs(x0 - (320 - 170)) <= 8 and abs(x1 - (320 + 170)) <= 8 and abs(y0 - (240 - 170)) <= 8 and abs(y1 - (240 + 170)) <= 8
+    assert np.abs(filled[5, 5].astype(int) - (226, 214, 204)).max() <= 8  # the surround now looks like the smear
+    assert (filled[240, 320] == photo[240, 320]).all() and photo.min() < 5
+    dark = np.zeros((200, 200, 3), np.uint8)
+    dark[90:110, 90:110] = 200
+    assert field_of_view(dark) is None
+
+
+def test_the_shipped_detector_reads_a_photo_through_the_eyepiece_on_the_smear():
+    """A field seen through a round aperture: the same white cell is found, in the photo's pixels, and no
+    cell is found in the dark (which, read as it is, gives red cells and platelets)."""
+    detector = shipped_detector()
+    field, _ = load_field(min(open_fields(require(FIELDS), "test"), key=lambda i: i.image.name), read_kinds(FIELDS))
+    plain = detector.detect(field)
+    photo, left, top = in_aperture(field, 0.47 * field.shape[0], (field.shape[0] + 120, field.shape[1] * 4 // 3 + 160))
+    found = detector.detect(photo)
+    height, width = photo.shape[:2]
+    centres = (found.boxes.xyxy[:, :2] + found.boxes.xyxy[:, 2:]) / 2
+    assert (np.hypot(centres[:, 0] - width / 2, centres[:, 1] - height / 2) < 1.1 * 0.47 * field.shape[0]).all()  # rim cells; as it is, 1.42
+    assert (found.boxes.kinds == 2).sum() <= (plain.boxes.kinds == 2).sum()  # read as it is, the dark gives a platelet
+    white = found.boxes.xyxy[found.boxes.kinds == 0] - np.array([left, top, left, top], np.float32)
+    expected = plain.boxes.xyxy[plain.boxes.kinds == 0]
+    assert len(white) == len(expected) >= 1
+    assert box_iou(white, expected).max(1).min() > 0.7
 
 
 def test_one_cell_is_counted_once_across_kinds():

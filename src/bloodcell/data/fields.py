@@ -287,6 +287,52 @@ def fill_colour(image: np.ndarray) -> np.ndarray:
     return np.median(image[::4, ::4].reshape(-1, 3), axis=0).astype(np.uint8)
 
 
+# A photo taken through the eyepiece shows the smear in a bright disc, in a dark surround: pixels
+# darker than SURROUND_DARK of the field's bright level (its 90th percentile), joined to the
+# photo's edge, over at least SURROUND_MIN_SHARE of it. A stained nucleus is 0.4-0.6 of that level.
+SURROUND_DARK = 0.25
+SURROUND_MIN_SHARE = 0.02
+
+
+def field_of_view(image: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int]] | None:
+    """Where a photo shows the smear, when it shows it inside a dark surround (an eyepiece's round
+    aperture, a black border): the image with the surround painted in the smear's median colour, and
+    the box (x0, y0, x1, y1) around what is left. None where the photo has no dark surround, or is
+    dark nearly all over (then there is nothing to tell apart).
+
+    The detector would otherwise read the dark as red cells and platelets, and measure the field's
+    magnification on them (docs/fields.md, "Photos through the eyepiece").
+    """
+    height, width = image.shape[:2]
+    # First, cheaply: a surround touches the photo's edge, so a photo whose edge holds no dark pixel has none.
+    glance = image[:: max(1, math.ceil(max(height, width) / 128)), :: max(1, math.ceil(max(height, width) / 128))].max(axis=2)
+    ring = np.concatenate([glance[0], glance[-1], glance[:, 0], glance[:, -1]])
+    flat = glance.ravel()
+    if not (ring < SURROUND_DARK * np.partition(flat, int(0.9 * (len(flat) - 1)))[int(0.9 * (len(flat) - 1))]).any():
+        return None
+    step = max(1, round(max(height, width) / 256))
+    small = ndimage.uniform_filter(image[::step, ::step].max(axis=2).astype(np.float32), 3)
+    dark = small < SURROUND_DARK * np.percentile(small, 90)
+    if dark.mean() < SURROUND_MIN_SHARE:
+        return None
+    labels, _ = ndimage.label(dark)
+    edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    surround = np.isin(labels, edge[edge > 0])
+    if surround.mean() < SURROUND_MIN_SHARE or surround.mean() > 0.9:
+        return None
+    surround = ndimage.binary_dilation(surround, iterations=2)  # the aperture's dim rim
+    rows, cols = np.nonzero(~surround)
+    box = (int(cols.min()) * step, int(rows.min()) * step, min(width, (int(cols.max()) + 1) * step),
+           min(height, (int(rows.max()) + 1) * step))
+    colour = np.median(image[::step, ::step][: surround.shape[0], : surround.shape[1]][~surround], axis=0)
+    # the surround at full size: each small pixel stands for a step x step block
+    mask = np.asarray(Image.fromarray(surround).resize((surround.shape[1] * step, surround.shape[0] * step),
+                                                      Image.Resampling.NEAREST))[:height, :width]
+    filled = image.copy()
+    filled[: mask.shape[0], : mask.shape[1]][mask] = colour.astype(np.uint8)
+    return filled, box
+
+
 @dataclass(frozen=True)
 class Letterbox:
     scale: float  # canvas pixels per original pixel

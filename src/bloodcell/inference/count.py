@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from ..core.classes import WHITE_CELLS
-from ..data.fields import KINDS, fill_colour
+from ..data.fields import KINDS, field_of_view, fill_colour
 from .batch import differential_count, prediction_row, to_check
 from .detect import CellDetector, Detections
 from .predictor import Predictor
@@ -177,7 +177,12 @@ class FieldCounter:
         return self.predictor.class_names
 
     def count(self, images: list[np.ndarray], names: list[str], keep_crops: bool = False) -> list[FieldResult]:
-        return self.type_cells(images, names, self.detector.detect_batch(images), keep_crops)
+        views = [field_of_view(image) for image in images]
+        found = self.detector.detect_batch(images, views)
+        # a photo through the eyepiece: white cells cut out of the smear with its dark surround painted
+        # over, as the detector saw it, so that a cell at the aperture's rim is not framed in black
+        images = [image if view is None else view[0] for image, view in zip(images, views)]
+        return self.type_cells(images, names, found, keep_crops)
 
     def type_cells(self, images: list[np.ndarray], names: list[str], found: list[Detections],
                    keep_crops: bool = False) -> list[FieldResult]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import BloodcellError
-from ..data.fields import KINDS, Boxes, box_overlap, letterbox
+from ..data.fields import KINDS, Boxes, box_overlap, field_of_view, letterbox
 from ..data.framing import stain_mask, stain_score
 from ..models.detector import DETECTOR_FILE, DetectorContract, read_detector_contract
 
@@ -151,9 +151,17 @@ class CellDetector:
         """The same network read under another contract (e.g. ``contract.lowered()``, to rank every detection)."""
         return CellDetector(self._run, contract)
 
-    def detect_batch(self, images: list[np.ndarray]) -> list[Detections]:
+    def detect_batch(self, images: list[np.ndarray], views: list | None = None) -> list[Detections]:
         """Each field read at the letterbox scale; one whose red cells come out too small to read (a lower
-        magnification than training's) is read again, magnified, on overlapping tiles (:meth:`magnified`)."""
+        magnification than training's) is read again, magnified, on overlapping tiles (:meth:`magnified`).
+
+        A photo showing the smear inside a dark surround (through the eyepiece) is read on the smear
+        alone (:func:`bloodcell.data.fields.field_of_view`; ``views``: its answers, where the caller has
+        them already); boxes are in the photo's own pixels.
+        """
+        views = [field_of_view(image) for image in images] if views is None else views
+        images = [image if view is None else view[0][view[1][1] : view[1][3], view[1][0] : view[1][2]]
+                  for image, view in zip(images, views)]
         framed: list = []
         found = self._letterboxed(images, framed)
         if self.contract.red_cell_side is not None:
@@ -161,6 +169,11 @@ class CellDetector:
                 found[index] = self.magnified(image, detections)
         if self.contract.white_cell_min_stain > 0:
             found = [self.nucleated(f, canvas, frame) for f, (canvas, frame) in zip(found, framed)]
+        for index, view in enumerate(views):
+            if view is not None and (view[1][0] or view[1][1]):
+                shift = np.array([view[1][0], view[1][1]] * 2, np.float32)
+                f = found[index]
+                found[index] = Detections(Boxes(f.boxes.xyxy + shift, f.boxes.kinds), f.scores, f.magnification)
         return found
 
     def _letterboxed(self, images: list[np.ndarray], framed: list | None = None) -> list[Detections]:
