@@ -265,7 +265,7 @@ def test_the_field_of_view_is_the_smear_inside_a_dark_surround():
     filled, box = field_of_view(bordered)
     assert box[0] == 0 and 20 <= box[1] <= 32 and box[2:] == (360, 360)
     assert np.abs(filled[:20].astype(int) - (226, 214, 204)).max() <= 8 and (filled[40:] == bordered[40:]).all()
-    photo, left, top = in_aperture(smear, 170, (480, 640))
+    photo, _, _ = in_aperture(smear, 170, (480, 640))
     filled, (x0, y0, x1, y1) = field_of_view(photo)
     assert abs(x0 - (320 - 170)) <= 8 and abs(x1 - (320 + 170)) <= 8 and abs(y0 - (240 - 170)) <= 8 and abs(y1 - (240 + 170)) <= 8
     assert np.abs(filled[5, 5].astype(int) - (226, 214, 204)).max() <= 8  # the surround now looks like the smear
@@ -559,7 +559,7 @@ def test_count_command_prints_the_differential(tmp_path):
     field = min((require(FIELDS) / "images" / "test").glob("*.jpg"))
     result = CliRunner().invoke(app, ["count", str(field), "--out", str(tmp_path / "o"), "--no-overlays"])
     assert result.exit_code == 0, result.output
-    assert "white cell type" in result.output and "red cells" in result.output
+    assert "white cell type" in result.output and "red cells" in result.output and "95% interval" in result.output
     assert (tmp_path / "o" / "cells.csv").is_file() and not (tmp_path / "o" / "overlays").exists()
 
 

@@ -58,14 +58,6 @@ def differential_table(title: str, first_column: str, percents: dict[str, float]
     return table
 
 
-def thin_differential_note(counted: int, where: str) -> Text:
-    """A warning line for a differential of fewer white cells than a manual count's 100."""
-    from ..inference.batch import DIFFERENTIAL_CELLS
-
-    return Text.assemble(("note", "bold yellow"), f": {where} {counted} white cells counted, fewer than the "
-                         f"{DIFFERENTIAL_CELLS} of a manual differential: read its percentages with their 95% intervals.")
-
-
 def slides_table(slides: list[dict]) -> Table:
     """One row per slide: fields, white cells counted and to check, and each white-cell type's percentage."""
     table = Table(title="By slide: % of the white cells counted (95% intervals in slides.csv)")
@@ -599,9 +591,11 @@ def count(
         slides = summary["slides"]
         if len(slides) > 1:
             console.print(slides_table(slides))
-        thin = [slide for slide in slides if slide["white_cells"] < DIFFERENTIAL_CELLS]
+        thin = [slide for slide in slides if 0 < slide["white_cells"] < DIFFERENTIAL_CELLS]  # none counted: nothing to read
         if len(slides) == 1 and thin:
-            console.print(thin_differential_note(diff["white_cells"], "these fields have"), highlight=False)
+            console.print(Text.assemble(("note", "bold yellow"), f": {diff['white_cells']} white cells counted, fewer than "
+                                        f"the {DIFFERENTIAL_CELLS} of a manual differential: read the percentages with "
+                                        "their 95% intervals."), highlight=False)
         elif thin:
             console.print(Text.assemble(
                 ("note", "bold yellow"), f": {len(thin)} of {len(slides)} slides have fewer than {DIFFERENTIAL_CELLS} "
