@@ -25,7 +25,7 @@ import numpy as np
 
 from ..core.errors import BloodcellError, ImageReadError
 from ..data.fields import KINDS, Boxes, load_field, open_fields, read_kinds
-from ..inference.count import FieldCounter, FieldResult
+from ..inference.count import FieldCounter, FieldResult, fields_of_view
 from ..inference.detect import Detections, box_iou
 from ..models.ood import batch_shift
 from .detection import detection_metrics
@@ -130,9 +130,9 @@ def score_fields(counter: FieldCounter, fields, batch_size: int = 8
     batch: list[tuple[str, np.ndarray, Boxes]] = []
 
     def flush():
-        found = low.detect_batch([image for _, image, _ in batch])
-        typed = counter.type_cells([image for _, image, _ in batch], [name for name, _, _ in batch],
-                                   [at_operating(f, thresholds) for f in found])
+        views, painted = fields_of_view([image for _, image, _ in batch])
+        found = low.detect_batch([image for _, image, _ in batch], views)
+        typed = counter.type_cells(painted, [name for name, _, _ in batch], [at_operating(f, thresholds) for f in found])
         results.extend(typed)
         truth.extend(boxes for _, _, boxes in batch)
         ranked.extend(found)

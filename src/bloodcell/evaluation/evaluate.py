@@ -59,7 +59,7 @@ def load_field_eval_images(data: str | Path, predictor: Predictor, detector: str
     whole, as plain evaluation would, and counted in the report.
     """
     from ..data.sources import load_item
-    from ..inference.count import CROP_CONTEXT, best_white_cell, square_crop
+    from ..inference.count import CROP_CONTEXT, best_white_cell, fields_of_view, square_crop
     from ..inference.detect import load_detector
 
     source = model_source(data, predictor, skip_unknown)
@@ -76,7 +76,8 @@ def load_field_eval_images(data: str | Path, predictor: Predictor, detector: str
             chunk.append(item)
         if not decoded:
             continue
-        for item, field_image, found in zip(chunk, decoded, finder.detect_batch(decoded)):
+        views, painted = fields_of_view(decoded)  # white cells cut out as count cuts them
+        for item, field_image, found in zip(chunk, painted, finder.detect_batch(decoded, views)):
             cell = best_white_cell(found)
             if cell is not None:
                 box, score = cell

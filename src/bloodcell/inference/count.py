@@ -162,6 +162,14 @@ def mostly_fields(counted: tuple[int, int] | None) -> bool:
     return counted is not None and counted[1] >= 4 and 2 * counted[0] >= counted[1]
 
 
+def fields_of_view(images: list[np.ndarray]) -> tuple[list, list[np.ndarray]]:
+    """Each image's :func:`~bloodcell.data.fields.field_of_view` (for the detector), and the image with any
+    dark surround painted over, to cut white cells from: a cell at an eyepiece's rim is then framed in
+    the smear's colour, as the detector saw it, not in black."""
+    views = [field_of_view(image) for image in images]
+    return views, [image if view is None else view[0] for image, view in zip(images, views)]
+
+
 class FieldCounter:
     """Detector + classifier: every cell of a field, white cells typed, as rows and counts."""
 
@@ -177,12 +185,8 @@ class FieldCounter:
         return self.predictor.class_names
 
     def count(self, images: list[np.ndarray], names: list[str], keep_crops: bool = False) -> list[FieldResult]:
-        views = [field_of_view(image) for image in images]
-        found = self.detector.detect_batch(images, views)
-        # a photo through the eyepiece: white cells cut out of the smear with its dark surround painted
-        # over, as the detector saw it, so that a cell at the aperture's rim is not framed in black
-        images = [image if view is None else view[0] for image, view in zip(images, views)]
-        return self.type_cells(images, names, found, keep_crops)
+        views, painted = fields_of_view(images)
+        return self.type_cells(painted, names, self.detector.detect_batch(images, views), keep_crops)
 
     def type_cells(self, images: list[np.ndarray], names: list[str], found: list[Detections],
                    keep_crops: bool = False) -> list[FieldResult]:

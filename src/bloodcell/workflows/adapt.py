@@ -123,10 +123,11 @@ def found_cells(images: list[np.ndarray], names: list[str], finder, size: int,
     """Every white cell ``finder`` (a :class:`~bloodcell.inference.detect.CellDetector`) finds in whole fields,
     cut out and prepared as ``count`` does it."""
     from ..data.fields import KINDS
-    from ..inference.count import CROP_CONTEXT, square_crop
+    from ..inference.count import CROP_CONTEXT, fields_of_view, square_crop
 
     cells, origins = [], []
-    for image, name, found in zip(images, names, finder.detect_batch(images)):
+    views, painted = fields_of_view(images)
+    for image, name, found in zip(painted, names, finder.detect_batch(images, views)):
         for box in found.boxes.xyxy[found.boxes.kinds == KINDS.index("white_cell")]:
             cells.append(preprocess(square_crop(image, box, CROP_CONTEXT), size, framing))
             origins.append(f"{name}#{','.join(f'{v:.0f}' for v in box)}")
