@@ -108,6 +108,61 @@ def test_an_unknown_class_name_or_split_is_one_clear_error(tmp_path):
     assert not is_field_set(tmp_path / "images")
 
 
+def test_boxes_of_classes_bloodcell_does_not_know_can_be_left_out(tmp_path):
+    """With skip_unknown a set's smudge cells or blasts are read apart (``Boxes.ignored``), in YOLO and VOC
+    layouts alike; without it they are refused, naming the option; a set of unknown classes only is refused."""
+    (tmp_path / "classes.txt").write_text("WBC\nsmudge\nRBC\n")
+    write_field(tmp_path / "images", tmp_path / "labels", "f", ["0 0.5 0.5 0.2 0.2", "1 0.25 0.25 0.1 0.1", "2 0.8 0.8 0.1 0.1"])
+    with pytest.raises(BloodcellError, match=r"unknown class 'smudge'.*--skip-unknown"):
+        read_kinds(tmp_path)
+    names = read_kinds(tmp_path, skip_unknown=True)
+    (item,) = open_fields(tmp_path, None)
+    with pytest.raises(BloodcellError, match=r"f.txt: unknown class 'smudge'"):
+        load_field(item, names)
+    _, boxes = load_field(item, names, skip_unknown=True)
+    assert boxes.kinds.tolist() == [WHITE, RED] and boxes.ignored_names == ("smudge",)
+    np.testing.assert_allclose(boxes.ignored, [[16, 12, 24, 18]])
+    assert boxes.select(np.array([True, False])).ignored_names == ("smudge",)
+    # what adapt --data BOXED --skip-unknown learns from
+    from bloodcell.inference.count import boxed_white_cells
+
+    assert [origin.rpartition("#")[2] for _, _, origin in boxed_white_cells(tmp_path, skip_unknown=True)] == ["0"]
+    with pytest.raises(BloodcellError, match="unknown class 'smudge'"):
+        list(boxed_white_cells(tmp_path))
+    (tmp_path / "classes.txt").write_text("smudge\nartefact\n")
+    with pytest.raises(BloodcellError, match="none of its classes is a kind"):
+        read_kinds(tmp_path, skip_unknown=True)
+    voc = tmp_path / "voc"
+    (voc / "Annotations").mkdir(parents=True)
+    (voc / "JPEGImages").mkdir()
+    Image.new("RGB", (40, 30), (230, 200, 210)).save(voc / "JPEGImages" / "a.jpg")
+    objects = "".join(f"<object><name>{n}</name><bndbox><xmin>{x}</xmin><ymin>1</ymin><xmax>{x + 5}</xmax><ymax>6</ymax></bndbox></object>"
+                      for n, x in (("WBC", 1), ("blast", 20)))
+    (voc / "Annotations" / "a.xml").write_text(f"<annotation><filename>a.jpg</filename>{objects}</annotation>")
+    with pytest.raises(BloodcellError, match="unknown class 'blast'"):
+        read_kinds(voc)
+    (item,) = open_fields(voc, None)
+    _, boxes = load_field(item, read_kinds(voc, skip_unknown=True), skip_unknown=True)
+    assert boxes.kinds.tolist() == [WHITE] and boxes.ignored_names == ("blast",)
+
+
+def test_a_detection_on_a_left_out_box_counts_neither_way():
+    """VOC's rule for "difficult" objects: a detection that matches no true box of its kind but lies on a box
+    of an unknown class is dropped from the ranking, neither a hit nor a false positive."""
+    from bloodcell.evaluation.detection import detection_metrics
+    from bloodcell.inference.detect import Detections
+
+    found = [Detections(Boxes(np.array([[50, 50, 60, 60], [0, 0, 10, 10], [80, 0, 90, 10]], np.float32),
+                              np.array([WHITE, WHITE, WHITE])), np.array([0.95, 0.9, 0.7], np.float32))]
+    known = np.array([[0, 0, 10, 10]], np.float32)
+    plain = detection_metrics(found, [Boxes(known, np.array([WHITE]))])["white_cell"]
+    left_out = detection_metrics(found, [Boxes(known, np.array([WHITE]), ignored=np.array([[51, 50, 60, 61]], np.float32),
+                                               ignored_names=("smudge",))])["white_cell"]
+    assert plain["ap50"] == pytest.approx(0.5) and plain["detections"] == 3 and plain["precision"] == pytest.approx(1 / 3)
+    assert left_out["ap50"] == pytest.approx(1.0) and left_out["detections"] == 2 and left_out["precision"] == pytest.approx(0.5)
+    assert left_out["boxes"] == plain["boxes"] == 1
+
+
 def cell(box, cls, score=0.9, to_check=False, kind="white_cell"):
     return {"kind": kind, "x0": box[0], "y0": box[1], "x1": box[2], "y1": box[3], "score": score,
             "class": cls if kind == "white_cell" else "", "confidence": score if kind == "white_cell" else "",
@@ -191,6 +246,28 @@ def test_evaluate_scores_the_types_of_a_labs_boxed_fields(tmp_path):
         assert (out / "cells.csv").read_text().count("white_cell") >= 11
         assert (out / "confusion_matrix.png").is_file()
     assert scores["right"] >= 0.75 and scores["swapped"] <= 0.25
+    # the lab boxed its eosinophils as a class bloodcell does not know: refused in one line, or left out
+    smudged = tmp_path / "smudged"
+    typed_fields(smudged, pbc, 2, {c: c for c in classes})
+    (smudged / "classes.txt").write_text("smudge\nlymphocyte\nneutrophil\nRBC\n")  # eosinophil (0) renamed
+    result = runner.invoke(app, ["evaluate", "--model", "default", "--data", str(smudged), "--out", str(tmp_path / "s0")])
+    assert result.exit_code == 2 and "unknown class 'smudge'" in result.output and "--skip-unknown" in result.output
+    assert "Traceback" not in result.output
+    result = runner.invoke(app, ["evaluate", "--model", "default", "--data", str(smudged), "--out", str(tmp_path / "s1"),
+                                 "--skip-unknown"])
+    assert result.exit_code == 0, result.output
+    assert "left out" in result.output and "smudge 2 box(es)" in result.output
+    metrics = json.loads((tmp_path / "s1" / "metrics.json").read_text())
+    assert metrics["left_out"] == {"smudge": 2} and metrics["detection"]["white_cell"]["boxes"] == 4
+    assert metrics["types"]["typed_cells"] == 4
+    # the same set with those boxes deleted: the two eosinophils found are now false white cells
+    for label in (smudged / "labels").glob("eosinophil_*.txt"):
+        label.write_text("")
+    result = runner.invoke(app, ["evaluate", "--model", "default", "--data", str(smudged), "--out", str(tmp_path / "s2"),
+                                 "--skip-unknown"])
+    deleted = json.loads((tmp_path / "s2" / "metrics.json").read_text())["detection"]["white_cell"]
+    assert deleted["detections"] == metrics["detection"]["white_cell"]["detections"] + 2
+    assert deleted["precision"] < metrics["detection"]["white_cell"]["precision"]
     # a class folder set is still scored as crops, and --split is refused there
     result = runner.invoke(app, ["evaluate", "--model", "default", "--data", str(pbc), "--split", "test", "--out", str(tmp_path / "x")])
     assert result.exit_code != 0 and "--split is for boxed fields" in result.output

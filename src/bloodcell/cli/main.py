@@ -217,7 +217,8 @@ def evaluate(
     split: Optional[str] = typer.Option(None, "--split", help="Boxed fields (YOLO layout): score one split "
                                         "(train, val, test); default: every field of the set."),
     skip_unknown: bool = typer.Option(False, "--skip-unknown", help="Leave out class folders naming none of the "
-                                      "model's classes (smudge cells, blasts...) instead of stopping."),
+                                      "model's classes (smudge cells, blasts...) instead of stopping; in boxed "
+                                      "fields, boxes of such classes (a detection on one counts neither way)."),
 ):
     """Score a trained model: accuracy, macro-F1, per-class recall, calibration, robustness.
 
@@ -254,7 +255,7 @@ def evaluate(
             from ..evaluation.boxed_fields import evaluate_field_set
 
             with console.status("reading the fields"):
-                result = evaluate_field_set(model, data, out, detector=detector, split=split)
+                result = evaluate_field_set(model, data, out, detector=detector, split=split, skip_unknown=skip_unknown)
             print_field_set_result(result)
             Console().print(f"Written to {out}")
             return
@@ -321,6 +322,9 @@ def print_field_set_result(result: dict) -> None:
                         f"{100 * types['differential_max_error']:.1f} points", highlight=False)
     for bad in result["unreadable"]:
         Console().print(f"skipped {bad['path']}: {bad['error']}", highlight=False)
+    if result.get("left_out"):
+        Console().print("left out (classes bloodcell does not know; a detection on one counts neither way): "
+                        + ", ".join(f"{name} {boxes} box(es)" for name, boxes in result["left_out"].items()), highlight=False)
     shift = result.get("domain_shift")
     if shift:
         verdict = "[bold yellow]flagged[/]: unlike the training lab's cells" if shift["flagged"] else "not flagged"
@@ -492,7 +496,7 @@ def adapt(
     suggest: int = typer.Option(20, help="With --unlabelled: list this many of those cells, the adapted model's least certain, in OUT/to_label.csv (0: none)."),
     fields: bool = typer.Option(False, "--fields", help="With --unlabelled: the images are whole fields; every white cell the cell detector finds is an unlabelled cell."),
     detector: str = typer.Option("default", "--detector", help="With --fields: a train-detector run, or 'default'."),
-    skip_unknown: bool = typer.Option(False, "--skip-unknown", help="Leave out --data class folders naming none of the model's classes (smudge cells, blasts...) instead of stopping."),
+    skip_unknown: bool = typer.Option(False, "--skip-unknown", help="Leave out --data class folders naming none of the model's classes (smudge cells, blasts...) instead of stopping; in boxed fields, boxes of such classes."),
 ):
     """Adapt a model to one lab's images; OUT works with every --model (evaluate, predict, serve, export)."""
     from ..training.adapt import AdaptConfig

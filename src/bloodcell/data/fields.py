@@ -79,12 +79,17 @@ class Boxes:
     xyxy: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
     kinds: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     types: np.ndarray | None = None
+    # Boxes of classes bloodcell does not know (smudge cells, blasts...), read with ``skip_unknown``: their
+    # pixel boxes and class names. Scoring leaves a detection on one of them out, as VOC does "difficult" boxes.
+    ignored: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
+    ignored_names: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return len(self.kinds)
 
     def select(self, keep: np.ndarray) -> Boxes:
-        return Boxes(self.xyxy[keep], self.kinds[keep], None if self.types is None else self.types[keep])
+        return Boxes(self.xyxy[keep], self.kinds[keep], None if self.types is None else self.types[keep],
+                     self.ignored, self.ignored_names)
 
 
 @dataclass(frozen=True)
@@ -119,18 +124,26 @@ def _voc_objects(path: Path) -> list[tuple[str, list[float]]]:
                              "<bndbox> with xmin, ymin, xmax, ymax)") from None
 
 
-def read_kinds(root: Path) -> list[str]:
+def _check_known(names: list[str], where: Path, skip_unknown: bool) -> list[str]:
+    unknown = [n for n in names if field_label(n) is None]
+    if unknown and not skip_unknown:
+        raise BloodcellError(f"{where}: unknown class {unknown[0]!r}: a class is a kind ({', '.join(KINDS)}; or WBC, "
+                             "RBC, Platelets...) or a white-cell type (neutrophil, lymphocyte...); --skip-unknown "
+                             "leaves such boxes out")
+    if unknown and len(unknown) == len(names):
+        raise BloodcellError(f"{where}: none of its classes is a kind or a white-cell type ({', '.join(map(repr, names))})")
+    return names
+
+
+def read_kinds(root: Path, skip_unknown: bool = False) -> list[str]:
     """The class names of a field set, in label order (``classes.txt``, or ``names`` of a ``data.yaml``;
     for Pascal VOC, every object name its annotations use), each one a kind or a white-cell type
-    (:func:`field_label`)."""
+    (:func:`field_label`). A name that is neither is refused, or with ``skip_unknown`` kept, so that
+    its boxes are read as ``Boxes.ignored``."""
     root = Path(root)
     if _names_file(root) is None and _is_voc(root):
         names = sorted({name for xml in sorted((root / "Annotations").glob("*.xml")) for name, _ in _voc_objects(xml)})
-        unknown = [n for n in names if field_label(n) is None]
-        if unknown:
-            raise BloodcellError(f"{root / 'Annotations'}: unknown class {unknown[0]!r}: a class is a kind "
-                                 f"({', '.join(KINDS)}; or WBC, RBC, Platelets...) or a white-cell type (neutrophil, lymphocyte...)")
-        return names
+        return _check_known(names, root / "Annotations", skip_unknown)
     path = _names_file(root)
     if path is None:
         raise BloodcellError(f"{root}: not a field set (no classes.txt or data.yaml naming its classes: "
@@ -150,11 +163,7 @@ def read_kinds(root: Path) -> list[str]:
         if not isinstance(names, list) or not names:
             raise BloodcellError(f"{path}: no 'names:' list of the set's classes")
         names = [str(n).strip() for n in names]
-    unknown = [n for n in names if field_label(n) is None]
-    if unknown:
-        raise BloodcellError(f"{path}: unknown class {unknown[0]!r}: a class is a kind ({', '.join(KINDS)}; "
-                             f"or WBC, RBC, Platelets...) or a white-cell type (neutrophil, lymphocyte...)")
-    return names
+    return _check_known(names, path, skip_unknown)
 
 
 def split_folders(root: Path, split: str | None) -> tuple[Path, Path]:
@@ -201,7 +210,7 @@ def open_fields(root: str | os.PathLike, split: str | None) -> list[FieldItem]:
     """The fields of one split (None: a set without splits, or every split), each with its label file
     (None where a field has none: no cells)."""
     root = Path(root)
-    read_kinds(root)
+    read_kinds(root, skip_unknown=True)  # a field set at all; its callers read its names as they need them
     if _names_file(root) is None and _is_voc(root):
         return _voc_fields(root, split)
     if split is None and field_splits(root):
@@ -232,33 +241,36 @@ def _voc_fields(root: Path, split: str | None) -> list[FieldItem]:
                       else None) for p in images]
 
 
-def read_boxes(item: FieldItem, width: int, height: int, kind_names: list[str]) -> Boxes:
+def read_boxes(item: FieldItem, width: int, height: int, kind_names: list[str], skip_unknown: bool = False) -> Boxes:
     """A label file (YOLO's, or a Pascal VOC annotation) as pixel boxes, typed where the set's class names
-    are white-cell types; a bad line names the file and the line."""
+    are white-cell types; a bad line names the file and the line. A box of a class that is neither a
+    kind nor a white-cell type is refused, or with ``skip_unknown`` kept apart in ``Boxes.ignored``."""
     if item.labels is None:
         return Boxes()
     labels = [field_label(name) for name in kind_names]
     if item.labels.suffix == ".xml":  # Pascal VOC: pixel corners, a name per object
-        entries = []
-        for name, box in _voc_objects(item.labels):
-            label = field_label(name)
-            if label is None:
-                raise BloodcellError(f"{item.labels}: unknown class {name!r}")
-            entries.append((label, box))
-        labels = [label for label, _ in entries]
+        entries = [(name, field_label(name), box) for name, box in _voc_objects(item.labels)]
+        labels = [label for _, label, _ in entries]
     else:
         entries = _yolo_entries(item, width, height, kind_names, labels)
-    if not entries:
-        return Boxes()
-    typed = any(known.type for known in labels if known is not None)
-    return Boxes(np.asarray([box for _, box in entries], np.float32),
-                 np.asarray([KINDS.index(label.kind) for label, _ in entries], np.int64),
-                 np.asarray([label.type or "" for label, _ in entries]) if typed else None)
+    unknown = [(name, box) for name, label, box in entries if label is None]
+    if unknown and not skip_unknown:
+        raise BloodcellError(f"{item.labels}: unknown class {unknown[0][0]!r} (--skip-unknown leaves such boxes out)")
+    known = [(label, box) for _, label, box in entries if label is not None]
+    typed = any(label.type for label in labels if label is not None)
+    ignored = np.asarray([box for _, box in unknown], np.float32).reshape(-1, 4)
+    names = tuple(name for name, _ in unknown)
+    if not known:
+        return Boxes(ignored=ignored, ignored_names=names)
+    return Boxes(np.asarray([box for _, box in known], np.float32),
+                 np.asarray([KINDS.index(label.kind) for label, _ in known], np.int64),
+                 np.asarray([label.type or "" for label, _ in known]) if typed else None, ignored, names)
 
 
 def _yolo_entries(item: FieldItem, width: int, height: int, kind_names: list[str],
-                  labels: list[FieldLabel | None]) -> list[tuple[FieldLabel, list[float]]]:
-    """(label, pixel box) of each line of a YOLO label file; a bad line names the file and the line."""
+                  labels: list[FieldLabel | None]) -> list[tuple[str, FieldLabel | None, list[float]]]:
+    """(class name, label (None: unknown), pixel box) of each line of a YOLO label file; a bad line names the
+    file and the line."""
     entries = []
     for number, line in enumerate(item.labels.read_text().splitlines(), 1):
         parts = line.split()
@@ -270,16 +282,14 @@ def _yolo_entries(item: FieldItem, width: int, height: int, kind_names: list[str
             raise BloodcellError(f"{item.labels}:{number}: expected 'class x_centre y_centre width height'") from None
         if not 0 <= index < len(kind_names):
             raise BloodcellError(f"{item.labels}:{number}: class {index} is not in the set's {len(kind_names)} class names")
-        label = labels[index]
-        if label is None:
-            raise BloodcellError(f"{item.labels}:{number}: unknown class {kind_names[index]!r}")
-        entries.append((label, [(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height]))
+        entries.append((kind_names[index], labels[index],
+                        [(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height]))
     return entries
 
 
-def load_field(item: FieldItem, kind_names: list[str]) -> tuple[np.ndarray, Boxes]:
+def load_field(item: FieldItem, kind_names: list[str], skip_unknown: bool = False) -> tuple[np.ndarray, Boxes]:
     image, _ = decode_file(item.image)
-    return image, read_boxes(item, image.shape[1], image.shape[0], kind_names)
+    return image, read_boxes(item, image.shape[1], image.shape[0], kind_names, skip_unknown)
 
 
 def fill_colour(image: np.ndarray) -> np.ndarray:

@@ -153,18 +153,22 @@ def score_fields(counter: FieldCounter, fields, batch_size: int = 8
 
 
 def evaluate_field_set(model_path: str | Path, data: str | Path, out: str | Path, detector: str | Path = "default",
-                       split: str | None = None, abstain_below: float = 0.7) -> dict:
+                       split: str | None = None, abstain_below: float = 0.7, skip_unknown: bool = False) -> dict:
     """Score the detector and the classifier on a boxed field set (``split``: one of its splits; None: all
     of it). Writes ``metrics.json``, ``cells.csv`` (every cell found, with the lab's type of the box it
-    matched) and, where the set types its white cells, ``confusion_matrix.png``."""
+    matched) and, where the set types its white cells, ``confusion_matrix.png``.
+
+    ``skip_unknown``: boxes of classes that are neither a kind nor a white-cell type (smudge cells,
+    blasts...) are left out instead of refused: a detection on one counts neither way, and
+    ``metrics.json`` lists them (``left_out``: boxes per class)."""
     from ..inference import load_predictor
     from ..inference.detect import load_detector
 
     data, out = Path(data), Path(out)
-    names = read_kinds(data)
+    names = read_kinds(data, skip_unknown)
     items = open_fields(data, split)
     counter = FieldCounter(load_detector(detector), load_predictor(model_path), abstain_below)
-    fields = [(str(item.image), (lambda item=item: load_field(item, names))) for item in items]
+    fields = [(str(item.image), (lambda item=item: load_field(item, names, skip_unknown))) for item in items]
     results, truth, ranked, unreadable = score_fields(counter, fields)
     if not results:
         raise BloodcellError(f"{data}: none of its {len(items)} fields could be read")
@@ -173,6 +177,9 @@ def evaluate_field_set(model_path: str | Path, data: str | Path, out: str | Path
               "fields": len(results), "unreadable": unreadable,
               "detection": detection_metrics(ranked, truth, operating=contract.operating()),
               "fields_magnified": sum(1 for r in results if r.magnification > 1)}
+    left_out = Counter(name for boxes in truth for name in boxes.ignored_names)
+    if left_out:
+        result["left_out"] = dict(sorted(left_out.items()))
     types = type_metrics(results, truth, counter.class_names)
     if types is not None:
         result["types"] = types

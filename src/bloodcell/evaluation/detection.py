@@ -4,7 +4,10 @@ VOC's rule (Everingham et al. 2010, the ``VOC2010+`` all-points variant): detect
 kind are ranked by score over the whole set; each is a true positive when it overlaps a
 not-yet-matched true box of that kind in its field by IoU >= 0.5, else a false positive;
 AP is the area under the precision-recall curve after precision is made monotone
-(each point takes the best precision at any higher recall).
+(each point takes the best precision at any higher recall). As VOC does with its "difficult"
+objects, a detection that matches no true box of its kind but overlaps a box of a class
+bloodcell does not know (``Boxes.ignored``: smudge cells, blasts...) by IoU >= 0.5 counts
+neither way: it is left out of the ranking.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ def voc_ap(recall: np.ndarray, precision: np.ndarray) -> float:
 
 def match_kind(found: list[Detections], truth: list[Boxes], kind: int, iou: float = 0.5
                ) -> tuple[np.ndarray, np.ndarray, int]:
-    """(scores, true-positive flags) of every detection of ``kind``, ranked, and the number of true boxes."""
+    """(scores, true-positive flags) of every detection of ``kind``, ranked (those left out on an ignored box
+    dropped), and the number of true boxes."""
     entries = []  # (score, field, box)
     for field, det in enumerate(found):
         mine = det.boxes.kinds == kind
@@ -35,17 +39,22 @@ def match_kind(found: list[Detections], truth: list[Boxes], kind: int, iou: floa
     truth_boxes = [t.xyxy[t.kinds == kind] for t in truth]
     used = [np.zeros(len(t), bool) for t in truth_boxes]
     hits = np.zeros(len(entries), bool)
+    kept = np.ones(len(entries), bool)
     for i, (_, field, box) in enumerate(entries):
         candidates = truth_boxes[field]
-        if not len(candidates):
-            continue
-        overlaps = box_iou(box[None], candidates)[0]
-        overlaps[used[field]] = -1
-        best = int(np.argmax(overlaps))
-        if overlaps[best] >= iou:
-            used[field][best] = True
-            hits[i] = True
-    return np.asarray([e[0] for e in entries], np.float32), hits, int(sum(len(t) for t in truth_boxes))
+        if len(candidates):
+            overlaps = box_iou(box[None], candidates)[0]
+            overlaps[used[field]] = -1
+            best = int(np.argmax(overlaps))
+            if overlaps[best] >= iou:
+                used[field][best] = True
+                hits[i] = True
+                continue
+        ignored = truth[field].ignored
+        if len(ignored) and box_iou(box[None], ignored).max() >= iou:
+            kept[i] = False
+    scores = np.asarray([e[0] for e in entries], np.float32)
+    return scores[kept], hits[kept], int(sum(len(t) for t in truth_boxes))
 
 
 def detection_metrics(found: list[Detections], truth: list[Boxes], iou: float = 0.5,

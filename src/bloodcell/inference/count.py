@@ -76,24 +76,26 @@ def square_crop(image: np.ndarray, box: np.ndarray, context: float) -> np.ndarra
     return crop
 
 
-def boxed_white_cells(root, typed_only: bool = False, on_skip=None):
+def boxed_white_cells(root, typed_only: bool = False, on_skip=None, skip_unknown: bool = False):
     """The white cells boxed in a field set (any layout :mod:`bloodcell.data.fields` reads), each cut out
     as ``count`` cuts a white cell it found: (crop, type ("" where the box has none), "field#box").
 
     ``typed_only``: only the boxes whose class is a white-cell type. An unreadable field is passed to
-    ``on_skip(path, reason)`` and left out.
+    ``on_skip(path, reason)`` and left out. ``skip_unknown``: boxes of classes that are neither a kind
+    nor a white-cell type are left out instead of refused.
     """
     from ..core.errors import ImageReadError
     from ..data.fields import load_field, open_fields, read_kinds
 
-    names = read_kinds(root)
+    names = read_kinds(root, skip_unknown)
     for item in open_fields(root, None):
         try:
-            image, boxes = load_field(item, names)
+            image, boxes = load_field(item, names, skip_unknown)
         except ImageReadError as exc:
             if on_skip:
                 on_skip(item.image, str(exc))
             continue
+        image = fields_of_view([image])[1][0]
         for index in np.flatnonzero(boxes.kinds == KINDS.index("white_cell")):
             kind = "" if boxes.types is None else str(boxes.types[index])
             if kind or not typed_only:

@@ -67,14 +67,15 @@ def model_directory(model: str | Path) -> Path:
 
 
 def field_cells(path: Path, size: int, framing: dict | None, log: Callable[[str], None],
-                typed_only: bool) -> tuple[list[np.ndarray], list[str], list[str]]:
+                typed_only: bool, skip_unknown: bool = False) -> tuple[list[np.ndarray], list[str], list[str]]:
     """The white cells boxed in a lab's field set, cut out as ``bloodcell count`` cuts them and prepared as
     the model's input: (images, types ("" where a box is untyped), where each came from). ``typed_only``:
     only the boxes whose class is a white-cell type."""
     from ..inference.count import boxed_white_cells
 
     images, types, origins = [], [], []
-    for crop, kind, origin in boxed_white_cells(path, typed_only, lambda name, why: log(f"skipped {name}: {why}")):
+    for crop, kind, origin in boxed_white_cells(path, typed_only, lambda name, why: log(f"skipped {name}: {why}"),
+                                                skip_unknown):
         images.append(preprocess(crop, size, framing))
         types.append(kind)
         origins.append(origin)
@@ -87,7 +88,7 @@ def load_labelled(path: Path, class_names: list[str], size: int, framing: dict |
     from ..data.fields import is_field_set
 
     if is_field_set(path):  # the lab's own fields, their white cells boxed and typed
-        images, types, _ = field_cells(path, size, framing, log, typed_only=True)
+        images, types, _ = field_cells(path, size, framing, log, typed_only=True, skip_unknown=skip_unknown)
         unknown = sorted({t for t in types if t not in class_names})
         if unknown:
             log(f"not classes of this model, left out: {', '.join(unknown)}")
