@@ -31,7 +31,9 @@ subfolder one lab); default: ``$BLOODCELL_DATA/foreign/jtsc``. For each set it r
   the adaptation figures and AUROC of a class-folder set (``as_given_cells``: the model on those
   crops). A boxed set without types (``WBC`` boxes) has no accuracy, but still gets the shift
   warning's figures on its boxed white cells (AUROC, the set's verdict) and the class mix of the
-  model's answers, to set beside what the lab's donors should show;
+  model's answers, to set beside what the lab's donors should show. Boxes of classes bloodcell
+  does not know (smudge cells, blasts) are left out, as ``evaluate --skip-unknown`` leaves them,
+  and listed (``left_out``);
 - the out-of-distribution AUROC of the PBC test split (``--pbc-test``: a curated PBC folder;
   its ``images/test``) against the set, and how many random batches of 50 PBC test images
   are flagged (the target: none).
@@ -301,7 +303,7 @@ def bench_boxed(set_dir: Path, args, work: Path) -> dict:
     """A lab's boxed fields, read as `bloodcell count` reads them; with typed white cells, their accuracy."""
     from bloodcell.evaluation.boxed_fields import evaluate_field_set
 
-    result = evaluate_field_set(args.model, set_dir, work)
+    result = evaluate_field_set(args.model, set_dir, work, skip_unknown=True)  # boxes of unknown classes left out
     types = result.get("types")
     detection = {kind: result["detection"][kind]["ap50"] for kind in ("white_cell", "red_cell", "platelet")}
     if types is None:
@@ -313,6 +315,8 @@ def bench_boxed(set_dir: Path, args, work: Path) -> dict:
     report = {"set": str(set_dir), "read_as": "boxed_fields", "fields": result["fields"], "as_given": as_given,
               "types": types, "detection": detection, "white_cell_recall": result["detection"]["white_cell"]["recall"],
               "domain_shift": result.get("domain_shift")}
+    if result.get("left_out"):
+        report["left_out"] = result["left_out"]
     # The typed cells, cut out as `count` cuts a white cell (from the lab's own boxes), as class folders: the
     # adaptation figures and the out-of-distribution AUROC of a class-folder set, on the crops count would classify.
     cells = typed_cells_as_folders(set_dir, work / "cells")
@@ -334,7 +338,7 @@ def bench_untyped(set_dir: Path, args, result: dict, detection: dict) -> dict:
     from bloodcell.inference.batch import prediction_row
     from bloodcell.inference.count import boxed_white_cells, white_cell_to_check
 
-    crops = [crop for crop, _, _ in boxed_white_cells(set_dir)]
+    crops = [crop for crop, _, _ in boxed_white_cells(set_dir, skip_unknown=True)]
     predictor = load_predictor(args.model)
     probs, ood = predictor.scores(crops)
     rows = [prediction_row("", p, predictor.class_names, 0.7, None if ood is None else float(o))
@@ -346,7 +350,8 @@ def bench_untyped(set_dir: Path, args, result: dict, detection: dict) -> dict:
             "detection": detection, "white_cell_recall": result["detection"]["white_cell"]["recall"],
             "domain_shift": result.get("domain_shift"), "answers": answers,
             "to_check_share": round(sum(map(white_cell_to_check, rows)) / max(1, len(rows)), 4),
-            "mean_confidence": round(float(probs.max(1).mean()), 4), "ood": None if ood is None else ood_figures(args.model, args.pbc_test, None, ood)}
+            "mean_confidence": round(float(probs.max(1).mean()), 4), "ood": None if ood is None else ood_figures(args.model, args.pbc_test, None, ood),
+            **({"left_out": result["left_out"]} if result.get("left_out") else {})}
 
 
 def typed_cells_as_folders(set_dir: Path, out: Path) -> dict[str, int]:
@@ -357,7 +362,7 @@ def typed_cells_as_folders(set_dir: Path, out: Path) -> dict[str, int]:
     from bloodcell.inference.count import boxed_white_cells
 
     counts: dict[str, int] = {}
-    for crop, kind, origin in boxed_white_cells(set_dir, typed_only=True):
+    for crop, kind, origin in boxed_white_cells(set_dir, typed_only=True, skip_unknown=True):
         (out / kind).mkdir(parents=True, exist_ok=True)
         field, _, box = origin.rpartition("#")
         Image.fromarray(crop).save(out / kind / f"{Path(field).stem}_{box}.png")
