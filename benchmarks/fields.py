@@ -23,7 +23,7 @@ Reports, on the ``--split`` fields of ``--data`` (default ``$BLOODCELL_DATA/fiel
 - the classical baseline: stain thresholding, distance transform and watershed (scipy only),
   scored the same way;
 - fields/s of ``bloodcell count``'s path (decode, detect, crop and classify every white cell,
-  no overlays) on fields resized to 640x480 JPEGs, with ONNX Runtime on this machine's cores; and
+  no overlays or report) on fields resized to 640x480 JPEGs, with ONNX Runtime on this machine's cores; and
   the same on the crowded fields at 0.6 of the magnification (``speed_crowded``);
 - crop framing: the median ratio of a PBC image's side to the white-cell box the detector finds
   in it (``CROP_CONTEXT`` in ``bloodcell.inference.count``), and, on the PBC test split
@@ -285,9 +285,9 @@ def speed(detector_name: str, model: str, fields: list[np.ndarray], count: int) 
         for i in range(count):
             Image.fromarray(fields[i % len(fields)]).resize((640, 480), Image.Resampling.BILINEAR).save(
                 folder / f"f{i:04d}.jpg", quality=90)
-        count_fields([folder], Path(tmp) / "warm", model, detector_name, overlays=False)  # load and warm up
+        count_fields([folder], Path(tmp) / "warm", model, detector_name, overlays=False, report=False)  # load and warm up
         started = time.perf_counter()
-        summary = count_fields([folder], Path(tmp) / "out", model, detector_name, overlays=False)
+        summary = count_fields([folder], Path(tmp) / "out", model, detector_name, overlays=False, report=False)
         seconds = time.perf_counter() - started
     return {"fields": count, "size": "640x480", "seconds": seconds, "fields_per_s": count / seconds,
             "white_cells": summary["differential"]["white_cell_boxes"]}

@@ -483,6 +483,10 @@ def test_count_writes_cells_counts_summary_and_overlays(tmp_path):
         for column in ("white_cells", "red_cells", "platelets", "to_check"):
             assert int(row["white_cell_boxes" if column == "white_cells" else column]) == sum(int(r[column]) for r in mine)
     assert [s["slide"] for s in summary["slides"]] == list(slides)
+    # the report: each slide's differential and every white cell found as a thumbnail (fewer than 48 per class here)
+    report = (out / "report.html").read_text()
+    assert "Slide sub" in report and "Slide other" in report and "95% interval" in report
+    assert report.count("<figure><img src='data:image/jpeg;base64,") == sum(c["kind"] == "white_cell" for c in cells)
     # the white-cell crop: centred on the box, padded with the field's colour at the edge
     image = np.zeros((100, 100, 3), np.uint8)
     image[:] = 200

@@ -568,6 +568,8 @@ def count(
     overlays: bool = typer.Option(True, "--overlays/--no-overlays", help="Draw OUT/overlays/<image>.png."),
     crops: bool = typer.Option(False, "--crops", help="Cut each white cell out into OUT/crops/<class>/ (or crops/to_check/), "
                                "to review and sort, then: bloodcell adapt --data OUT/crops."),
+    report: bool = typer.Option(True, "--report/--no-report", help="Write OUT/report.html: each slide's differential and "
+                                "its white cells as thumbnails by class."),
     batch_size: int = typer.Option(8, "--batch-size"),
 ):
     """Find every cell in whole smear fields, type the white cells, and count them."""
@@ -578,7 +580,8 @@ def count(
         total = len(collect_inputs([str(p) for p in paths])[0])
         with progress_bar() as bar:
             summary = count_fields([str(p) for p in paths], out, model, detector, abstain_below, batch_size,
-                                   overlays=overlays, progress=item_progress(bar)("counting", total), crops=crops)
+                                   overlays=overlays, progress=item_progress(bar)("counting", total), crops=crops,
+                                   report=report)
         for skipped in summary["skipped"]:
             console.print(Text.assemble(("skipped", "yellow"), f" {skipped['image']}: {skipped['reason']}"), highlight=False)
         diff = summary["differential"]
@@ -615,7 +618,8 @@ def count(
                 ("warning", "bold yellow"),
                 f": {diff['to_check']} of {diff['white_cell_boxes']} white cells are to check: these fields do not look "
                 "like the lab the classifier was trained on. Check them, or adapt the model (bloodcell adapt)."), highlight=False)
-        console.print(f"Written to {out}: cells.csv, counts.csv, slides.csv, summary.json" + (", overlays/" if overlays else "")
+        console.print(f"Written to {out}: cells.csv, counts.csv, slides.csv, summary.json" + (", report.html" if report else "")
+                      + (", overlays/" if overlays else "")
                       + (", crops/" if crops else ""))
         if crops and diff["white_cell_boxes"]:
             console.print(f"Review the white cells in {out / 'crops'}: move each wrong one to its class's folder, sort "

@@ -14,6 +14,8 @@ Writes into OUT (created; the fields themselves are never changed):
   reason, and the fields read on magnified tiles (taken at a lower magnification than the
   detector's training fields) with the magnification;
 - ``overlays/<image>.png``: each field with its boxes and labels drawn;
+- ``report.html`` (``report``): each slide's differential with its intervals, what to look at first,
+  and its white cells as thumbnails grouped by class (:mod:`bloodcell.workflows.count_report`);
 - with ``crops``, ``crops/<class>/<image>-<n>.png``: each white cell cut out as the classifier saw
   it, in the folder of its class, or in ``crops/to_check/``. A lab reviews them as it would on an
   analyser (moves a wrong cell to its class's folder, sorts the cells to check, deletes what it
@@ -44,6 +46,7 @@ from ..inference.count import (
 )
 from ..inference.detect import load_detector
 from ..inference.predictor import load_predictor
+from .count_report import Gallery, write_count_report
 
 CELL_COLUMNS = ["image", "kind", "x0", "y0", "x1", "y1", "score", "class", "confidence", "ood_score", "to_check", "crop"]
 SLIDE_COLUMNS = ["slide", "fields", "fields_without_white_cells", "white_cell_boxes", "white_cells", "to_check",
@@ -88,7 +91,7 @@ def save_crops(result: FieldResult, root: Path, stem: str, pool: ThreadPoolExecu
 def count_fields(paths: Iterable[str | Path], out: str | Path, model: str | Path = "default",
                  detector: str | Path = "default", abstain_below: float = 0.7, batch_size: int = 8,
                  workers: int = 2, overlays: bool = True, context: float = CROP_CONTEXT,
-                 progress: Callable[[int], None] | None = None, crops: bool = False) -> dict:
+                 progress: Callable[[int], None] | None = None, crops: bool = False, report: bool = True) -> dict:
     """Count every field under ``paths`` (files and folders, recursive); returns the summary written to OUT."""
     from ..data import decode_file
 
@@ -113,6 +116,7 @@ def count_fields(paths: Iterable[str | Path], out: str | Path, model: str | Path
             return exc
 
     results: list[FieldResult] = []
+    gallery = Gallery()
     taken: set[str] = set()
     crop_stems: set[str] = set()
     with open(out / "cells.csv", "w", newline="") as cells_file, open(out / "counts.csv", "w", newline="") as counts_file, \
@@ -128,9 +132,13 @@ def count_fields(paths: Iterable[str | Path], out: str | Path, model: str | Path
             good = [(name, image) for (name, _), image in zip(chunk, decoded) if not isinstance(image, Exception)]
             bad += [(name, str(image)) for (name, _), image in zip(chunk, decoded) if isinstance(image, Exception)]
             if good:
-                batch = counter.count([image for _, image in good], [name for name, _ in good], keep_crops=crops)
+                batch = counter.count([image for _, image in good], [name for name, _ in good], keep_crops=crops or report)
                 for (_, image), result in zip(good, batch):
                     result.slide = slides[result.name]
+                    if report:
+                        white = [cell for cell in result.cells if cell["kind"] == "white_cell"]
+                        for cell, crop in zip(white, result.crops):
+                            gallery.add(result.slide, cell, crop, result.name)
                     if crops:
                         save_crops(result, out / "crops", Path(overlay_name(result.name, crop_stems)).stem, pool)
                     result.crops = []  # a run may hold thousands of fields
@@ -160,4 +168,6 @@ def count_fields(paths: Iterable[str | Path], out: str | Path, model: str | Path
         "magnified": [{"image": r.name, "magnification": r.magnification} for r in results if r.magnification > 1],
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if report:
+        write_count_report(out, summary, gallery)
     return summary
