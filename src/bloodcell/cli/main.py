@@ -573,7 +573,7 @@ def count(
     batch_size: int = typer.Option(8, "--batch-size"),
 ):
     """Find every cell in whole smear fields, type the white cells, and count them."""
-    from ..inference.batch import collect_inputs
+    from ..inference.batch import DIFFERENTIAL_CELLS, collect_inputs
     from ..workflows import count_fields
 
     with user_errors():
@@ -593,8 +593,6 @@ def count(
         table.add_row("to check (low confidence / unlike the training lab)", str(diff["to_check"]))
         table.add_row("fields without white cells", str(diff["fields_without_white_cells"]))
         console.print(table)
-        from ..inference.batch import DIFFERENTIAL_CELLS
-
         slides = summary["slides"]
         if len(slides) > 1:
             console.print(slides_table(slides))

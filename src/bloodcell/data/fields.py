@@ -311,14 +311,15 @@ def field_of_view(image: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, i
     dark nearly all over (then there is nothing to tell apart).
 
     The detector would otherwise read the dark as red cells and platelets, and measure the field's
-    magnification on them (docs/fields.md, "Photos through the eyepiece").
+    magnification on them (docs/fields.md, "How a field is read", step 0).
     """
     height, width = image.shape[:2]
     # First, cheaply: a surround touches the photo's edge, so a photo whose edge holds no dark pixel has none.
-    glance = image[:: max(1, math.ceil(max(height, width) / 128)), :: max(1, math.ceil(max(height, width) / 128))].max(axis=2)
-    ring = np.concatenate([glance[0], glance[-1], glance[:, 0], glance[:, -1]])
-    flat = glance.ravel()
-    if not (ring < SURROUND_DARK * np.partition(flat, int(0.9 * (len(flat) - 1)))[int(0.9 * (len(flat) - 1))]).any():
+    every = max(1, math.ceil(max(height, width) / 128))
+    glance = image[::every, ::every].max(axis=2)
+    rank = int(0.9 * (glance.size - 1))
+    bright = np.partition(glance.ravel(), rank)[rank]
+    if not (np.concatenate([glance[0], glance[-1], glance[:, 0], glance[:, -1]]) < SURROUND_DARK * bright).any():
         return None
     step = max(1, round(max(height, width) / 256))
     small = ndimage.uniform_filter(image[::step, ::step].max(axis=2).astype(np.float32), 3)
@@ -334,12 +335,12 @@ def field_of_view(image: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, i
     rows, cols = np.nonzero(~surround)
     box = (int(cols.min()) * step, int(rows.min()) * step, min(width, (int(cols.max()) + 1) * step),
            min(height, (int(rows.max()) + 1) * step))
-    colour = np.median(image[::step, ::step][: surround.shape[0], : surround.shape[1]][~surround], axis=0)
-    # the surround at full size: each small pixel stands for a step x step block
+    colour = np.median(image[::step, ::step][~surround], axis=0)
+    # the surround at full size: each small pixel stands for a step x step block (the grid covers the photo)
     mask = np.asarray(Image.fromarray(surround).resize((surround.shape[1] * step, surround.shape[0] * step),
                                                       Image.Resampling.NEAREST))[:height, :width]
     filled = image.copy()
-    filled[: mask.shape[0], : mask.shape[1]][mask] = colour.astype(np.uint8)
+    filled[mask] = colour.astype(np.uint8)
     return filled, box
 
 

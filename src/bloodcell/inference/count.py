@@ -245,15 +245,8 @@ def slide_of(root: str | Path, name: str) -> str:
     ``root``'s own name for the fields directly in it; for a file given by itself, its folder's name.
     """
     root, folder = Path(root), Path(name).parent
-    if root.is_dir():
-        try:
-            relative = folder.relative_to(root)
-        except ValueError:
-            relative = None
-        if relative is not None and relative != Path("."):
-            return relative.as_posix()
-        if relative is not None:
-            folder = root
+    if root.is_dir() and folder.is_relative_to(root) and folder != root:
+        return folder.relative_to(root).as_posix()
     return folder.name or folder.resolve().name or folder.as_posix()
 
 
