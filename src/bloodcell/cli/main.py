@@ -560,8 +560,10 @@ def distill_targets(
 
 @app.command()
 def count(
-    paths: list[Path] = typer.Argument(..., help="Whole fields: image files or folders (recursive)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Folder for cells.csv, counts.csv, summary.json and overlays/."),
+    paths: list[Path] = typer.Argument(..., help="Whole fields: image files or folders (recursive); the fields of "
+                                       "one folder are one slide."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for cells.csv, counts.csv, slides.csv, summary.json, "
+                             "report.html and overlays/."),
     model: str = typer.Option("default", "--model", "-m", help="The classifier: model.onnx, a run directory, or 'default'."),
     detector: str = typer.Option("default", "--detector", help="The cell detector: a train-detector run, or 'default'."),
     abstain_below: float = typer.Option(0.7, help="White cells below this confidence go to 'to check'."),
