@@ -59,7 +59,12 @@ def load_field_eval_images(data: str | Path, predictor: Predictor, detector: str
     whole, as plain evaluation would, and counted in the report.
     """
     from ..data.sources import load_item
-    from ..inference.count import CROP_CONTEXT, best_white_cell, fields_of_view, square_crop
+    from ..inference.count import (
+        CROP_CONTEXT,
+        best_white_cell,
+        fields_of_view,
+        square_crop,
+    )
     from ..inference.detect import load_detector
 
     source = model_source(data, predictor, skip_unknown)

@@ -76,12 +76,12 @@ def write_count_report(out: Path, summary: dict, gallery: Gallery) -> Path:
     """Write ``out/report.html`` from a count run's ``summary`` (as summary.json holds it) and its thumbnails."""
     diff = summary["differential"]
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    parts = [f"<h1>Count report</h1><p class='muted'>{esc(when)}; classifier {esc(summary['model'])}, "
-             f"detector {esc(summary['detector'])}; white cells below {summary['abstain_below']} confidence are to "
-             "check. Not a medical device: a person reviews the result.</p>",
-             f"<p>{diff['fields']} field(s) in {len(summary['slides'])} slide(s): {diff['white_cell_boxes']} white cells "
-             f"({diff['white_cells']} counted, {diff['to_check']} to check), {diff['red_cells']} red cells, "
-             f"{diff['platelets']} platelets.</p>"]
+    parts = [(f"<h1>Count report</h1><p class='muted'>{esc(when)}; classifier {esc(summary['model'])}, "
+              f"detector {esc(summary['detector'])}; white cells below {summary['abstain_below']} confidence are to "
+              "check. Not a medical device: a person reviews the result.</p>"),
+             (f"<p>{diff['fields']} field(s) in {len(summary['slides'])} slide(s): {diff['white_cell_boxes']} white cells "
+              f"({diff['white_cells']} counted, {diff['to_check']} to check), {diff['red_cells']} red cells, "
+              f"{diff['platelets']} platelets.</p>")]
     if summary["skipped"]:
         parts.append("<p class='bad'>Skipped: " + "; ".join(f"{esc(s['image'])} ({esc(s['reason'])})"
                                                           for s in summary["skipped"]) + "</p>")
