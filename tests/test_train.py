@@ -73,9 +73,11 @@ def test_cnn_learns_and_writes_a_complete_run_dir(tiny_data, tmp_path):
     assert any(k.startswith("net.") for k in tensors)
 
 
-def test_resume_after_interruption_equals_uninterrupted(tiny_data, tmp_path):
-    full = train(cnn_config(tiny_data, tmp_path / "full"), **QUIET)
-    train(cnn_config(tiny_data, tmp_path / "cut"), stop_after_epochs=2, **QUIET)
+@pytest.mark.parametrize("schedule", ["plateau", "cosine"])
+def test_resume_after_interruption_equals_uninterrupted(tiny_data, tmp_path, schedule):
+    """Both schedules: the cosine one (the recipe's) is saved without its lambdas and must load back."""
+    full = train(cnn_config(tiny_data, tmp_path / "full", schedule=schedule), **QUIET)
+    train(cnn_config(tiny_data, tmp_path / "cut", schedule=schedule), stop_after_epochs=2, **QUIET)
     resumed = train(None, resume=tmp_path / "cut", **QUIET)
     a, _ = load_checkpoint(full.run_dir / "last.safetensors")
     b, _ = load_checkpoint(resumed.run_dir / "last.safetensors")

@@ -340,7 +340,8 @@ def train(config: TrainConfig | None = None, resume: Path | None = None, log: Ca
         meta = run.resume_meta
         if meta is not None and run.progress.epoch > epoch_index and meta["phase"] == phase_index:
             restore_optimizer(optimizer, run.resume_tensors, meta["optimizer"])
-            scheduler.load_state_dict(meta["scheduler"])
+            # saved without its (unpicklable) lr_lambdas, which torch's LambdaLR requires on loading: keep the live ones
+            scheduler.load_state_dict({**scheduler.state_dict(), **meta["scheduler"]})
         for _ in range(phase.epochs):
             epoch_index += 1
             if epoch_index <= run.progress.epoch:
