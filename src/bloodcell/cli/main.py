@@ -576,6 +576,7 @@ def count(
 ):
     """Find every cell in whole smear fields, type the white cells, and count them."""
     from ..inference.batch import DIFFERENTIAL_CELLS, collect_inputs
+    from ..inference.count import mostly_to_check
     from ..workflows import count_fields
 
     with user_errors():
@@ -613,7 +614,7 @@ def count(
             console.print(f"{len(factors)} field(s) were taken at a lower magnification than the detector's training "
                           f"fields and were read on tiles magnified {factors[0]:g}-{factors[-1]:g}x "
                           "(summary.json lists them)", highlight=False)
-        if diff["white_cell_boxes"] and diff["to_check"] > diff["white_cell_boxes"] / 2:
+        if mostly_to_check(diff):
             console.print(Text.assemble(
                 ("warning", "bold yellow"),
                 f": {diff['to_check']} of {diff['white_cell_boxes']} white cells are to check: these fields do not look "

@@ -50,8 +50,13 @@ class FieldResult:
     crops: list[np.ndarray] = field(default_factory=list)  # the white cells as the classifier saw them, in row order
     slide: str = ""  # the slide it belongs to (:func:`slide_of`), set by whoever knows where it came from
 
+    @property
+    def white_cells(self) -> list[dict]:
+        """The white cells' rows, in order (``crops``, when kept, is in the same order)."""
+        return [c for c in self.cells if c["kind"] == "white_cell"]
+
     def counts(self, class_names: list[str]) -> dict:
-        white = [c for c in self.cells if c["kind"] == "white_cell"]
+        white = self.white_cells
         by_class = Counter(c["class"] for c in white if not c["to_check"])
         row = {"image": self.name, "white_cells": len(white)}
         row.update({name: by_class.get(name, 0) for name in class_names})
@@ -236,6 +241,12 @@ def run_differential(results: list[FieldResult]) -> dict:
     # Fields taken at a lower magnification than the detector's training fields, read on magnified tiles.
     counts["fields_magnified"] = sum(1 for r in results if r.magnification > 1)
     return counts
+
+
+def mostly_to_check(differential: dict) -> bool:
+    """Whether more than half the white cells found are to check: the fields do not look like the
+    training lab's (a differential from :func:`run_differential`)."""
+    return bool(differential["white_cell_boxes"]) and differential["to_check"] > differential["white_cell_boxes"] / 2
 
 
 def slide_of(root: str | Path, name: str) -> str:

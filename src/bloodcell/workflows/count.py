@@ -49,15 +49,14 @@ from ..inference.predictor import load_predictor
 from .count_report import Gallery, write_count_report
 
 CELL_COLUMNS = ["image", "kind", "x0", "y0", "x1", "y1", "score", "class", "confidence", "ood_score", "to_check", "crop"]
-SLIDE_COLUMNS = ["slide", "fields", "fields_without_white_cells", "white_cell_boxes", "white_cells", "to_check",
-                 *(f"{name}{suffix}" for name in WHITE_CELLS for suffix in ("", "_percent", "_low95", "_high95")),
+SLIDE_TOTALS = ("slide", "fields", "fields_without_white_cells", "white_cell_boxes", "white_cells", "to_check")
+SLIDE_COLUMNS = [*SLIDE_TOTALS, *(f"{name}{suffix}" for name in WHITE_CELLS for suffix in ("", "_percent", "_low95", "_high95")),
                  "erythroblasts", "red_cells", "platelets"]
 
 
 def slide_row(slide: dict) -> dict:
     """A row of slides.csv from one of :func:`slide_differentials`' entries."""
-    row = {key: slide[key] for key in ("slide", "fields", "fields_without_white_cells", "white_cell_boxes",
-                                       "white_cells", "to_check", "erythroblasts", "red_cells", "platelets")}
+    row = {key: slide[key] for key in (*SLIDE_TOTALS, "erythroblasts", "red_cells", "platelets")}
     for name in WHITE_CELLS:
         interval = slide["white_cell_percent_95"][name]
         row.update({name: slide["counts"].get(name, 0), f"{name}_percent": slide["white_cell_percent"][name],
@@ -80,8 +79,7 @@ def save_crops(result: FieldResult, root: Path, stem: str, pool: ThreadPoolExecu
     """Write ``result``'s white cells under ``root/<class or to_check>/<stem>-<n>.png``; each row gets its ``crop``."""
     from PIL import Image
 
-    white = [cell for cell in result.cells if cell["kind"] == "white_cell"]
-    for n, (cell, crop) in enumerate(zip(white, result.crops), start=1):
+    for n, (cell, crop) in enumerate(zip(result.white_cells, result.crops), start=1):
         folder = TO_CHECK_FOLDER if cell["to_check"] else cell["class"]
         (root / folder).mkdir(parents=True, exist_ok=True)
         cell["crop"] = f"crops/{folder}/{stem}-{n}.png"
@@ -136,8 +134,7 @@ def count_fields(paths: Iterable[str | Path], out: str | Path, model: str | Path
                 for (_, image), result in zip(good, batch):
                     result.slide = slides[result.name]
                     if report:
-                        white = [cell for cell in result.cells if cell["kind"] == "white_cell"]
-                        for cell, crop in zip(white, result.crops):
+                        for cell, crop in zip(result.white_cells, result.crops):
                             gallery.add(result.slide, cell, crop, result.name)
                     if crops:
                         save_crops(result, out / "crops", Path(overlay_name(result.name, crop_stems)).stem, pool)

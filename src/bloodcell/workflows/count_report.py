@@ -16,6 +16,7 @@ import numpy as np
 from ..core.classes import TO_CHECK_FOLDER, WHITE_CELLS
 from ..core.html import esc, page, table, thumbnail_uri
 from ..inference.batch import DIFFERENTIAL_CELLS
+from ..inference.count import mostly_to_check
 
 # Thumbnails kept per slide and class: enough to look a class over; the rest are in crops/ with --crops.
 THUMBNAILS_PER_CLASS = 48
@@ -55,7 +56,7 @@ def _slide_section(slide: dict, gallery: Gallery) -> str:
     if 0 < slide["white_cells"] < DIFFERENTIAL_CELLS:
         notes.append(f"Counted on {slide['white_cells']} white cells, fewer than the {DIFFERENTIAL_CELLS} of a "
                      "manual differential: read each percentage with its interval.")
-    if slide["white_cell_boxes"] and slide["to_check"] > slide["white_cell_boxes"] / 2:
+    if mostly_to_check(slide):
         notes.append(f"{slide['to_check']} of {slide['white_cell_boxes']} white cells are to check: these fields do "
                      "not look like the lab the classifier was trained on. Check them, or adapt the model "
                      "(<code>bloodcell adapt</code>).")
