@@ -146,3 +146,46 @@ def test_an_answer_sent_just_before_a_worker_ends_still_reaches_its_request():
 
     prepared, alive = asyncio.run(scenario())
     assert prepared.kept == [0] and prepared.batch.shape == (1, 3, 4, 4) and not alive
+
+
+def test_a_worker_prepares_the_requests_waiting_for_it_as_one_batch_with_each_answer_its_own(monkeypatch):
+    import pickle
+    import socket
+    import threading
+
+    from bloodcell.data import pipeline
+
+    calls = []
+    original = pipeline.prepare_entries
+
+    def counted(entries, *args):
+        calls.append(len(entries))
+        return original(entries, *args)
+
+    monkeypatch.setattr(pipeline, "prepare_entries", counted)
+    requests = [[jpeg(0)], [jpeg(1), b"not an image", jpeg(2)], [b"\x89PNG broken"], [jpeg(3, 120)] * 3]
+    ours, theirs = socket.socketpair()
+    for job, entries in enumerate(requests):  # all waiting before the worker reads any
+        body = pickle.dumps((job, entries))
+        ours.sendall(pipeline.FRAME_HEADER.pack(len(body)) + body)
+    worker = threading.Thread(target=pipeline.serve_prepare, args=(theirs, 32, FRAMING, 10**7), daemon=True)
+    worker.start()
+    reader = pipeline._FrameReader(ours)
+    answers = dict(pickle.loads(reader.next()) for _ in requests)
+    ours.close()
+    worker.join(timeout=10)
+    assert calls == [8]  # one batch for the four requests
+    for job, entries in enumerate(requests):
+        alone = original(entries, 32, FRAMING)
+        assert answers[job].kept == alone.kept and answers[job].failed == alone.failed
+        assert np.array_equal(answers[job].batch, alone.batch)
+
+
+def test_a_request_that_breaks_the_joint_batch_gets_the_error_and_the_others_their_answers():
+    from bloodcell.data.pipeline import prepare_jobs
+
+    answers = dict(prepare_jobs([(0, [jpeg(0)]), (1, [np.zeros((40, 40), np.uint8)]), (2, [jpeg(1)])],
+                                32, FRAMING, 10**7))
+    assert isinstance(answers[1], str) and "reshape" in answers[1]
+    for job, seed in ((0, 0), (2, 1)):
+        assert np.array_equal(answers[job].batch, prepare_entries([jpeg(seed)], 32, FRAMING).batch)
