@@ -524,7 +524,10 @@ def test_count_on_the_page_and_the_api(tmp_path):
         page.set_input_files("#fieldfiles", [str(field)])
         page.wait_for_selector(".field svg rect.white_cell", timeout=30000)
         assert page.locator(".field svg rect.red_cell").count() > 3
-        assert "% of white cells" in page.inner_text("#fieldsummary")
+        assert "% of white cells" in page.inner_text("#fieldsummary") and "95% interval" in page.inner_text("#fieldsummary")
+        counted = sum(c["kind"] == "white_cell" and not c["to_check"] for c in result["cells"])
+        if counted:  # each type's exact 95% interval over the white cells counted so far
+            assert page.evaluate(f"intervalText(0, {counted})") in page.inner_text("#fieldsummary")
         with page.expect_download() as download_info:
             page.click("#fieldcsv")
         download_info.value.save_as(tmp_path / "cells.csv")

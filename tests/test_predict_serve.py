@@ -465,6 +465,8 @@ def downloaded_csv(page, path) -> list[str]:
 
 @pytest.mark.browser
 def test_web_page_end_to_end_in_a_browser(onnx_model, original_files, tmp_path):
+    from scipy.special import betaincinv
+
     from .browser import open_page
 
     with serving(create_app(onnx_model["onnx"])) as url, open_page(url) as (page, errors):
@@ -479,6 +481,14 @@ def test_web_page_end_to_end_in_a_browser(onnx_model, original_files, tmp_path):
         assert predicted in classes
         assert page.locator(".card").count() == 2
         assert "% of white cells" in page.inner_text("#differential")
+        assert "95% interval" in page.inner_text("#differential")
+        # the page's own exact binomial intervals (both tables) are SciPy's, as the CLI's and the API's are
+        grid = [(k, n) for n in (1, 7, 100, 517, 5000) for k in sorted({0, 1, n // 3, n - 1, n})]
+        shown = json.loads(page.evaluate(f"JSON.stringify({json.dumps(grid)}.map(([k, n]) => clopperPearson(k, n)))"))
+        for (k, n), (low, high) in zip(grid, shown):
+            assert low == pytest.approx(betaincinv(k, n - k + 1, 0.025) if k else 0.0, abs=1e-9)
+            assert high == pytest.approx(betaincinv(k + 1, n - k, 0.975) if k < n else 1.0, abs=1e-9)
+        assert page.evaluate("intervalText(10, 100)") == "4.9–17.6%" and page.evaluate("intervalText(0, 0)") == ""
         lines = downloaded_csv(page, tmp_path / "download.csv")
         assert lines[0].startswith("file,class,confidence,abstained") and len(lines) == 3
         assert original_files[0].name in lines[1]
