@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -575,16 +576,15 @@ def count(
     batch_size: int = typer.Option(8, "--batch-size"),
 ):
     """Find every cell in whole smear fields, type the white cells, and count them."""
-    from ..inference.batch import DIFFERENTIAL_CELLS, collect_inputs
+    from ..inference.batch import DIFFERENTIAL_CELLS
     from ..inference.count import mostly_to_check
     from ..workflows import count_fields
 
     with user_errors():
-        total = len(collect_inputs([str(p) for p in paths])[0])
         with progress_bar() as bar:
             summary = count_fields([str(p) for p in paths], out, model, detector, abstain_below, batch_size,
-                                   overlays=overlays, progress=item_progress(bar)("counting", total), crops=crops,
-                                   report=report)
+                                   overlays=overlays, progress_factory=partial(item_progress(bar), "counting"),
+                                   crops=crops, report=report)
         for skipped in summary["skipped"]:
             console.print(Text.assemble(("skipped", "yellow"), f" {skipped['image']}: {skipped['reason']}"), highlight=False)
         diff = summary["differential"]

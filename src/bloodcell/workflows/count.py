@@ -89,8 +89,13 @@ def save_crops(result: FieldResult, root: Path, stem: str, pool: ThreadPoolExecu
 def count_fields(paths: Iterable[str | Path], out: str | Path, model: str | Path = "default",
                  detector: str | Path = "default", abstain_below: float = 0.7, batch_size: int = 8,
                  workers: int = 2, overlays: bool = True, context: float = CROP_CONTEXT,
-                 progress: Callable[[int], None] | None = None, crops: bool = False, report: bool = True) -> dict:
-    """Count every field under ``paths`` (files and folders, recursive); returns the summary written to OUT."""
+                 progress_factory: Callable[[int], Callable[[int], None]] | None = None, crops: bool = False,
+                 report: bool = True) -> dict:
+    """Count every field under ``paths`` (files and folders, recursive); returns the summary written to OUT.
+
+    ``progress_factory``: called once with the number of fields found; what it returns is called
+    with the number of fields done after each batch.
+    """
     from ..data import decode_file
 
     items, bad, slides = [], [], {}
@@ -102,6 +107,7 @@ def count_fields(paths: Iterable[str | Path], out: str | Path, model: str | Path
     bad += [(name, "an array in an .npz file, not a field's image file") for name, entry in items if isinstance(entry, tuple)]
     items = [(name, entry) for name, entry in items if not isinstance(entry, tuple)]
     counter = FieldCounter(load_detector(detector), load_predictor(model), abstain_below, context)
+    progress = progress_factory(len(items)) if progress_factory else None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if overlays:
