@@ -21,7 +21,7 @@ def cell():
 
 @pytest.mark.parametrize("switch", [
     {"zoom_scale": (0.2, 0.3)}, {"rotation_degrees": 45}, {"brightness": 0.5}, {"contrast": 0.5},
-    {"saturation": 0.9}, {"hue": 0.2}, {"stain_shift": 0.3}, {"blur_p": 1.0}, {"pixelate_p": 1.0},
+    {"saturation": 0.9}, {"hue": 0.2}, {"hue": 0.2, "hue_p": 0.5}, {"stain_shift": 0.3}, {"blur_p": 1.0}, {"pixelate_p": 1.0},
     {"jpeg_p": 1.0, "jpeg_quality": (5, 10)}, {"erase_p": 1.0}, {"augmix_p": 1.0}, {"occlude_p": 1.0},
 ])
 def test_each_augmentation_changes_the_image_and_keeps_its_format(cell, switch):
@@ -31,6 +31,11 @@ def test_each_augmentation_changes_the_image_and_keeps_its_format(cell, switch):
     for out in changed:
         assert out.dtype == torch.uint8 and out.shape == cell.shape
     assert any(not torch.equal(out, cell) for out in changed)
+
+
+def test_hue_jitter_on_no_image_leaves_every_image_as_it_was(cell):
+    transform = build_transform(AugmentConfig(**{**NOTHING, "hue": 0.3, "hue_p": 0.0}), 64)
+    assert all(torch.equal(transform(cell), cell) for _ in range(3))
 
 
 def test_everything_off_means_no_transform():

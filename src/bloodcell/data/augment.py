@@ -24,6 +24,7 @@ class AugmentConfig(BaseModel):
     contrast: float = Field(0.15, ge=0)
     saturation: float = Field(0.15, ge=0)
     hue: float = Field(0.0, ge=0, le=0.5, description="hue jitter; costly on CPU (2.5x slower augmentation)")
+    hue_p: float = Field(1.0, ge=0, le=1, description="probability of the hue jitter (1: part of the colour jitter, every image)")
     stain_shift: float = Field(0.08, ge=0, description="max per-channel gain change (stain colour)")
     stain_matrix: float = Field(0.0, ge=0, le=1, description="random stain matrices: spread of a random mixing of optical densities; 0 disables")
     stain_matrix_p: float = Field(0.8, ge=0, le=1, description="probability of a random stain matrix")
@@ -257,8 +258,11 @@ def build_transform(config: AugmentConfig, image_size: int, output_size: int | N
         if donors is None:
             raise ValueError("augment.foreign_style is set: pass its images as donors (load_donors)")
         steps.append(v2.RandomApply([AmplitudeMix(donors, config.foreign_style_ratio)], p=config.foreign_style_p))
-    if config.brightness or config.contrast or config.saturation or config.hue:
-        steps.append(v2.ColorJitter(config.brightness, config.contrast, config.saturation, config.hue))
+    hue_apart = config.hue and config.hue_p < 1  # a turn on some images only: the others keep the lab's hues
+    if config.brightness or config.contrast or config.saturation or (config.hue and not hue_apart):
+        steps.append(v2.ColorJitter(config.brightness, config.contrast, config.saturation, 0 if hue_apart else config.hue))
+    if hue_apart:
+        steps.append(v2.RandomApply([v2.ColorJitter(hue=config.hue)], p=config.hue_p))
     if config.stain_matrix:
         steps.append(v2.RandomApply([StainMatrix(config.stain_matrix)], p=config.stain_matrix_p))
     if config.stain_shift:
