@@ -242,8 +242,7 @@ class _FrameReader:
         end = FRAME_HEADER.size + FRAME_HEADER.unpack_from(self.buffer)[0]
         if len(self.buffer) < end:
             return None
-        with memoryview(self.buffer) as view:  # released before the buffer shrinks
-            body = bytes(view[FRAME_HEADER.size : end])
+        body = bytes(memoryview(self.buffer)[FRAME_HEADER.size : end])
         del self.buffer[:end]
         return body
 
