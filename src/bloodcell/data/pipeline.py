@@ -230,104 +230,40 @@ class Preparer:
 FRAME_HEADER = struct.Struct("!Q")
 
 
-class _FrameReader:
-    """The frames arriving on a socket: the next one (waiting for it), or one already there (not waiting)."""
-
-    def __init__(self, sock: socket.socket):
-        self.sock, self.buffer = sock, bytearray()
-
-    def _take(self) -> bytes | None:
-        if len(self.buffer) < FRAME_HEADER.size:
-            return None
-        end = FRAME_HEADER.size + FRAME_HEADER.unpack_from(self.buffer)[0]
-        if len(self.buffer) < end:
-            return None
-        body = bytes(memoryview(self.buffer)[FRAME_HEADER.size : end])
-        del self.buffer[:end]
-        return body
-
-    def next(self) -> bytes | None:
-        """The next frame's body, waiting for it; None when the other side closed the socket."""
-        while (body := self._take()) is None:
-            chunk = self.sock.recv(1 << 18)
-            if not chunk:
+def _recv_exactly(sock: socket.socket, size: int) -> bytearray | None:
+    """``size`` bytes from ``sock``, or None when the other side closed it."""
+    buffer = bytearray(size)
+    got = 0
+    with memoryview(buffer) as view:
+        while got < size:
+            count = sock.recv_into(view[got:])
+            if count == 0:
                 return None
-            self.buffer += chunk
-        return body
-
-    def ready(self) -> bytes | None:
-        """A frame's body that has already arrived whole, or None (never waits)."""
-        body = self._take()
-        if body is not None or _DONTWAIT is None:
-            return body
-        try:
-            chunk = self.sock.recv(1 << 18, _DONTWAIT)
-        except (BlockingIOError, InterruptedError):
-            return None
-        self.buffer += chunk  # b"" when closed: next() sees the end
-        return self._take()
+            got += count
+    return buffer
 
 
-_DONTWAIT = getattr(socket, "MSG_DONTWAIT", None)
-GATHER_IMAGES = 32  # a worker prepares the requests waiting for it together, up to this many images
-
-
-def prepare_jobs(jobs: list[tuple[int, list[Entry]]], size: int, framing: dict | None,
-                 max_pixels: int) -> list[tuple[int, Prepared | str]]:
-    """:func:`prepare_entries` for several requests at once (one batch: cheaper per image), split back.
-
-    Each request's answer is the one it gets alone (preprocessing treats every image of a batch
-    alike; tested). Should the joint batch fail other than on an unreadable image, each request
-    is prepared alone, so that the error reaches only the one it concerns.
-    """
-    if len(jobs) > 1:
-        try:
-            joint = prepare_entries([entry for _, entries in jobs for entry in entries], size, framing, max_pixels)
-        except Exception:  # noqa: BLE001 - found again below, for its own request
-            joint = None
-        if joint is not None:
-            answers, start, row = [], 0, 0
-            for job, entries in jobs:
-                end = start + len(entries)
-                kept = [position - start for position in joint.kept if start <= position < end]
-                failed = [(position - start, why) for position, why in joint.failed if start <= position < end]
-                answers.append((job, Prepared(joint.batch[row : row + len(kept)], kept, failed)))
-                start, row = end, row + len(kept)
-            return answers
-    answers = []
-    for job, entries in jobs:
-        try:
-            answers.append((job, prepare_entries(entries, size, framing, max_pixels)))
-        except Exception as exc:  # noqa: BLE001 - reported to the one request it concerns
-            answers.append((job, f"{type(exc).__name__}: {exc}"))
-    return answers
-
-
-def serve_prepare(sock: socket.socket, size: int, framing: dict | None, max_pixels: int,
-                  gather: int = GATHER_IMAGES) -> None:
+def serve_prepare(sock: socket.socket, size: int, framing: dict | None, max_pixels: int) -> None:
     """A worker's loop: read ``(job, entries)`` frames from ``sock`` and answer ``(job, Prepared or error)``.
 
-    The requests already waiting when it is free (up to ``gather`` images) are prepared as one
-    batch (:func:`prepare_jobs`). Ends when the other side closes the socket. Unreadable images
-    are in the answer's ``failed``; anything else that goes wrong is sent back as its message,
-    for that job only.
+    Ends when the other side closes the socket. Unreadable images are in the answer's ``failed``;
+    anything else that goes wrong is sent back as its message, for that job only.
     """
-    frames = _FrameReader(sock)
     with sock:
         while True:
-            body = frames.next()
+            header = _recv_exactly(sock, FRAME_HEADER.size)
+            if header is None:
+                return
+            body = _recv_exactly(sock, FRAME_HEADER.unpack(header)[0])
             if body is None:
                 return
-            jobs = [pickle.loads(body)]
-            images = len(jobs[0][1])
-            while images < gather and (body := frames.ready()) is not None:
-                jobs.append(pickle.loads(body))
-                images += len(jobs[-1][1])
-            replies = []
-            for answer in prepare_jobs(jobs, size, framing, max_pixels):
-                reply = pickle.dumps(answer, protocol=pickle.HIGHEST_PROTOCOL)
-                replies.append(FRAME_HEADER.pack(len(reply)) + reply)
-            sock.sendall(b"".join(replies))
+            job, entries = pickle.loads(body)
+            try:
+                answer: Prepared | str = prepare_entries(entries, size, framing, max_pixels)
+            except Exception as exc:  # noqa: BLE001 - reported to the one request it concerns
+                answer = f"{type(exc).__name__}: {exc}"
+            reply = pickle.dumps((job, answer), protocol=pickle.HIGHEST_PROTOCOL)
+            sock.sendall(FRAME_HEADER.pack(len(reply)) + reply)
 
 
 def start_prepare_worker(size: int, framing: dict | None, max_pixels: int) -> tuple[socket.socket, ForkServerProcess]:
