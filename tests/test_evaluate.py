@@ -1,4 +1,6 @@
+import json
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -154,6 +156,22 @@ def test_a_dataset_with_a_subset_of_classes_is_scored_on_those(tmp_path, origina
                                           "--out", str(tmp_path / "eval4"), "--skip-unknown"])
     assert cli_result.exit_code == 0, cli_result.output
     assert "blast/: 1 image(s) of a class the model does not know, left out" in cli_result.output
+    assert skipped["unreadable"] == []
+    # a file that is no image is left out, named with the reason (metrics.json and the command), never dropped silently
+    broken = other_lab / "neutrophil" / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff not a JPEG")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # answers naming classes the set lacks are no warning to the user
+        with_broken = evaluate_model(tmp_path / "run", other_lab, tmp_path / "eval5", skip_unknown=True)
+    assert with_broken["count"] == result["count"] and with_broken["accuracy"] == result["accuracy"]
+    assert [bad["path"] for bad in with_broken["unreadable"]] == [str(broken)]
+    assert "not an image" in with_broken["unreadable"][0]["error"]
+    assert json.loads((tmp_path / "eval5" / "metrics.json").read_text())["unreadable"] == with_broken["unreadable"]
+    cli_result = CliRunner().invoke(cli, ["evaluate", "--model", str(tmp_path / "run"), "--data", str(other_lab),
+                                          "--out", str(tmp_path / "eval6"), "--skip-unknown"])
+    assert cli_result.exit_code == 0, cli_result.output
+    flat = "".join(cli_result.output.split())  # rich wraps long paths anywhere
+    assert f"skipped{broken}:notanimage" in flat
 
 
 def test_temperature_stays_finite_on_a_model_that_learnt_nothing():

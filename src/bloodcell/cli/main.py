@@ -281,6 +281,8 @@ def evaluate(
             Console().print(renamed_line(result["class_folders"]), highlight=False)
         for folder, files in result.get("left_out", {}).items():
             Console().print(f"{folder}/: {files} image(s) of a class the model does not know, left out", highlight=False)
+        for bad in result.get("unreadable", []):
+            Console().print(Text.assemble(("skipped", "yellow"), f" {bad['path']}: {bad['error']}"), highlight=False)
         field_like = result.get("field_like")
         if field_like:
             warn_if_fields((field_like["whole_fields"], field_like["images_looked_at"]), "scored",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -19,11 +19,15 @@ class Split:
     labels: torch.Tensor  # (N,) int64
     paths: list[str]
     soft: torch.Tensor | None = None  # (N, C) teachers' probabilities, when distilling
+    unreadable: list[tuple[str, str]] = field(default_factory=list)  # (path, why) of files left out
 
 
 def load_split(source: Source, class_names: list[str], image_size: int, workers: int = 2,
                framing: dict | None = None) -> Split:
-    """Decode every image once and keep it as uint8 at the model's input size (framed, if the model frames)."""
+    """Decode every image once and keep it as uint8 at the model's input size (framed, if the model frames).
+
+    A file that cannot be read is left out and listed in ``unreadable`` with the reason, for the caller to report.
+    """
     def load(item):
         try:
             return preprocess(load_item(source, item)[0], image_size, framing)
@@ -31,17 +35,19 @@ def load_split(source: Source, class_names: list[str], image_size: int, workers:
             return exc
 
     remap = [class_names.index(c) for c in source.class_names]
-    images, labels, paths = [], [], []
+    images, labels, paths, unreadable = [], [], [], []
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for item, result in zip(source.items, pool.map(load, source.items, chunksize=64)):
             if isinstance(result, Exception):
-                continue  # curation lists unreadable files; training skips them
+                unreadable.append((str(item.path), str(result) or type(result).__name__))
+                continue
             images.append(torch.from_numpy(np.array(result)).permute(2, 0, 1))
             labels.append(remap[item.label])
             paths.append(item.path)
     if not images:
-        raise BloodcellError(f"{source.root}: no readable images")
-    return Split(torch.stack(images), torch.tensor(labels, dtype=torch.int64), paths)
+        raise BloodcellError(f"{source.root}: no readable images"
+                             + (f" ({unreadable[0][0]}: {unreadable[0][1]})" if unreadable else ""))
+    return Split(torch.stack(images), torch.tensor(labels, dtype=torch.int64), paths, unreadable=unreadable)
 
 
 class TensorImages(torch.utils.data.Dataset):

@@ -139,8 +139,12 @@ def evaluate_model(model_path: str | Path, data: str | Path, out: str | Path, co
     if fields:
         images, labels, paths, source, cells = load_field_eval_images(data, predictor, detector,
                                                                       skip_unknown=skip_unknown)
+        unreadable = cells.unreadable
     else:
-        images, labels, paths, source = load_eval_images(data, predictor, skip_unknown)
+        source = model_source(data, predictor, skip_unknown)
+        split = load_split(source, predictor.class_names, predictor.image_size, framing=predictor.framing)
+        images, labels, paths = split.images, split.labels.numpy(), split.paths
+        unreadable = [{"path": path, "error": why} for path, why in split.unreadable]
     temperature = float(predictor.temperature)
     logits, ood = backend_scores(predictor, images, tta=tta)
     probs = predictor.softmax(logits.numpy(), ood)  # the temperature, and the shift's where the contract has one
@@ -152,6 +156,7 @@ def evaluate_model(model_path: str | Path, data: str | Path, out: str | Path, co
         result["class_folders"] = source.renamed  # 'Neutrophils' read as neutrophil
     if source.ignored:
         result["left_out"] = source.ignored  # folders of classes the model does not know: files in each
+    result["unreadable"] = unreadable  # files left out, each with the reason: nothing is dropped silently
     out.mkdir(parents=True, exist_ok=True)
     write_predictions_csv(out / "predictions.csv", paths, labels, probs, names, cells)
     if cells is None and check_fields:

@@ -205,6 +205,8 @@ def prepare(config: TrainConfig, run_dir: Path, resuming: bool, device: torch.de
     val_split = load_split(sources["val"], class_names, config.image_size, framing=framing)
     log(f"data: {len(train_split.labels)} train, {len(val_split.labels)} val images at {config.image_size} px, "
         f"{len(class_names)} classes; device {device}, {dist.world} process(es)")
+    for path, why in train_split.unreadable + val_split.unreadable:
+        log(f"skipped {path}: {why}")
     donors = None
     if config.augment.enabled and config.augment.foreign_style is not None:
         donors = load_donors(config.augment.foreign_style, config.image_size, framing)

@@ -107,6 +107,8 @@ def load_labelled(path: Path, class_names: list[str], size: int, framing: dict |
             why = "not sorted into a class folder" if folder == TO_CHECK_FOLDER else "not a class of this model"
             log(f"{folder}/: {files} cell(s) {why}, left out")
         split = load_split(source, class_names, size, framing=framing)
+        for bad, why in split.unreadable:
+            log(f"skipped {bad}: {why}")
         tensor, labels = split.images, split.labels.numpy()
     counts = {class_names[c]: int((labels == c).sum()) for c in np.unique(labels)}
     for name, count in counts.items():
