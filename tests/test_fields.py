@@ -207,6 +207,37 @@ def test_a_white_cell_typed_as_a_platelet_is_sent_to_check():
     assert counts["neutrophil"] == 1 and counts["platelet"] == 0 and counts["to_check"] == 1 and counts["platelets"] == 1
 
 
+def test_a_white_cell_cut_by_the_fields_edge_is_typed_but_sent_to_check():
+    """Only part of such a cell is in the photograph (its box is short across the edge it touches): it keeps
+    its class and goes to "to check", out of the counts. A whole cell at the edge, or an oval one inside, stays."""
+    from bloodcell.core.classes import CLASS_NAMES
+    from bloodcell.inference.count import FieldCounter, cut_by_edge
+
+    class Sure:
+        class_names = CLASS_NAMES
+
+        def scores(self, crops):
+            probs = np.full((len(crops), 8), 0.01, np.float32)
+            probs[:, CLASS_NAMES.index("lymphocyte")] = 0.93
+            return probs, np.full(len(crops), 0.5, np.float32)
+
+    field = np.full((120, 160, 3), 230, np.uint8)
+    xyxy = np.array([[0, 20, 18, 50],       # cut by the left edge: 18 of 30 px wide
+                     [0, 60, 30, 90],       # touches the left edge, whole (as wide as high)
+                     [60, 10, 75, 40],      # narrow, but inside the field
+                     [100, 106, 130, 120],  # cut by the bottom edge
+                     [142, 70, 160, 100]],  # cut by the right edge
+                    np.float32)
+    found = [Detections(Boxes(xyxy, np.zeros(5, np.int64)), np.full(5, 0.9, np.float32))]
+    result = FieldCounter(None, Sure()).type_cells([field], ["f.png"], found)[0]
+    assert [c["cut_by_edge"] for c in result.cells] == [True, False, False, True, True]
+    assert [c["to_check"] for c in result.cells] == [True, False, False, True, True]
+    assert all(c["class"] == "lymphocyte" for c in result.cells)
+    counts = result.counts(list(CLASS_NAMES))
+    assert counts["lymphocyte"] == 2 and counts["to_check"] == 3
+    assert not cut_by_edge([1, 1, 31, 31], 160, 120) and cut_by_edge([1, 1, 31, 20], 160, 120)
+
+
 def test_fields_are_grouped_into_slides_by_their_folder(tmp_path):
     """A slide is the folder holding its fields, named relative to the folder given; each slide has its own
     differential, with the cells to check left out as in the run's."""

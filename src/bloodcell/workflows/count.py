@@ -3,8 +3,8 @@
 Writes into OUT (created; the fields themselves are never changed):
 
 - ``cells.csv``: one row per cell: ``image,kind,x0,y0,x1,y1,score,class,confidence`` (boxes in
-  the field's own pixels; class and confidence for white cells only), then ``ood_score`` and
-  ``to_check``;
+  the field's own pixels; class and confidence for white cells only), then ``ood_score``,
+  ``to_check`` and ``cut_by_edge`` (a white cell partly outside the photograph: typed, but to check);
 - ``counts.csv``: one row per field: its slide, white cells by class, red cells, platelets, cells
   to check;
 - ``slides.csv``: one row per slide (the folder holding its fields): fields, white cells counted
@@ -48,7 +48,8 @@ from ..inference.detect import load_detector
 from ..inference.predictor import load_predictor
 from .count_report import Gallery, write_count_report
 
-CELL_COLUMNS = ["image", "kind", "x0", "y0", "x1", "y1", "score", "class", "confidence", "ood_score", "to_check", "crop"]
+CELL_COLUMNS = ["image", "kind", "x0", "y0", "x1", "y1", "score", "class", "confidence", "ood_score", "to_check",
+                "cut_by_edge", "crop"]
 SLIDE_TOTALS = ("slide", "fields", "fields_without_white_cells", "white_cell_boxes", "white_cells", "to_check")
 SLIDE_COLUMNS = [*SLIDE_TOTALS, *(f"{name}{suffix}" for name in WHITE_CELLS for suffix in ("", "_percent", "_low95", "_high95")),
                  "erythroblasts", "red_cells", "platelets"]
