@@ -578,6 +578,9 @@ def test_the_commands_explain_what_is_wrong_in_one_line(tmp_path, monkeypatch):
     (tmp_path / "broken.jpg").write_bytes(b"not an image")
     result = runner.invoke(app, ["count", str(tmp_path / "broken.jpg"), str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and "no field could be read" in result.output and "Traceback" not in result.output
+    (tmp_path / "empty").mkdir()
+    result = runner.invoke(app, ["count", str(tmp_path / "empty"), "--out", str(tmp_path / "o2")])
+    assert result.exit_code == 2 and "no field image found in" in result.output and not (tmp_path / "o2").exists()
     result = runner.invoke(app, ["count", str(tmp_path), "--out", str(tmp_path / "o"), "--detector", str(tmp_path / "none")])
     assert result.exit_code == 2 and "no such detector directory" in result.output
     monkeypatch.delenv("BLOODCELL_DATA", raising=False)

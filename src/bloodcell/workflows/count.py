@@ -107,6 +107,9 @@ def count_fields(paths: Iterable[str | Path], out: str | Path, model: str | Path
         slides.update((name, slide_of(path, name)) for name, _ in found)
     bad += [(name, "an array in an .npz file, not a field's image file") for name, entry in items if isinstance(entry, tuple)]
     items = [(name, entry) for name, entry in items if not isinstance(entry, tuple)]
+    if not items:  # before OUT is made: nothing to count leaves nothing behind
+        names = ", ".join(str(p) for p in paths) or "(no paths given)"
+        raise BloodcellError(f"no field image found in {names}" + (f" ({len(bad)} refused: {bad[0][0]}: {bad[0][1]})" if bad else ""))
     counter = FieldCounter(load_detector(detector), load_predictor(model), abstain_below, context)
     progress = progress_factory(len(items)) if progress_factory else None
     out = Path(out)
