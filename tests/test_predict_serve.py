@@ -489,6 +489,19 @@ def test_web_page_end_to_end_in_a_browser(onnx_model, original_files, tmp_path):
             assert low == pytest.approx(betaincinv(k, n - k + 1, 0.025) if k else 0.0, abs=1e-9)
             assert high == pytest.approx(betaincinv(k + 1, n - k, 0.975) if k < n else 1.0, abs=1e-9)
         assert page.evaluate("intervalText(10, 100)") == "4.9–17.6%" and page.evaluate("intervalText(0, 0)") == ""
+        # the page's batch verdict is the service's (bloodcell.models.ood.batch_shift), its binomial tail SciPy's
+        from scipy.stats import binom
+
+        from bloodcell.models.ood import batch_shift
+
+        cases = [(k, n) for n in (1, 5, 50, 300, 2000) for k in sorted({0, 1, n // 20, n // 10, n // 3, n})]
+        tails = json.loads(page.evaluate(f"JSON.stringify({json.dumps(cases)}.map(([k, n]) => binomialTail(k, n, 0.02)))"))
+        for (k, n), tail in zip(cases, tails):
+            assert tail == pytest.approx(binom.sf(k - 1, n, 0.02), rel=1e-6, abs=1e-12)
+        rng = np.random.default_rng(0)
+        for share in (0.0, 0.01, 0.05, 0.1, 0.3, 0.6):
+            scores = np.where(rng.random(200) < share, rng.uniform(1.1, 2, 200), rng.uniform(0.1, 0.9, 200))
+            assert page.evaluate(f"shiftFlagged({json.dumps(scores.tolist())})") is batch_shift(scores)["flagged"], share
         lines = downloaded_csv(page, tmp_path / "download.csv")
         assert lines[0].startswith("file,class,confidence,abstained") and len(lines) == 3
         assert original_files[0].name in lines[1]

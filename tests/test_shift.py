@@ -44,8 +44,39 @@ def test_threshold_puts_the_chosen_quantile_of_held_out_images_below_one():
 def test_batch_verdict_follows_the_median_image():
     assert batch_shift(np.array([0.2, 0.5, 3.0]))["flagged"] is False  # one odd image does not flag a batch
     verdict = batch_shift(np.array([1.5, 2.0, 0.4]))
-    assert verdict == {"flagged": True, "images_flagged": 2, "images": 3, "score": 1.5}
+    # p_value: two or more of three beyond the threshold at the training lab's 2%: 3 * 0.02^2 * 0.98 + 0.02^3
+    assert verdict == {"flagged": True, "images_flagged": 2, "images": 3, "score": 1.5, "p_value": 0.00118}
     assert batch_shift(np.array([]))["flagged"] is False
+    assert batch_shift(np.array([1.2]))["flagged"] is True and batch_shift(np.array([0.9]))["flagged"] is False
+
+
+def test_a_batch_partly_unlike_the_training_lab_is_flagged_by_its_count():
+    """A third of a batch beyond the threshold leaves its median below it; so many are improbable for the
+    training lab (about 1 in 100 of its own), and the batch is flagged. A batch in the training lab's own
+    proportion is not, nor is a small one with a single odd image."""
+    rng = np.random.default_rng(0)
+    familiar = rng.uniform(0.1, 0.9, 300)
+    partly = familiar.copy()
+    partly[:100] = rng.uniform(1.2, 2.0, 100)
+    assert np.median(partly) < 1
+    verdict = batch_shift(partly)
+    assert verdict["flagged"] is True and verdict["images_flagged"] == 100 and verdict["p_value"] < 1e-30
+    own = familiar.copy()
+    own[:3] = 1.5  # 1%
+    assert batch_shift(own)["flagged"] is False and batch_shift(own)["p_value"] > 0.5
+    assert batch_shift(np.array([0.3, 0.4, 1.6, 0.2, 0.5]))["flagged"] is False
+
+
+def test_binomial_tail_is_scipys():
+    from scipy.stats import binom
+
+    from bloodcell.models.ood import binomial_tail
+
+    for n in (1, 3, 32, 50, 300, 1538, 15382):
+        for k in sorted({0, 1, 2, 7, n // 50, n // 10, n // 3, n - 1, n, n + 1}):
+            for p in (0.01, 0.02, 0.3):
+                expected = binom.sf(k - 1, n, p)
+                assert binomial_tail(k, n, p) == pytest.approx(expected, rel=1e-9, abs=1e-300), (k, n, p)
 
 
 def test_added_class_centres_make_a_new_lab_familiar():
@@ -160,7 +191,10 @@ def test_batch_shift_reads_small_and_large_batches_alike(size):
     verdict = batch_shift(scores)
     median = float(np.median(scores.astype(np.float64)))
     assert verdict["score"] == round(median, 4)
-    assert verdict["flagged"] is (median > OOD_THRESHOLD)
+    beyond = int((scores > OOD_THRESHOLD).sum())
+    from scipy.stats import binom
+
+    assert verdict["flagged"] is bool(median > OOD_THRESHOLD or binom.sf(beyond - 1, size, 0.02) < 1e-4)
     assert verdict["images_flagged"] == int((scores > OOD_THRESHOLD).sum()) and verdict["images"] == size
     assert out_of_distribution(float(scores[0])) is bool(scores[0] > OOD_THRESHOLD)
     assert out_of_distribution(scores).tolist() == (scores > OOD_THRESHOLD).tolist()

@@ -294,9 +294,15 @@ def evaluate(
         shift = result.get("domain_shift")
         if shift:
             verdict = "[bold yellow]flagged[/]: unlike the training lab's images" if shift["flagged"] else "not flagged"
-            Console().print(f"Domain shift: {verdict} ({shift['images_flagged']} of {shift['images']} images out of "
-                            f"distribution, median score {shift['score']:.2f}; threshold 1)", highlight=False)
+            Console().print(f"Domain shift: {verdict} ({shift_detail(shift, 'images')})", highlight=False)
         Console().print(f"Written to {out}")
+
+
+def shift_detail(shift: dict, noun: str) -> str:
+    """How a batch's shift verdict was reached, in words: how many lie beyond the threshold, and the median."""
+    many = shift["images_flagged"] / max(shift["images"], 1)
+    return (f"{shift['images_flagged']} of {shift['images']} {noun} out of distribution ({many:.0%}; the training "
+            f"lab's own: about 1%), median score {shift['score']:.2f}; threshold 1")
 
 
 def print_field_set_result(result: dict) -> None:
@@ -331,8 +337,7 @@ def print_field_set_result(result: dict) -> None:
     shift = result.get("domain_shift")
     if shift:
         verdict = "[bold yellow]flagged[/]: unlike the training lab's cells" if shift["flagged"] else "not flagged"
-        Console().print(f"Domain shift: {verdict} ({shift['images_flagged']} of {shift['images']} white cells out of "
-                        f"distribution, median score {shift['score']:.2f}; threshold 1)", highlight=False)
+        Console().print(f"Domain shift: {verdict} ({shift_detail(shift, 'white cells')})", highlight=False)
 
 
 @app.command()
@@ -472,9 +477,9 @@ def predict(
         if shift and shift["flagged"]:
             console.print(Text.assemble(
                 ("warning", "bold yellow"),
-                f": these images do not look like the lab the model was trained on ({shift['images_flagged']} of "
-                f"{shift['images']} out of distribution, median score {shift['score']:.2f} > 1). Its answers may be "
-                "wrong with high confidence; check them, or adapt the model (bloodcell adapt)."), highlight=False)
+                f": these images do not look like the lab the model was trained on ({shift_detail(shift, 'images')}). "
+                "Its answers may be wrong with high confidence; check them, or adapt the model (bloodcell adapt)."),
+                highlight=False)
         warn_if_fields(count_field_like([row["path"] for row in rows]), "classified",
                        "`bloodcell count` finds and types every cell of a field.")
         console.print(f"{len(rows)} predicted, {len(bad)} skipped" + (f"; written to {out}" if out else ""))
