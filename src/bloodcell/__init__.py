@@ -7,5 +7,5 @@ Layers, top to bottom (each imports only those below it): ``cli``, ``service``, 
 from .core.classes import CLASS_NAMES
 from .core.errors import BloodcellError
 
-__version__ = "0.7.0"
+__version__ = "0.7.1"
 __all__ = ["CLASS_NAMES", "BloodcellError", "__version__"]
