@@ -40,7 +40,7 @@ def main() -> int:
             curated = Path(tmp) / "curated"
             curate(args.pbc, curated)
         start = time.perf_counter()
-        measured = evaluate_model("default", curated, Path(tmp) / "evaluation", corruptions=True)
+        measured = evaluate_model("default", curated, Path(tmp) / "evaluation", corruptions=True, fields=False)
         seconds = time.perf_counter() - start
     figures = {
         "accuracy": (stated["accuracy"], measured["accuracy"]),

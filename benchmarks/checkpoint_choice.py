@@ -62,7 +62,7 @@ def compare(run_dir: Path, work: Path, corruptions: bool = False) -> dict:
     result = {"run": str(run_dir), "data": str(data)}
     for name, model_dir in (("best", run_dir), ("last", last_dir)):
         _, meta = load_checkpoint(model_dir / "best.safetensors")
-        metrics = evaluate_model(model_dir, data, work / f"eval-{name}", corruptions=corruptions)
+        metrics = evaluate_model(model_dir, data, work / f"eval-{name}", corruptions=corruptions, fields=False)
         test_count = metrics["count"]
         result[name] = {"epoch": meta.get("epoch"), "val_macro_f1": meta.get("val", {}).get("macro_f1"),
                         "accuracy": round(metrics["accuracy"], 4), "macro_f1": round(metrics["macro_f1"], 4),

@@ -163,7 +163,7 @@ def label_next(args, root: Path, train: dict[str, list[Path]], rest: dict[str, l
     taken = {path for _, path in suggested + randomly}
     common = {name: [p for p in paths if p not in taken] for name, paths in rest.items()}
     link_tree(root / "common", common)
-    result = {"labelled_only": figures(evaluate_model(root / "model", root / "common", root / "eval-common")),
+    result = {"labelled_only": figures(evaluate_model(root / "model", root / "common", root / "eval-common", fields=False)),
               "picked": {arm: sorted({name for name, _ in picks}) for arm, picks in
                          (("suggested", suggested), ("random", randomly))},
               "common_cells": sum(len(v) for v in common.values())}
@@ -174,7 +174,7 @@ def label_next(args, root: Path, train: dict[str, list[Path]], rest: dict[str, l
         link_tree(root / f"train-{arm}", labelled)
         adapt_model(args.model, root / f"model-{arm}", root / f"train-{arm}", None, AdaptConfig(steps=args.steps, seed=draw),
                     folds=0, export=False, log=lambda line: None)
-        result[arm] = figures(evaluate_model(root / f"model-{arm}", root / "common", root / f"eval-{arm}"))
+        result[arm] = figures(evaluate_model(root / f"model-{arm}", root / "common", root / f"eval-{arm}", fields=False))
     print(f"  draw {draw}: {len(suggested)} more cells, on {result['common_cells']} common cells: "
           f"{result['labelled_only']['accuracy']:.3f} -> suggested {result['suggested']['accuracy']:.3f}, "
           f"random {result['random']['accuracy']:.3f}", flush=True)
@@ -197,7 +197,7 @@ def bench_set(set_dir: Path, args, work: Path) -> dict:
     files = files_by_class(set_dir)
     report["images"] = {k: len(v) for k, v in files.items()}
     start = time.perf_counter()
-    plain = evaluate_model(args.model, set_dir, work / "as_given", check_fields=args.fields == "auto")
+    plain = evaluate_model(args.model, set_dir, work / "as_given", fields=False, check_fields=args.fields == "auto")
     report["as_given"] = {**figures(plain), "domain_shift": plain.get("domain_shift")}
     field_like = plain.get("field_like")
     fields = args.fields == "yes" or (args.fields == "auto" and field_like is not None and mostly_fields(
@@ -238,7 +238,7 @@ def bench_set(set_dir: Path, args, work: Path) -> dict:
                               AdaptConfig(steps=args.steps, seed=draw), folds=args.folds, export=False, log=quiet,
                               suggest=args.next)
         seconds = time.perf_counter() - t0
-        scored = figures(evaluate_model(root / "model", root / "rest", root / "eval"))
+        scored = figures(evaluate_model(root / "model", root / "rest", root / "eval", fields=False))
         draws.append({**scored, "adapt_seconds": round(seconds, 1), "labelled": summary["labelled_per_class"],
                       "cross_validated": summary.get("cross_validated")})
         # The same labelled cells, with the rest of the set as the lab's unlabelled cells (their class
@@ -246,7 +246,7 @@ def bench_set(set_dir: Path, args, work: Path) -> dict:
         t0 = time.perf_counter()
         adapt_model(args.model, root / "model-both", root / "train", root / "rest",
                     AdaptConfig(steps=args.steps, seed=draw, lab_frequencies=True), folds=0, export=False, log=quiet)
-        both = figures(evaluate_model(root / "model-both", root / "rest", root / "eval-both"))
+        both = figures(evaluate_model(root / "model-both", root / "rest", root / "eval-both", fields=False))
         combined.append({**both, "adapt_seconds": round(time.perf_counter() - t0, 1)})
         print(f"  draw {draw}: adapted {scored['accuracy']:.3f} ({seconds:.0f} s); with the rest unlabelled "
               f"{both['accuracy']:.3f}", flush=True)
@@ -264,7 +264,7 @@ def bench_set(set_dir: Path, args, work: Path) -> dict:
         t0 = time.perf_counter()
         adapt_model(args.model, work / "unlabelled", None, set_dir, AdaptConfig(steps=args.steps), export=False,
                     log=quiet)
-        report["unlabelled"] = {**figures(evaluate_model(work / "unlabelled", set_dir, work / "unlabelled-eval")),
+        report["unlabelled"] = {**figures(evaluate_model(work / "unlabelled", set_dir, work / "unlabelled-eval", fields=False)),
                                 "adapt_seconds": round(time.perf_counter() - t0, 1)}
         print(f"  unlabelled: {report['unlabelled']['accuracy']:.3f}", flush=True)
     report["seconds"] = round(time.perf_counter() - start, 1)
@@ -293,7 +293,7 @@ def reviewed(args, files: dict[str, list[Path]], count: int, work: Path) -> dict
         link_tree(root / "rest", rest)
         adapt_model(args.model, root / "model", root / "train", None, AdaptConfig(steps=args.steps, seed=draw),
                     folds=0, export=False, log=lambda line: None)
-        draws.append({**figures(evaluate_model(root / "model", root / "rest", root / "eval")),
+        draws.append({**figures(evaluate_model(root / "model", root / "rest", root / "eval", fields=False)),
                       "labelled": {name: len(paths) for name, paths in train.items()}})
         print(f"  {count} cells reviewed, draw {draw}: {draws[-1]['accuracy']:.3f} on the rest", flush=True)
     return {"cells": count, "draws": draws, **summarise(draws)}

@@ -115,13 +115,13 @@ def train_and_score(data: Path, config_path: Path, name: str, overrides: list[st
         last_dir = write_last_epoch_run(run_dir, root / f"{name}-last")
         scored += [("_tta", run_dir, True), ("_last", last_dir, False)]
     for suffix, model_dir, tta in scored:
-        metrics = evaluate_model(model_dir, data, root / f"{name}-eval{suffix}", tta=tta)
+        metrics = evaluate_model(model_dir, data, root / f"{name}-eval{suffix}", tta=tta, fields=False)
         result.update({f"accuracy{suffix}": round(metrics["accuracy"], 4), f"macro_f1{suffix}": round(metrics["macro_f1"], 4),
                        f"ece{suffix}": round(metrics["ece"], 4),
                        f"errors{suffix}": int(round((1 - metrics["accuracy"]) * metrics["count"]))})
     # Other labs' cells packed beside the splits (pack --foreign): never trained on, scored as they are.
     for folder in sorted((data / "foreign").glob("*")):
-        metrics = evaluate_model(run_dir, folder, root / f"{name}-{folder.name}")
+        metrics = evaluate_model(run_dir, folder, root / f"{name}-{folder.name}", fields=False)
         shift = metrics.get("domain_shift") or {}
         result[folder.name] = {key: round(float(metrics[key]), 4) for key in ("accuracy", "balanced_accuracy", "macro_f1", "ece")}
         result[folder.name]["shift_score"] = shift.get("score")

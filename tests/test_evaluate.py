@@ -193,6 +193,7 @@ def test_evaluate_fields_finds_the_white_cell_of_each_labelled_field(tmp_path, o
     from bloodcell.core.errors import BloodcellError
     from bloodcell.data.fields import fill_colour
     from bloodcell.evaluation import evaluate_model
+    from bloodcell.inference.count import count_field_like, mostly_fields
     from bloodcell.inference.detect import load_detector
 
     try:
@@ -213,11 +214,22 @@ def test_evaluate_fields_finds_the_white_cell_of_each_labelled_field(tmp_path, o
             Image.fromarray(canvas).resize((640, 480), Image.Resampling.BILINEAR).save(fields / cls / f"{f.stem}.png")
     (fields / "neutrophil" / "broken.png").write_bytes(b"not a PNG")
     before = sorted((p.relative_to(fields), p.stat().st_mtime_ns) for p in fields.rglob("*"))
-    plain = evaluate_model("default", fields, tmp_path / "plain", check_fields=True)
+    plain = evaluate_model("default", fields, tmp_path / "plain", fields=False, check_fields=True)
     found = evaluate_model("default", fields, tmp_path / "found", fields=True)
+    # by default evaluate looks first, and reads whole fields as fields: the same answers as --fields
+    auto = evaluate_model("default", fields, tmp_path / "auto")
+    assert auto["read_as"] == "fields" and plain["read_as"] == "cells" and found["read_as"] == "fields"
+    assert auto["accuracy"] == found["accuracy"] and auto["fields"]["white_cell_found"] == found["fields"]["white_cell_found"]
+    assert mostly_fields((auto["field_like"]["whole_fields"], auto["field_like"]["images_looked_at"]))
+    cli_result = CliRunner().invoke(cli, ["evaluate", "--model", "default", "--data", str(fields), "--out", str(tmp_path / "cli")])
+    assert cli_result.exit_code == 0, cli_result.output
+    assert "each was read as `bloodcell count` reads it" in " ".join(cli_result.output.split())
+    cli_plain = CliRunner().invoke(cli, ["evaluate", "--model", "default", "--data", str(fields), "--out",
+                                         str(tmp_path / "cli-plain"), "--no-fields"])
+    assert cli_plain.exit_code == 0 and "`--fields` finds the white cell first" in " ".join(cli_plain.output.split())
+    assert json.loads((tmp_path / "cli-plain" / "metrics.json").read_text())["accuracy"] == plain["accuracy"]
     assert sorted((p.relative_to(fields), p.stat().st_mtime_ns) for p in fields.rglob("*")) == before
     # plain evaluation says what it saw: whole fields, which --fields reads
-    from bloodcell.inference.count import count_field_like, mostly_fields
 
     assert mostly_fields((plain["field_like"]["whole_fields"], plain["field_like"]["images_looked_at"]))
     assert not mostly_fields(count_field_like([str(f) for f in original_files]))  # PBC's own crops are not fields

@@ -212,9 +212,10 @@ def evaluate(
     corruptions: bool = typer.Option(False, "--corruptions", help="Also score 12 corruption families x 5 severities."),
     tta: bool = typer.Option(False, "--tta", help="Average over the 8 flips/rotations."),
     seed: int = typer.Option(0, help="Seed of the corruptions."),
-    fields: bool = typer.Option(False, "--fields", help="The images are whole fields, one white cell each: find it "
-                                "with the cell detector and classify it as `bloodcell count` does."),
-    detector: str = typer.Option("default", "--detector", help="With --fields: a train-detector run, or 'default'."),
+    fields: Optional[bool] = typer.Option(None, "--fields/--no-fields", help="The images are whole fields, one white "
+                                          "cell each: find it with the cell detector and classify it as `bloodcell "
+                                          "count` does. Default: looked at first, and read so when most are."),
+    detector: str = typer.Option("default", "--detector", help="For whole fields: a train-detector run, or 'default'."),
     split: Optional[str] = typer.Option(None, "--split", help="Boxed fields (YOLO layout): score one split "
                                         "(train, val, test); default: every field of the set."),
     skip_unknown: bool = typer.Option(False, "--skip-unknown", help="Leave out class folders naming none of the "
@@ -284,7 +285,11 @@ def evaluate(
         for bad in result.get("unreadable", []):
             Console().print(Text.assemble(("skipped", "yellow"), f" {bad['path']}: {bad['error']}"), highlight=False)
         field_like = result.get("field_like")
-        if field_like:
+        if field_like and result["read_as"] == "fields":
+            Console().print(f"{field_like['whole_fields']} of {field_like['images_looked_at']} images looked at are whole "
+                            "fields: each was read as `bloodcell count` reads it, its white cell found by the cell "
+                            "detector and classified (--no-fields scores them as single-cell crops)", highlight=False)
+        elif field_like:
             warn_if_fields((field_like["whole_fields"], field_like["images_looked_at"]), "scored",
                            "`--fields` finds the white cell first, as `bloodcell count` does.")
         if "fields" in result:
@@ -375,7 +380,7 @@ def report(
                 evaluations.append(json.loads(path.read_text()))
             elif data is not None:
                 with console.status(f"evaluating {run}"):
-                    evaluations.append(evaluate_model(run, data, run / "evaluation", corruptions=True))
+                    evaluations.append(evaluate_model(run, data, run / "evaluation", corruptions=True, fields=False))
             else:
                 raise BloodcellError(f"{run}: not evaluated yet; pass --data DATA or run `bloodcell evaluate` first")
         path = write_run_report(run_dir, evaluations[0], baseline=(baseline, evaluations[1]) if baseline else None)

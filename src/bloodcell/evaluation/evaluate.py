@@ -119,22 +119,33 @@ def write_predictions_csv(path: Path, paths: list[str], labels: np.ndarray, prob
 
 def evaluate_model(model_path: str | Path, data: str | Path, out: str | Path, corruptions: bool = False,
                    tta: bool = False, seed: int = 0, families: list[str] | None = None,
-                   corruption_limit: int | None = None, fields: bool = False,
+                   corruption_limit: int | None = None, fields: bool | None = None,
                    detector: str | Path = "default", check_fields: bool = False, skip_unknown: bool = False) -> dict:
     """Score ``model_path`` on ``data``; ``corruption_limit`` scores corruptions on a seeded subset.
 
     ``skip_unknown``: class folders naming none of the model's classes are left out (``left_out`` in
     the result: folder -> files) instead of refused.
 
-    ``fields``: the images are whole fields with one white cell each, found by ``detector`` and
-    cut out as ``bloodcell count`` cuts them (:func:`load_field_eval_images`). ``check_fields``
-    (what ``bloodcell evaluate`` does): without ``fields``, look at a sample of the images with the
-    detector and report in ``field_like`` how many are whole fields, scored here as crops.
+    ``fields``: True, the images are whole fields with one white cell each, found by ``detector``
+    and cut out as ``bloodcell count`` cuts them (:func:`load_field_eval_images`); False, they are
+    single-cell crops; None (``bloodcell evaluate``'s default), up to 16 of them are looked at with
+    the detector first, and they are read as fields when half or more are
+    (:func:`bloodcell.inference.count.mostly_fields`; ``field_like`` and ``read_as`` in the result).
+    A classifier of crops would frame a whole field as if it were one cell. ``check_fields``: with
+    ``fields=False``, still look, and report in ``field_like`` how many are whole fields.
     """
     out = Path(out)
     if fields and corruptions:
         raise BloodcellError("--corruptions scores single-cell crops; leave it out with --fields")
     predictor = load_predictor(model_path)  # a run, a checkpoint, an .onnx file or 'default'
+    field_like = None
+    if fields is None:
+        from ..inference.count import count_field_like, mostly_fields
+
+        field_like = count_field_like([item.path for item in model_source(data, predictor, skip_unknown).items],
+                                      detector)
+        # corrupted copies are of crops: a set of fields is then scored as crops (and said so)
+        fields = not corruptions and mostly_fields(field_like)
     cells = None
     if fields:
         images, labels, paths, source, cells = load_field_eval_images(data, predictor, detector,
@@ -159,12 +170,13 @@ def evaluate_model(model_path: str | Path, data: str | Path, out: str | Path, co
     result["unreadable"] = unreadable  # files left out, each with the reason: nothing is dropped silently
     out.mkdir(parents=True, exist_ok=True)
     write_predictions_csv(out / "predictions.csv", paths, labels, probs, names, cells)
-    if cells is None and check_fields:
+    if field_like is None and cells is None and check_fields:
         from ..inference.count import count_field_like
 
-        counted = count_field_like(paths)  # are these whole fields, framed here as if each were one cell?
-        if counted is not None:
-            result["field_like"] = {"whole_fields": counted[0], "images_looked_at": counted[1]}
+        field_like = count_field_like(paths)  # are these whole fields, framed here as if each were one cell?
+    if field_like is not None:
+        result["field_like"] = {"whole_fields": field_like[0], "images_looked_at": field_like[1]}
+    result["read_as"] = "fields" if cells is not None else "cells"
     if cells is not None:
         found = np.array([box is not None for box in cells.boxes])
         result["fields"] = {"detector": str(detector), "images": len(found),

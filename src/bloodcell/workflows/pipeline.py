@@ -66,7 +66,7 @@ def run_pipeline(data: Path | None, out: Path, profile: str = "quick", weights: 
     log("[4/5] evaluating both on the test split, with corruptions")
     t0 = time.perf_counter()
     evaluations = {key: evaluate_model(run, out / "curated", run / "evaluation", corruptions=True,
-                                       corruption_limit=settings["corruption_images"])
+                                       corruption_limit=settings["corruption_images"], fields=False)
                    for key, run in runs.items()}
     names = evaluations["mobilenet"]["confusion_matrix"]["classes"]
     compare_runs(evaluations["cnn"], evaluations["mobilenet"], names, out / "comparison")
