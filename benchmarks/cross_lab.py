@@ -22,8 +22,8 @@ subfolder one lab); default: ``$BLOODCELL_DATA/foreign/jtsc``. For each set it r
   first adaptation, are scored on the rest less both picks;
 - after ``adapt --unlabelled`` on all of the set's images (labels unused), scored on the set;
 - a set of whole fields with one white cell each (``--fields auto``: when plain evaluation says
-  most of its images are fields) is scored as ``evaluate --fields`` scores it, beside the plain
-  figure, and its adaptation figures are left out (adapt learns from cells, not fields);
+  most of its images are fields) is scored as ``evaluate`` scores it, through the cell detector,
+  beside the plain figure, and adapted on as ``adapt`` reads it: on each field's white cell;
 - a set of boxed fields (any layout ``bloodcell evaluate`` reads as one: YOLO, Roboflow, Pascal
   VOC) whose boxes type their white cells is scored as ``evaluate`` scores it: the white-cell
   types of the cells found (misses counted as wrong), with the detector's AP50 per kind beside
@@ -211,14 +211,11 @@ def bench_set(set_dir: Path, args, work: Path) -> dict:
         report["as_given"] = {**figures(found), "domain_shift": found.get("domain_shift"),
                               "white_cell_found": found["fields"]["white_cell_found"]}
         print(f"{Path(report['set']).name}: whole fields (plain {report['as_given_plain']['accuracy']:.3f}); through the "
-              f"detector {report['as_given']['accuracy']:.3f}; adaptation left out (it learns from cells)", flush=True)
+              f"detector {report['as_given']['accuracy']:.3f}; adaptation learns from their white cells", flush=True)
     else:
         report["read_as"] = "cells"
         print(f"{Path(report['set']).name}: as given {report['as_given']['accuracy']:.3f}", flush=True)
     report["ood"] = ood_figures(args.model, args.pbc_test, set_dir)
-    if fields:
-        report["seconds"] = round(time.perf_counter() - start, 1)
-        return report
     draws, combined, following = [], [], []
     for draw in range(args.draws):
         rng = random.Random(draw)
@@ -234,23 +231,25 @@ def bench_set(set_dir: Path, args, work: Path) -> dict:
         t0 = time.perf_counter()
         # The rest as unlabelled cells changes only the shift statistics and, with --next, lists the
         # cells to label next; the labelled cells alone teach the classes.
+        # A set of whole fields: adapt learns from their white cells, cut out as evaluate cuts them.
         summary = adapt_model(args.model, root / "model", root / "train", root / "rest" if args.next else None,
                               AdaptConfig(steps=args.steps, seed=draw), folds=args.folds, export=False, log=quiet,
-                              suggest=args.next)
+                              suggest=args.next, fields=fields)
         seconds = time.perf_counter() - t0
-        scored = figures(evaluate_model(root / "model", root / "rest", root / "eval", fields=False))
+        scored = figures(evaluate_model(root / "model", root / "rest", root / "eval", fields=fields))
         draws.append({**scored, "adapt_seconds": round(seconds, 1), "labelled": summary["labelled_per_class"],
                       "cross_validated": summary.get("cross_validated")})
         # The same labelled cells, with the rest of the set as the lab's unlabelled cells (their class
         # frequencies); without cross-validation, to keep the benchmark's time.
         t0 = time.perf_counter()
         adapt_model(args.model, root / "model-both", root / "train", root / "rest",
-                    AdaptConfig(steps=args.steps, seed=draw, lab_frequencies=True), folds=0, export=False, log=quiet)
-        both = figures(evaluate_model(root / "model-both", root / "rest", root / "eval-both", fields=False))
+                    AdaptConfig(steps=args.steps, seed=draw, lab_frequencies=True), folds=0, export=False, log=quiet,
+                    fields=fields)
+        both = figures(evaluate_model(root / "model-both", root / "rest", root / "eval-both", fields=fields))
         combined.append({**both, "adapt_seconds": round(time.perf_counter() - t0, 1)})
         print(f"  draw {draw}: adapted {scored['accuracy']:.3f} ({seconds:.0f} s); with the rest unlabelled "
               f"{both['accuracy']:.3f}", flush=True)
-        if args.next:
+        if args.next and not fields:  # (the cells to label next are single cells)
             following.append(label_next(args, root, train, rest, draw))
     if draws:
         report["labelled"] = {"per_class": args.per_class, "draws": draws, **summarise(draws)}
@@ -258,13 +257,13 @@ def bench_set(set_dir: Path, args, work: Path) -> dict:
     if following:
         report["next"] = {"cells": args.next, "draws": following,
                           **{arm: summarise([d[arm] for d in following]) for arm in ("labelled_only", "suggested", "random")}}
-    if args.reviewed:
+    if args.reviewed and not fields:
         report["reviewed"] = {str(n): reviewed(args, files, n, work / f"reviewed{n}") for n in args.reviewed}
     if args.unlabelled:
         t0 = time.perf_counter()
         adapt_model(args.model, work / "unlabelled", None, set_dir, AdaptConfig(steps=args.steps), export=False,
-                    log=quiet)
-        report["unlabelled"] = {**figures(evaluate_model(work / "unlabelled", set_dir, work / "unlabelled-eval", fields=False)),
+                    log=quiet, fields=fields)
+        report["unlabelled"] = {**figures(evaluate_model(work / "unlabelled", set_dir, work / "unlabelled-eval", fields=fields)),
                                 "adapt_seconds": round(time.perf_counter() - t0, 1)}
         print(f"  unlabelled: {report['unlabelled']['accuracy']:.3f}", flush=True)
     report["seconds"] = round(time.perf_counter() - start, 1)

@@ -309,10 +309,46 @@ def test_adapt_on_unlabelled_whole_fields_takes_the_white_cells_the_detector_fin
     assert json.loads((tmp_path / "adapted" / "model.json").read_text())["adapted"]["unlabelled_fields"] is True
     rows = (tmp_path / "adapted" / "to_label.csv").read_text()
     assert "#" in rows  # each cell named by its field and box
-    # the same fields read as single cells: adapt says they look like fields
+    # by default adapt looks first, and reads them as fields too
     lines.clear()
-    adapt_model("default", tmp_path / "plain", None, tmp_path / "set" / "images", AdaptConfig(steps=2), export=False,
-                log=lines.append, suggest=0)
+    auto = adapt_model("default", tmp_path / "auto", None, tmp_path / "set" / "images", AdaptConfig(steps=2),
+                       export=False, log=lines.append, suggest=0)
+    assert auto["unlabelled_fields"] is True and auto["unlabelled_images"] == summary["unlabelled_images"]
+    assert any("images looked at are whole fields" in line for line in lines)
+    # read as single cells on request: adapt says they look like fields
+    lines.clear()
+    plain = adapt_model("default", tmp_path / "plain", None, tmp_path / "set" / "images", AdaptConfig(steps=2),
+                        export=False, log=lines.append, suggest=0, fields=False)
+    assert plain["unlabelled_fields"] is False and plain["unlabelled_images"] == 6
     assert any("looks like whole fields" in line for line in lines)
-    with pytest.raises(BloodcellError, match="--fields reads the --unlabelled"):
-        adapt_model("default", tmp_path / "x", tmp_path / "set", None, fields=True, export=False, log=lines.append)
+
+
+def test_adapt_on_class_folders_of_whole_fields_learns_from_their_white_cells(tmp_path):
+    """A lab's labelled photographs of fields, one white cell each, sorted into class folders (as evaluate
+    reads them): adapt cuts each field's white cell out as count does, rather than learning whole fields."""
+    from bloodcell.data.fields import fill_colour
+    from bloodcell.training.adapt import AdaptConfig
+    from bloodcell.workflows.adapt import adapt_model
+
+    pbc = require(PBC224)
+    rng = np.random.default_rng(0)
+    fields = tmp_path / "fields"
+    for cls in ("lymphocyte", "neutrophil"):
+        (fields / cls).mkdir(parents=True)
+        for f in sorted((pbc / cls).glob("*.jpg"))[:5]:
+            cell = np.asarray(Image.open(f).convert("RGB"))
+            h, w = cell.shape[:2]
+            canvas = np.empty((3 * h, 4 * w, 3), np.uint8)  # a third of the magnification, somewhere in the field
+            canvas[:] = fill_colour(cell)
+            y, x = int(rng.integers(0, 2 * h)), int(rng.integers(0, 3 * w))
+            canvas[y : y + h, x : x + w] = cell
+            Image.fromarray(canvas).resize((640, 480), Image.Resampling.BILINEAR).save(fields / cls / f"{f.stem}.png")
+    lines: list[str] = []
+    summary = adapt_model("default", tmp_path / "adapted", fields, None, AdaptConfig(steps=2), folds=0, export=False,
+                          log=lines.append)
+    assert summary["labelled_fields"] is True and sum(summary["labelled_per_class"].values()) >= 8
+    assert any("images looked at are whole fields" in line for line in lines)
+    assert json.loads((tmp_path / "adapted" / "model.json").read_text())["adapted"]["labelled_fields"] is True
+    plain = adapt_model("default", tmp_path / "plain", fields, None, AdaptConfig(steps=2), folds=0, export=False,
+                        log=lambda line: None, fields=False)
+    assert plain["labelled_fields"] is False and plain["labelled_per_class"] == {"lymphocyte": 5, "neutrophil": 5}

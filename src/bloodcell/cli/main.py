@@ -507,8 +507,8 @@ def adapt(
     onnx: bool = typer.Option(True, "--onnx/--no-onnx", help="Also export OUT/model.onnx."),
     lab_frequencies: bool = typer.Option(False, "--lab-frequencies", help="With --data and --unlabelled: correct for the lab's class frequencies, estimated on the unlabelled cells."),
     suggest: int = typer.Option(20, help="With --unlabelled: list this many of those cells, the adapted model's least certain, in OUT/to_label.csv (0: none)."),
-    fields: bool = typer.Option(False, "--fields", help="With --unlabelled: the images are whole fields; every white cell the cell detector finds is an unlabelled cell."),
-    detector: str = typer.Option("default", "--detector", help="With --fields: a train-detector run, or 'default'."),
+    fields: Optional[bool] = typer.Option(None, "--fields/--no-fields", help="The images are whole fields: --data class folders one white cell each, --unlabelled every white cell the cell detector finds. Default: looked at first, and read so when most are."),
+    detector: str = typer.Option("default", "--detector", help="For whole fields: a train-detector run, or 'default'."),
     skip_unknown: bool = typer.Option(False, "--skip-unknown", help="Leave out --data class folders naming none of the model's classes (smudge cells, blasts...) instead of stopping; in boxed fields, boxes of such classes."),
 ):
     """Adapt a model to one lab's images; OUT works with every --model (evaluate, predict, serve, export)."""

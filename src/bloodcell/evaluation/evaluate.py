@@ -59,12 +59,7 @@ def load_field_eval_images(data: str | Path, predictor: Predictor, detector: str
     whole, as plain evaluation would, and counted in the report.
     """
     from ..data.sources import load_item
-    from ..inference.count import (
-        CROP_CONTEXT,
-        best_white_cell,
-        fields_of_view,
-        square_crop,
-    )
+    from ..inference.count import cut_best_white_cells
     from ..inference.detect import load_detector
 
     source = model_source(data, predictor, skip_unknown)
@@ -81,18 +76,9 @@ def load_field_eval_images(data: str | Path, predictor: Predictor, detector: str
             chunk.append(item)
         if not decoded:
             continue
-        views, painted = fields_of_view(decoded)  # white cells cut out as count cuts them
-        for item, field_image, found in zip(chunk, painted, finder.detect_batch(decoded, views)):
-            cell = best_white_cell(found)
-            if cell is not None:
-                box, score = cell
-                crop = square_crop(field_image, box, CROP_CONTEXT)
-                boxes.append(tuple(round(float(v), 1) for v in box))
-                scores.append(round(score, 4))
-            else:
-                crop = field_image
-                boxes.append(None)
-                scores.append(None)
+        for item, (crop, box, score) in zip(chunk, cut_best_white_cells(decoded, finder)):  # as count cuts them
+            boxes.append(None if box is None else tuple(round(float(v), 1) for v in box))
+            scores.append(None if score is None else round(score, 4))
             images.append(torch.from_numpy(np.array(predictor.prepare(crop))).permute(2, 0, 1))
             labels.append(item.label)  # model_source labels in the model's classes
             paths.append(item.path)

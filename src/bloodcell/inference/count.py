@@ -139,6 +139,22 @@ def best_white_cell(found: Detections) -> tuple[np.ndarray, float] | None:
     return found.boxes.xyxy[best], float(found.scores[best])
 
 
+def cut_best_white_cells(images: list[np.ndarray], finder: CellDetector) -> list[tuple[np.ndarray, np.ndarray | None,
+                                                                                      float | None]]:
+    """Whole fields holding one white cell each: each field's most confident white cell cut out as ``count``
+    cuts it, with its box (field pixels) and the detector's score; the field itself, with None and None,
+    where none was found. What ``evaluate`` scores and ``adapt`` learns from on such fields."""
+    views, painted = fields_of_view(images)
+    cut = []
+    for field_image, found in zip(painted, finder.detect_batch(images, views)):
+        cell = best_white_cell(found)
+        if cell is None:
+            cut.append((field_image, None, None))
+        else:
+            cut.append((square_crop(field_image, cell[0], CROP_CONTEXT), cell[0], cell[1]))
+    return cut
+
+
 def looks_like_field(image: np.ndarray, found: Detections) -> bool:
     """Whether ``found`` (the detector's cells of ``image``) say it is a whole field rather than a crop
     framed round one white cell: its white cell small for the frame or away from its centre, with red

@@ -83,8 +83,58 @@ def field_cells(path: Path, size: int, framing: dict | None, log: Callable[[str]
     return images, types, origins
 
 
+def labelled_field_cells(source, class_names: list[str], size: int, framing: dict | None, detector: str | Path,
+                         log: Callable[[str], None], chunk: int = 16) -> tuple[torch.Tensor, np.ndarray]:
+    """Class folders of whole fields, one white cell each: the white cell of each, found by ``detector`` and
+    cut out as ``count`` cuts it (what ``evaluate`` scores on such fields). A field where none is found is
+    left out, with a line: adaptation learns from cells."""
+    from ..data.sources import load_item
+    from ..inference.count import cut_best_white_cells
+    from ..inference.detect import load_detector
+
+    finder = load_detector(detector)
+    remap = [class_names.index(c) for c in source.class_names]
+    images, labels = [], []
+    for start in range(0, len(source.items), chunk):
+        items, decoded = [], []
+        for item in source.items[start : start + chunk]:
+            try:
+                decoded.append(load_item(source, item)[0])
+                items.append(item)
+            except (ImageReadError, BloodcellError) as exc:
+                log(f"skipped {item.path}: {exc}")
+        for item, (crop, box, _) in zip(items, cut_best_white_cells(decoded, finder) if decoded else []):
+            if box is None:
+                log(f"skipped {item.path}: no white cell found in this field")
+                continue
+            images.append(preprocess(crop, size, framing))
+            labels.append(remap[item.label])
+    if not images:
+        raise BloodcellError(f"{source.root}: no white cell found in these fields")
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), np.array(labels, np.int64)
+
+
+def read_as_fields(paths: list[str], fields: bool | None, detector: str | Path, where: Path,
+                   log: Callable[[str], None]) -> bool:
+    """``fields`` as given, or (None) whether a sample of ``paths`` is mostly whole fields, said in a line."""
+    if fields is not None:
+        return fields
+    from ..inference.count import count_field_like, mostly_fields
+
+    counted = count_field_like(paths, detector)
+    if mostly_fields(counted):
+        log(f"{where}: {counted[0]} of {counted[1]} images looked at are whole fields; their white cells are cut out "
+            "as `bloodcell count` cuts them (--no-fields reads each image as one cell)")
+        return True
+    return False
+
+
 def load_labelled(path: Path, class_names: list[str], size: int, framing: dict | None,
-                  log: Callable[[str], None], skip_unknown: bool = False) -> tuple[torch.Tensor, np.ndarray, dict[str, int]]:
+                  log: Callable[[str], None], skip_unknown: bool = False, fields: bool | None = False,
+                  detector: str | Path = "default", decided: dict | None = None) -> tuple[torch.Tensor, np.ndarray, dict[str, int]]:
+    """The lab's labelled cells, prepared as the model's input: class folders of cells, class folders of whole
+    fields holding one white cell each (``fields``: True, or None to look first), or boxed fields whose
+    white-cell boxes are typed. ``decided["fields"]`` is set to whether class folders were read as fields."""
     from ..data.fields import is_field_set
 
     if is_field_set(path):  # the lab's own fields, their white cells boxed and typed
@@ -106,10 +156,16 @@ def load_labelled(path: Path, class_names: list[str], size: int, framing: dict |
         for folder, files in source.ignored.items():
             why = "not sorted into a class folder" if folder == TO_CHECK_FOLDER else "not a class of this model"
             log(f"{folder}/: {files} cell(s) {why}, left out")
-        split = load_split(source, class_names, size, framing=framing)
-        for bad, why in split.unreadable:
-            log(f"skipped {bad}: {why}")
-        tensor, labels = split.images, split.labels.numpy()
+        as_fields = read_as_fields([item.path for item in source.items], fields, detector, path, log)
+        if decided is not None:
+            decided["fields"] = as_fields
+        if as_fields:
+            tensor, labels = labelled_field_cells(source, class_names, size, framing, detector, log)
+        else:
+            split = load_split(source, class_names, size, framing=framing)
+            for bad, why in split.unreadable:
+                log(f"skipped {bad}: {why}")
+            tensor, labels = split.images, split.labels.numpy()
     counts = {class_names[c]: int((labels == c).sum()) for c in np.unique(labels)}
     for name, count in counts.items():
         if count < MIN_PER_CLASS:
@@ -138,10 +194,12 @@ def found_cells(images: list[np.ndarray], names: list[str], finder, size: int,
 
 
 def load_unlabelled(path: Path, size: int, framing: dict | None, log: Callable[[str], None],
-                    fields: bool = False, detector: str | Path = "default") -> tuple[torch.Tensor, list[str]]:
+                    fields: bool | None = False, detector: str | Path = "default",
+                    decided: dict | None = None) -> tuple[torch.Tensor, list[str]]:
     """The readable images under ``path``, prepared as the model's input, and their file paths. For a boxed
     field set: every white cell boxed in it, typed or not; with ``fields``: every white cell ``detector``
-    finds in the images, which are whole fields."""
+    finds in the images, which are whole fields (None: look at a sample first). ``decided["fields"]`` is
+    set to whether the images were read as fields."""
     from ..data.fields import is_field_set
     from ..inference.count import count_field_like, mostly_fields
 
@@ -151,6 +209,10 @@ def load_unlabelled(path: Path, size: int, framing: dict | None, log: Callable[[
             raise BloodcellError(f"{path}: no white cells boxed in these fields")
         return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), origins
     items, bad = collect_inputs([path])
+    asked = fields
+    fields = read_as_fields([str(entry) for _, entry in items if not isinstance(entry, tuple)], fields, detector, path, log)
+    if decided is not None:
+        decided["fields"] = fields
     images, files = [], []
     chunk: list[tuple[np.ndarray, str]] = []
     if fields:
@@ -188,9 +250,9 @@ def load_unlabelled(path: Path, size: int, framing: dict | None, log: Callable[[
         log(f"skipped {name}: {reason}")
     if fields:
         log(f"{len(images)} white cells found in {fields_read} fields in {path} (cut out as `bloodcell count` cuts them)")
-    elif mostly_fields(count_field_like(files)):
-        log(f"warning: {path} looks like whole fields, not single cells; pass --fields to adapt on the white cells "
-            "the detector finds in them")
+    elif asked is False and mostly_fields(count_field_like(files)):
+        log(f"warning: {path} looks like whole fields, not single cells; without --no-fields adapt learns from the "
+            "white cells the detector finds in them")
     if not images:
         raise BloodcellError(f"{path}: no readable images" if not fields else f"{path}: no white cell found in these fields")
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), files
@@ -233,20 +295,20 @@ def cross_validate(net, images: torch.Tensor, labels: np.ndarray, config: AdaptC
 def adapt_model(model: str | Path, out: str | Path, labelled: str | Path | None = None,
                 unlabelled: str | Path | None = None, config: AdaptConfig | None = None, folds: int = 3,
                 export: bool = True, log: Callable[[str], None] = print, suggest: int = 20,
-                fields: bool = False, detector: str | Path = "default", skip_unknown: bool = False) -> dict:
+                fields: bool | None = None, detector: str | Path = "default", skip_unknown: bool = False) -> dict:
     """Adapt ``model`` to a lab and write the adapted model directory ``out``; returns a summary.
 
     ``skip_unknown``: class folders of ``labelled`` naming none of the model's classes are left out
     (with a line) instead of refused.
 
     With unlabelled cells, ``out/to_label.csv`` lists the ``suggest`` of them the adapted model is
-    least sure of: the cells whose labels would teach the next adaptation most. ``fields``: the
-    unlabelled images are whole fields, and their cells are the white cells ``detector`` finds.
+    least sure of: the cells whose labels would teach the next adaptation most. ``fields``: the images
+    are whole fields (the labelled ones one white cell each), and their cells are the white cells
+    ``detector`` finds, cut out as ``count`` cuts them; False: each image is one cell; None (the
+    default): a sample of each folder is looked at with the detector first, as ``evaluate`` does.
     """
     if labelled is None and unlabelled is None:
         raise BloodcellError("adapt needs --data (class folders of the lab's labelled cells) or --unlabelled DIR")
-    if fields and unlabelled is None:
-        raise BloodcellError("--fields reads the --unlabelled images as whole fields; give --unlabelled DIR")
     config = config or AdaptConfig()
     start = time.perf_counter()
     source_dir = model_directory(model)
@@ -257,9 +319,11 @@ def adapt_model(model: str | Path, out: str | Path, labelled: str | Path | None 
     size, framing, names = contract.image_size, contract.framing, contract.class_names
     images = labels = None
     counts: dict[str, int] = {}
+    read_labelled, read_unlabelled = {"fields": False}, {"fields": False}
     if labelled is not None:
-        images, labels, counts = load_labelled(Path(labelled), names, size, framing, log, skip_unknown)
-    pool, pool_files = (load_unlabelled(Path(unlabelled), size, framing, log, fields, detector)
+        images, labels, counts = load_labelled(Path(labelled), names, size, framing, log, skip_unknown, fields,
+                                               detector, read_labelled)
+    pool, pool_files = (load_unlabelled(Path(unlabelled), size, framing, log, fields, detector, read_unlabelled)
                         if unlabelled is not None else (None, []))
     log(f"adapting {source_dir} on " + " and ".join(
         part for part in (f"{len(labels)} labelled cells ({', '.join(f'{k} {v}' for k, v in counts.items())})"
@@ -267,7 +331,8 @@ def adapt_model(model: str | Path, out: str | Path, labelled: str | Path | None 
         if part))
     summary: dict = {"source_model": str(source_dir), "labelled": str(labelled) if labelled else None,
                      "unlabelled": str(unlabelled) if unlabelled else None, "labelled_per_class": counts,
-                     "unlabelled_images": len(pool) if pool is not None else 0, "unlabelled_fields": fields,
+                     "unlabelled_images": len(pool) if pool is not None else 0,
+                     "labelled_fields": read_labelled["fields"], "unlabelled_fields": read_unlabelled["fields"],
                      "config": config.model_dump(mode="json")}
     temperature = contract.temperature
     if labels is not None:
@@ -309,8 +374,9 @@ def adapt_model(model: str | Path, out: str | Path, labelled: str | Path | None 
     adapted = {key: summary[key] for key in ("source_model", "labelled", "unlabelled", "labelled_per_class",
                                               "unlabelled_images")}
     adapted["mode"] = "+".join(m for m, given in (("labelled", labelled), ("unlabelled", unlabelled)) if given)
-    if fields:
-        adapted["unlabelled_fields"] = True  # the white cells the detector found in whole fields
+    for key in ("labelled_fields", "unlabelled_fields"):
+        if summary[key]:
+            adapted[key] = True  # the white cells the detector found in whole fields, cut out as count cuts them
     if "cross_validated" in summary:
         adapted["cross_validated_accuracy"] = summary["cross_validated"]["accuracy"]
     if "class_prior" in summary:
