@@ -212,7 +212,7 @@ def evaluate(
     corruptions: bool = typer.Option(False, "--corruptions", help="Also score 12 corruption families x 5 severities."),
     tta: bool = typer.Option(False, "--tta", help="Average over the 8 flips/rotations."),
     seed: int = typer.Option(0, help="Seed of the corruptions."),
-    fields: Optional[bool] = typer.Option(None, "--fields/--no-fields", help="The images are whole fields, one white "
+    fields: bool | None = typer.Option(None, "--fields/--no-fields", help="The images are whole fields, one white "
                                           "cell each: find it with the cell detector and classify it as `bloodcell "
                                           "count` does. Default: looked at first, and read so when most are."),
     detector: str = typer.Option("default", "--detector", help="For whole fields: a train-detector run, or 'default'."),
@@ -507,7 +507,7 @@ def adapt(
     onnx: bool = typer.Option(True, "--onnx/--no-onnx", help="Also export OUT/model.onnx."),
     lab_frequencies: bool = typer.Option(False, "--lab-frequencies", help="With --data and --unlabelled: correct for the lab's class frequencies, estimated on the unlabelled cells."),
     suggest: int = typer.Option(20, help="With --unlabelled: list this many of those cells, the adapted model's least certain, in OUT/to_label.csv (0: none)."),
-    fields: Optional[bool] = typer.Option(None, "--fields/--no-fields", help="The images are whole fields: --data class folders one white cell each, --unlabelled every white cell the cell detector finds. Default: looked at first, and read so when most are."),
+    fields: bool | None = typer.Option(None, "--fields/--no-fields", help="The images are whole fields: --data class folders one white cell each, --unlabelled every white cell the cell detector finds. Default: looked at first, and read so when most are."),
     detector: str = typer.Option("default", "--detector", help="For whole fields: a train-detector run, or 'default'."),
     skip_unknown: bool = typer.Option(False, "--skip-unknown", help="Leave out --data class folders naming none of the model's classes (smudge cells, blasts...) instead of stopping; in boxed fields, boxes of such classes."),
 ):
