@@ -110,3 +110,22 @@ def tree_digest(root: Path) -> dict[str, tuple[int, float, bytes]]:
         for p in sorted(root.rglob("*"))
         if p.is_file()
     }
+
+
+def whole_fields(root: Path, cells: dict[str, list[Path]], seed: int = 0) -> Path:
+    """Class folders of whole fields, one white cell each: every cell image placed somewhere on a field of
+    its own median colour at a third of its magnification, 640x480, as a lab photographs fields."""
+    from bloodcell.data.fields import fill_colour
+
+    rng = np.random.default_rng(seed)
+    for cls, files in cells.items():
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for f in files:
+            cell = np.asarray(Image.open(f).convert("RGB"))
+            h, w = cell.shape[:2]
+            canvas = np.empty((3 * h, 4 * w, 3), np.uint8)
+            canvas[:] = fill_colour(cell)
+            y, x = int(rng.integers(0, 2 * h)), int(rng.integers(0, 3 * w))
+            canvas[y : y + h, x : x + w] = cell
+            Image.fromarray(canvas).resize((640, 480), Image.Resampling.BILINEAR).save(root / cls / f"{f.stem}.png")
+    return root

@@ -23,7 +23,7 @@ from bloodcell.data.fields import (
 from bloodcell.evaluation.boxed_fields import match_white_cells, type_metrics
 from bloodcell.inference.count import FieldResult
 
-from .conftest import PBC224, require
+from .conftest import PBC224, require, whole_fields
 
 WHITE, RED = KINDS.index("white_cell"), KINDS.index("red_cell")
 
@@ -326,23 +326,12 @@ def test_adapt_on_unlabelled_whole_fields_takes_the_white_cells_the_detector_fin
 def test_adapt_on_class_folders_of_whole_fields_learns_from_their_white_cells(tmp_path):
     """A lab's labelled photographs of fields, one white cell each, sorted into class folders (as evaluate
     reads them): adapt cuts each field's white cell out as count does, rather than learning whole fields."""
-    from bloodcell.data.fields import fill_colour
     from bloodcell.training.adapt import AdaptConfig
     from bloodcell.workflows.adapt import adapt_model
 
     pbc = require(PBC224)
-    rng = np.random.default_rng(0)
-    fields = tmp_path / "fields"
-    for cls in ("lymphocyte", "neutrophil"):
-        (fields / cls).mkdir(parents=True)
-        for f in sorted((pbc / cls).glob("*.jpg"))[:5]:
-            cell = np.asarray(Image.open(f).convert("RGB"))
-            h, w = cell.shape[:2]
-            canvas = np.empty((3 * h, 4 * w, 3), np.uint8)  # a third of the magnification, somewhere in the field
-            canvas[:] = fill_colour(cell)
-            y, x = int(rng.integers(0, 2 * h)), int(rng.integers(0, 3 * w))
-            canvas[y : y + h, x : x + w] = cell
-            Image.fromarray(canvas).resize((640, 480), Image.Resampling.BILINEAR).save(fields / cls / f"{f.stem}.png")
+    fields = whole_fields(tmp_path / "fields", {cls: sorted((pbc / cls).glob("*.jpg"))[:5]
+                                                for cls in ("lymphocyte", "neutrophil")})
     lines: list[str] = []
     summary = adapt_model("default", tmp_path / "adapted", fields, None, AdaptConfig(steps=2), folds=0, export=False,
                           log=lines.append)

@@ -5,14 +5,23 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, recall_score
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    f1_score,
+    recall_score,
+)
 from typer.testing import CliRunner
 
 from bloodcell.cli.main import app as cli
 from bloodcell.data.corruptions import CORRUPTIONS, corrupt
-from bloodcell.evaluation import compute_metrics, expected_calibration_error, fit_temperature
+from bloodcell.evaluation import (
+    compute_metrics,
+    expected_calibration_error,
+    fit_temperature,
+)
 
-from .conftest import require, ORIGINALS
+from .conftest import ORIGINALS, require, whole_fields
 
 
 def test_metrics_match_scikit_learn():
@@ -188,10 +197,7 @@ def test_evaluate_fields_finds_the_white_cell_of_each_labelled_field(tmp_path, o
     classifies it as `count` does, where plain evaluation frames the whole field."""
     import csv
 
-    from PIL import Image
-
     from bloodcell.core.errors import BloodcellError
-    from bloodcell.data.fields import fill_colour
     from bloodcell.evaluation import evaluate_model
     from bloodcell.inference.count import count_field_like, mostly_fields
     from bloodcell.inference.detect import load_detector
@@ -200,18 +206,8 @@ def test_evaluate_fields_finds_the_white_cell_of_each_labelled_field(tmp_path, o
         load_detector("default")
     except BloodcellError as exc:
         pytest.skip(str(exc))
-    rng = np.random.default_rng(0)
-    fields = tmp_path / "fields"
-    for cls in ("eosinophil", "lymphocyte", "neutrophil"):
-        (fields / cls).mkdir(parents=True)
-        for f in [f for f in original_files if f.parent.name == cls][:4]:
-            cell = np.asarray(Image.open(f).convert("RGB"))
-            h, w = cell.shape[:2]
-            canvas = np.empty((3 * h, 4 * w, 3), np.uint8)  # a third of the magnification, somewhere in the field
-            canvas[:] = fill_colour(cell)
-            y, x = int(rng.integers(0, 2 * h)), int(rng.integers(0, 3 * w))
-            canvas[y : y + h, x : x + w] = cell
-            Image.fromarray(canvas).resize((640, 480), Image.Resampling.BILINEAR).save(fields / cls / f"{f.stem}.png")
+    fields = whole_fields(tmp_path / "fields", {cls: [f for f in original_files if f.parent.name == cls][:4]
+                                                for cls in ("eosinophil", "lymphocyte", "neutrophil")})
     (fields / "neutrophil" / "broken.png").write_bytes(b"not a PNG")
     before = sorted((p.relative_to(fields), p.stat().st_mtime_ns) for p in fields.rglob("*"))
     plain = evaluate_model("default", fields, tmp_path / "plain", fields=False, check_fields=True)

@@ -20,6 +20,7 @@ from bloodcell.inference.export import export_onnx
 from bloodcell.service.app import create_app
 from bloodcell.training import TrainConfig, train
 
+from .conftest import whole_fields
 from .test_train import make_tiny_data
 
 
@@ -677,7 +678,6 @@ def test_serve_with_several_server_processes(onnx_model, cells, tmp_path):
 
 def test_predict_says_when_its_images_are_whole_fields(original_files, tmp_path):
     """Crops: no word about fields. Whole fields (a cell off centre among red cells): a warning naming count."""
-    from bloodcell.data.fields import fill_colour
     from bloodcell.inference.detect import load_detector
 
     try:
@@ -689,17 +689,7 @@ def test_predict_says_when_its_images_are_whole_fields(original_files, tmp_path)
     plain = runner.invoke(cli, ["predict", *map(str, crops), "--out", str(tmp_path / "crops.csv")])
     assert plain.exit_code == 0, plain.output
     assert "whole fields" not in plain.output
-    rng = np.random.default_rng(1)
-    fields = tmp_path / "fields"
-    fields.mkdir()
-    for f in crops:
-        cell = np.asarray(Image.open(f).convert("RGB"))
-        h, w = cell.shape[:2]
-        canvas = np.empty((3 * h, 4 * w, 3), np.uint8)
-        canvas[:] = fill_colour(cell)
-        y, x = int(rng.integers(0, 2 * h)), int(rng.integers(0, 3 * w))
-        canvas[y : y + h, x : x + w] = cell
-        Image.fromarray(canvas).resize((640, 480)).save(fields / f"{f.stem}.png")
+    fields = whole_fields(tmp_path / "fields", {"": crops}, seed=1)  # the fields side by side, no class folders
     warned = runner.invoke(cli, ["predict", str(fields), "--out", str(tmp_path / "fields.csv")])
     assert warned.exit_code == 0, warned.output
     assert "whole fields" in " ".join(warned.output.split()) and "bloodcell count" in warned.output
