@@ -35,8 +35,9 @@ subfolder one lab); default: ``$BLOODCELL_DATA/foreign/jtsc``. For each set it r
   does not know (smudge cells, blasts) are left out, as ``evaluate --skip-unknown`` leaves them,
   and listed (``left_out``);
 - the out-of-distribution AUROC of the PBC test split (``--pbc-test``: a curated PBC folder;
-  its ``images/test``) against the set, and how many random batches of 50 PBC test images
-  are flagged (the target: none).
+  its ``images/test``) against the set, how many random batches of 50 PBC test images
+  are flagged (the target: none), and how often a batch of 50 is flagged when a tenth, a fifth,
+  three tenths or half of it comes from the set (a lab only partly unlike the training lab).
 
 Writes JSON (the machine's CPU included) and prints a table.
 """
@@ -136,10 +137,20 @@ def ood_figures(model: str, pbc_test: Path | None, set_dir: Path | None, outside
     outside = scores(set_dir) if outside is None else outside
     rng = np.random.default_rng(0)
     batches = [batch_shift(inside[rng.choice(len(inside), 50, replace=False)])["flagged"] for _ in range(1000)]
+
+    def mixed(share: float, n: int = 50, draws: int = 500) -> float:
+        """How often a batch of PBC test images with ``share`` of this set's images mixed in is flagged: a lab
+        only partly unlike the training lab's."""
+        k = round(share * n)
+        return float(np.mean([batch_shift(np.r_[inside[rng.choice(len(inside), n - k, replace=False)],
+                                                outside[rng.choice(len(outside), k, replace=k > len(outside))]])["flagged"]
+                              for _ in range(draws)]))
+
     return {"auroc": float(roc_auc_score(np.r_[np.zeros(len(inside)), np.ones(len(outside))], np.r_[inside, outside])),
             "pbc_test_images": len(inside), "set_flagged": batch_shift(outside),
             "pbc_images_flagged": float((inside > 1).mean()), "pbc_batches_of_50_flagged": int(sum(batches)),
-            "pbc_batches_tried": len(batches)}
+            "pbc_batches_tried": len(batches),
+            "mixed_batches_of_50_flagged": {str(share): mixed(share) for share in (0.1, 0.2, 0.3, 0.5)}}
 
 
 def label_next(args, root: Path, train: dict[str, list[Path]], rest: dict[str, list[Path]], draw: int) -> dict:
