@@ -124,12 +124,12 @@ def evaluate_model(model_path: str | Path, data: str | Path, out: str | Path, co
     if fields and corruptions:
         raise BloodcellError("--corruptions scores single-cell crops; leave it out with --fields")
     predictor = load_predictor(model_path)  # a run, a checkpoint, an .onnx file or 'default'
-    field_like = None
+    field_like = source = None
     if fields is None:
         from ..inference.count import count_field_like, mostly_fields
 
-        field_like = count_field_like([item.path for item in model_source(data, predictor, skip_unknown).items],
-                                      detector)
+        source = model_source(data, predictor, skip_unknown)
+        field_like = count_field_like([item.path for item in source.items], detector)
         # corrupted copies are of crops: a set of fields is then scored as crops (and said so)
         fields = not corruptions and mostly_fields(field_like)
     cells = None
@@ -138,7 +138,7 @@ def evaluate_model(model_path: str | Path, data: str | Path, out: str | Path, co
                                                                       skip_unknown=skip_unknown)
         unreadable = cells.unreadable
     else:
-        source = model_source(data, predictor, skip_unknown)
+        source = source if source is not None else model_source(data, predictor, skip_unknown)
         split = load_split(source, predictor.class_names, predictor.image_size, framing=predictor.framing)
         images, labels, paths = split.images, split.labels.numpy(), split.paths
         unreadable = [{"path": path, "error": why} for path, why in split.unreadable]
