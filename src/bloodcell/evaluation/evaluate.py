@@ -17,7 +17,7 @@ import torch
 
 from ..core.errors import BloodcellError
 from ..data import Source, evaluation_source
-from ..data.splits import load_split
+from ..data.splits import Split, load_split
 from ..inference import Predictor, load_predictor
 from ..models.ood import batch_shift, out_of_distribution
 from .metrics import abstain_table, compute_metrics
@@ -32,11 +32,18 @@ def model_source(data: str | Path, predictor: Predictor, skip_unknown: bool = Fa
     return evaluation_source(data, list(predictor.class_names), skip_unknown)
 
 
+def eval_split(data: str | Path, predictor: Predictor, skip_unknown: bool = False,
+               source: Source | None = None) -> tuple[Split, Source]:
+    """The evaluation images (a split dataset's test split; ``source``, when already listed) at the model's size,
+    labels in the model's classes, and unreadable files listed (``Split.unreadable``)."""
+    source = source if source is not None else model_source(data, predictor, skip_unknown)
+    return load_split(source, predictor.class_names, predictor.image_size, framing=predictor.framing), source
+
+
 def load_eval_images(data: str | Path, predictor: Predictor,
                      skip_unknown: bool = False) -> tuple[torch.Tensor, np.ndarray, list[str], Source]:
     """The evaluation images (a split dataset's test split) at the model's size, labels in the model's classes."""
-    source = model_source(data, predictor, skip_unknown)
-    split = load_split(source, predictor.class_names, predictor.image_size, framing=predictor.framing)
+    split, source = eval_split(data, predictor, skip_unknown)
     return split.images, split.labels.numpy(), split.paths, source
 
 
@@ -58,30 +65,21 @@ def load_field_eval_images(data: str | Path, predictor: Predictor, detector: str
     and prepared through the model's own preprocessing. A field where none is found is scored
     whole, as plain evaluation would, and counted in the report.
     """
-    from ..data.sources import load_item
-    from ..inference.count import cut_best_white_cells
+    from ..inference.count import source_white_cells
     from ..inference.detect import load_detector
 
     source = model_source(data, predictor, skip_unknown)
-    finder = load_detector(detector)
     images, labels, paths, boxes, scores, unreadable = [], [], [], [], [], []
-    for start in range(0, len(source.items), batch_size):
-        chunk, decoded = [], []
-        for item in source.items[start : start + batch_size]:
-            try:
-                decoded.append(load_item(source, item)[0])
-            except Exception as exc:  # noqa: BLE001 - left out and listed, as curation lists such files
-                unreadable.append({"path": item.path, "error": str(exc)})
-                continue
-            chunk.append(item)
-        if not decoded:
+    for item, cut in source_white_cells(source, load_detector(detector), batch_size):  # as count cuts them
+        if isinstance(cut, Exception):  # left out and listed, as curation lists such files
+            unreadable.append({"path": item.path, "error": str(cut)})
             continue
-        for item, (crop, box, score) in zip(chunk, cut_best_white_cells(decoded, finder)):  # as count cuts them
-            boxes.append(None if box is None else tuple(round(float(v), 1) for v in box))
-            scores.append(None if score is None else round(score, 4))
-            images.append(torch.from_numpy(np.array(predictor.prepare(crop))).permute(2, 0, 1))
-            labels.append(item.label)  # model_source labels in the model's classes
-            paths.append(item.path)
+        crop, box, score = cut
+        boxes.append(None if box is None else tuple(round(float(v), 1) for v in box))
+        scores.append(None if score is None else round(score, 4))
+        images.append(torch.from_numpy(np.array(predictor.prepare(crop))).permute(2, 0, 1))
+        labels.append(item.label)  # model_source labels in the model's classes
+        paths.append(item.path)
     if not images:
         raise BloodcellError(f"{source.root}: no readable images")
     return torch.stack(images), np.array(labels, dtype=np.int64), paths, source, FieldCells(boxes, scores, unreadable)
@@ -138,8 +136,7 @@ def evaluate_model(model_path: str | Path, data: str | Path, out: str | Path, co
                                                                       skip_unknown=skip_unknown)
         unreadable = cells.unreadable
     else:
-        source = source if source is not None else model_source(data, predictor, skip_unknown)
-        split = load_split(source, predictor.class_names, predictor.image_size, framing=predictor.framing)
+        split, source = eval_split(data, predictor, skip_unknown, source)
         images, labels, paths = split.images, split.labels.numpy(), split.paths
         unreadable = [{"path": path, "error": why} for path, why in split.unreadable]
     temperature = float(predictor.temperature)

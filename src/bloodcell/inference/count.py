@@ -12,6 +12,7 @@ ratio of a PBC training image's side to the white-cell box the detector finds in
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -153,6 +154,24 @@ def cut_best_white_cells(images: list[np.ndarray], finder: CellDetector) -> list
         else:
             cut.append((square_crop(field_image, cell[0], CROP_CONTEXT), cell[0], cell[1]))
     return cut
+
+
+def source_white_cells(source, finder: CellDetector, chunk: int = 16) -> Iterator[tuple[object, tuple | Exception]]:
+    """Each item of a source of whole fields (one white cell each), with what :func:`cut_best_white_cells`
+    gives for it (crop, box, score), or the error that kept it from being read. Decoded a chunk at a time,
+    detected in batches; what ``evaluate`` scores and ``adapt --data`` learns from on such fields."""
+    from ..data.sources import load_item
+
+    for start in range(0, len(source.items), chunk):
+        items, decoded = [], []
+        for item in source.items[start : start + chunk]:
+            try:
+                decoded.append(load_item(source, item)[0])
+                items.append(item)
+            except Exception as exc:  # noqa: BLE001 - handed back with its item, for the caller to name
+                yield item, exc
+        if decoded:
+            yield from zip(items, cut_best_white_cells(decoded, finder))
 
 
 def looks_like_field(image: np.ndarray, found: Detections) -> bool:

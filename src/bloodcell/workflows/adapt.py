@@ -88,27 +88,17 @@ def labelled_field_cells(source, class_names: list[str], size: int, framing: dic
     """Class folders of whole fields, one white cell each: the white cell of each, found by ``detector`` and
     cut out as ``count`` cuts it (what ``evaluate`` scores on such fields). A field where none is found is
     left out, with a line: adaptation learns from cells."""
-    from ..data.sources import load_item
-    from ..inference.count import cut_best_white_cells
+    from ..inference.count import source_white_cells
     from ..inference.detect import load_detector
 
-    finder = load_detector(detector)
     remap = [class_names.index(c) for c in source.class_names]
     images, labels = [], []
-    for start in range(0, len(source.items), chunk):
-        items, decoded = [], []
-        for item in source.items[start : start + chunk]:
-            try:
-                decoded.append(load_item(source, item)[0])
-                items.append(item)
-            except (ImageReadError, BloodcellError) as exc:
-                log(f"skipped {item.path}: {exc}")
-        for item, (crop, box, _) in zip(items, cut_best_white_cells(decoded, finder) if decoded else []):
-            if box is None:
-                log(f"skipped {item.path}: no white cell found in this field")
-                continue
-            images.append(preprocess(crop, size, framing))
-            labels.append(remap[item.label])
+    for item, cut in source_white_cells(source, load_detector(detector), chunk):
+        if isinstance(cut, Exception) or cut[1] is None:
+            log(f"skipped {item.path}: {cut if isinstance(cut, Exception) else 'no white cell found in this field'}")
+            continue
+        images.append(preprocess(cut[0], size, framing))
+        labels.append(remap[item.label])
     if not images:
         raise BloodcellError(f"{source.root}: no white cell found in these fields")
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), np.array(labels, np.int64)
