@@ -1,6 +1,7 @@
 import json
 import shutil
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -192,7 +193,7 @@ def test_temperature_stays_finite_on_a_model_that_learnt_nothing():
         assert np.isfinite(t) and 0.05 <= t <= 20.0
 
 
-def test_evaluate_fields_finds_the_white_cell_of_each_labelled_field(tmp_path, original_files):
+def test_evaluate_fields_finds_the_white_cell_of_each_labelled_field(tmp_path, original_files, monkeypatch):
     """Whole fields, one white cell each, labelled by folder: --fields finds the cell with the detector and
     classifies it as `count` does, where plain evaluation frames the whole field."""
     import csv
@@ -212,8 +213,17 @@ def test_evaluate_fields_finds_the_white_cell_of_each_labelled_field(tmp_path, o
     before = sorted((p.relative_to(fields), p.stat().st_mtime_ns) for p in fields.rglob("*"))
     plain = evaluate_model("default", fields, tmp_path / "plain", fields=False, check_fields=True)
     found = evaluate_model("default", fields, tmp_path / "found", fields=True)
-    # by default evaluate looks first, and reads whole fields as fields: the same answers as --fields
+    # by default evaluate looks first, and reads whole fields as fields: the same answers as --fields,
+    # with one detector session for the look and the reading
+    from bloodcell.inference import predictor as predictor_module
+
+    opened: list[str] = []
+    real_session = predictor_module.onnx_session
+    monkeypatch.setattr(predictor_module, "onnx_session",
+                        lambda path, *args, **kwargs: opened.append(Path(path).name) or real_session(path, *args, **kwargs))
     auto = evaluate_model("default", fields, tmp_path / "auto")
+    monkeypatch.undo()
+    assert opened.count("detector.onnx") == 1, opened
     assert auto["read_as"] == "fields" and plain["read_as"] == "cells" and found["read_as"] == "fields"
     assert auto["accuracy"] == found["accuracy"] and auto["fields"]["white_cell_found"] == found["fields"]["white_cell_found"]
     assert mostly_fields((auto["field_like"]["whole_fields"], auto["field_like"]["images_looked_at"]))

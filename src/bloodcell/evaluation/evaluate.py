@@ -11,6 +11,7 @@ import csv
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -24,6 +25,9 @@ from .metrics import abstain_table, compute_metrics
 from .plots import plot_confusion, plot_corruption_heatmap, plot_reliability
 from .robustness import corruption_accuracy
 from .scoring import backend_scores
+
+if TYPE_CHECKING:
+    from ..inference.detect import CellDetector
 
 
 def model_source(data: str | Path, predictor: Predictor, skip_unknown: bool = False) -> Source:
@@ -56,7 +60,7 @@ class FieldCells:
     unreadable: list[dict] = field(default_factory=list)  # {"path", "error"} of files left out
 
 
-def load_field_eval_images(data: str | Path, predictor: Predictor, detector: str | Path = "default",
+def load_field_eval_images(data: str | Path, predictor: Predictor, detector: str | Path | CellDetector = "default",
                            batch_size: int = 16, skip_unknown: bool = False) -> tuple[torch.Tensor, np.ndarray, list[str], Source, FieldCells]:
     """Like :func:`load_eval_images`, for whole fields holding one white cell each (labelled by their folder).
 
@@ -104,7 +108,7 @@ def write_predictions_csv(path: Path, paths: list[str], labels: np.ndarray, prob
 def evaluate_model(model_path: str | Path, data: str | Path, out: str | Path, corruptions: bool = False,
                    tta: bool = False, seed: int = 0, families: list[str] | None = None,
                    corruption_limit: int | None = None, fields: bool | None = None,
-                   detector: str | Path = "default", check_fields: bool = False, skip_unknown: bool = False) -> dict:
+                   detector: str | Path | CellDetector = "default", check_fields: bool = False, skip_unknown: bool = False) -> dict:
     """Score ``model_path`` on ``data``; ``corruption_limit`` scores corruptions on a seeded subset.
 
     ``skip_unknown``: class folders naming none of the model's classes are left out (``left_out`` in
@@ -123,16 +127,20 @@ def evaluate_model(model_path: str | Path, data: str | Path, out: str | Path, co
         raise BloodcellError("--corruptions scores single-cell crops; leave it out with --fields")
     predictor = load_predictor(model_path)  # a run, a checkpoint, an .onnx file or 'default'
     field_like = source = None
+    finder = detector
     if fields is None:
         from ..inference.count import count_field_like, mostly_fields
+        from ..inference.detect import load_once
 
         source = model_source(data, predictor, skip_unknown)
-        field_like = count_field_like([item.path for item in source.items], detector)
+        if source.items:
+            finder = load_once(detector)  # for the look and, if they are fields, the reading
+        field_like = count_field_like([item.path for item in source.items], finder)
         # corrupted copies are of crops: a set of fields is then scored as crops (and said so)
         fields = not corruptions and mostly_fields(field_like)
     cells = None
     if fields:
-        images, labels, paths, source, cells = load_field_eval_images(data, predictor, detector,
+        images, labels, paths, source, cells = load_field_eval_images(data, predictor, finder,
                                                                       skip_unknown=skip_unknown)
         unreadable = cells.unreadable
     else:

@@ -309,8 +309,12 @@ class CellDetector:
         return self.detect_batch([image])[0]
 
 
-def load_detector(detector: str | Path = DEFAULT_DETECTOR, backend: str = "auto", threads: int | None = None) -> CellDetector:
-    """A detector directory (or ``default``): ONNX Runtime when ``detector.onnx`` is there, else PyTorch."""
+def load_detector(detector: str | Path | CellDetector = DEFAULT_DETECTOR, backend: str = "auto",
+                  threads: int | None = None) -> CellDetector:
+    """A detector directory (or ``default``): ONNX Runtime when ``detector.onnx`` is there, else PyTorch.
+    A detector already loaded is returned as it is."""
+    if isinstance(detector, CellDetector):
+        return detector
     path = resolve_detector(detector)
     contract = read_detector_contract(path)
     onnx_path = path / ONNX_FILE
@@ -338,6 +342,16 @@ def load_detector(detector: str | Path = DEFAULT_DETECTOR, backend: str = "auto"
         return boxes.numpy(), scores.numpy()
 
     return CellDetector(run_torch, contract)
+
+
+def load_once(detector: str | Path | CellDetector = DEFAULT_DETECTOR) -> str | Path | CellDetector:
+    """``detector`` loaded, for a command that looks at a sample of images and then reads them with the
+    same detector (one session, not one per use); as given where it cannot be loaded, so that each use
+    says why as it did."""
+    try:
+        return load_detector(detector)
+    except BloodcellError:
+        return detector
 
 
 def export_detector(run_dir: str | Path, out: str | Path | None = None, checkpoint: str = "best.safetensors") -> dict:

@@ -19,6 +19,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -49,6 +50,9 @@ from ..training.adapt import (
     least_certain,
     shift_class_prior,
 )
+
+if TYPE_CHECKING:
+    from ..inference.detect import CellDetector
 
 MIN_PER_CLASS = 5
 TO_LABEL_FILE = "to_label.csv"
@@ -83,7 +87,7 @@ def field_cells(path: Path, size: int, framing: dict | None, log: Callable[[str]
     return images, types, origins
 
 
-def labelled_field_cells(source, class_names: list[str], size: int, framing: dict | None, detector: str | Path,
+def labelled_field_cells(source, class_names: list[str], size: int, framing: dict | None, detector: str | Path | CellDetector,
                          log: Callable[[str], None], chunk: int = 16) -> tuple[torch.Tensor, np.ndarray]:
     """Class folders of whole fields, one white cell each: the white cell of each, found by ``detector`` and
     cut out as ``count`` cuts it (what ``evaluate`` scores on such fields). A field where none is found is
@@ -104,7 +108,7 @@ def labelled_field_cells(source, class_names: list[str], size: int, framing: dic
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), np.array(labels, np.int64)
 
 
-def read_as_fields(paths: list[str], fields: bool | None, detector: str | Path, where: Path,
+def read_as_fields(paths: list[str], fields: bool | None, detector: str | Path | CellDetector, where: Path,
                    log: Callable[[str], None]) -> bool:
     """``fields`` as given, or (None) whether a sample of ``paths`` is mostly whole fields, said in a line."""
     if fields is not None:
@@ -121,7 +125,7 @@ def read_as_fields(paths: list[str], fields: bool | None, detector: str | Path, 
 
 def load_labelled(path: Path, class_names: list[str], size: int, framing: dict | None,
                   log: Callable[[str], None], skip_unknown: bool = False, fields: bool | None = False,
-                  detector: str | Path = "default", decided: dict | None = None) -> tuple[torch.Tensor, np.ndarray, dict[str, int]]:
+                  detector: str | Path | CellDetector = "default", decided: dict | None = None) -> tuple[torch.Tensor, np.ndarray, dict[str, int]]:
     """The lab's labelled cells, prepared as the model's input: class folders of cells, class folders of whole
     fields holding one white cell each (``fields``: True, or None to look first), or boxed fields whose
     white-cell boxes are typed. ``decided["fields"]`` is set to whether class folders were read as fields."""
@@ -184,7 +188,7 @@ def found_cells(images: list[np.ndarray], names: list[str], finder, size: int,
 
 
 def load_unlabelled(path: Path, size: int, framing: dict | None, log: Callable[[str], None],
-                    fields: bool | None = False, detector: str | Path = "default",
+                    fields: bool | None = False, detector: str | Path | CellDetector = "default",
                     decided: dict | None = None) -> tuple[torch.Tensor, list[str]]:
     """The readable images under ``path``, prepared as the model's input, and their file paths. For a boxed
     field set: every white cell boxed in it, typed or not; with ``fields``: every white cell ``detector``
@@ -285,7 +289,7 @@ def cross_validate(net, images: torch.Tensor, labels: np.ndarray, config: AdaptC
 def adapt_model(model: str | Path, out: str | Path, labelled: str | Path | None = None,
                 unlabelled: str | Path | None = None, config: AdaptConfig | None = None, folds: int = 3,
                 export: bool = True, log: Callable[[str], None] = print, suggest: int = 20,
-                fields: bool | None = None, detector: str | Path = "default", skip_unknown: bool = False) -> dict:
+                fields: bool | None = None, detector: str | Path | CellDetector = "default", skip_unknown: bool = False) -> dict:
     """Adapt ``model`` to a lab and write the adapted model directory ``out``; returns a summary.
 
     ``skip_unknown``: class folders of ``labelled`` naming none of the model's classes are left out
@@ -307,6 +311,10 @@ def adapt_model(model: str | Path, out: str | Path, labelled: str | Path | None 
         raise BloodcellError(f"{out}: choose another folder; adapt never overwrites the model it starts from")
     net, contract = load_model(source_dir)
     size, framing, names = contract.image_size, contract.framing, contract.class_names
+    if fields is not False:
+        from ..inference.detect import load_once
+
+        detector = load_once(detector)  # one session for every look at a sample and every reading of fields
     images = labels = None
     counts: dict[str, int] = {}
     read_labelled, read_unlabelled = {"fields": False}, {"fields": False}
