@@ -159,7 +159,6 @@ def label_next(args, root: Path, train: dict[str, list[Path]], rest: dict[str, l
     import csv
 
     from bloodcell.evaluation import evaluate_model
-    from bloodcell.inference.count import mostly_fields
     from bloodcell.training.adapt import AdaptConfig
     from bloodcell.workflows import adapt_model
 

@@ -163,6 +163,33 @@ def test_a_detection_on_a_left_out_box_counts_neither_way():
     assert left_out["boxes"] == plain["boxes"] == 1
 
 
+def test_boxes_to_review_lists_doubted_kinds_and_unlabelled_cells_only():
+    """A box the detector reads as another kind (and not as its own) is listed with both kinds; a confident cell
+    no box labels is listed; a box confirmed by its own kind, a weak detection, or one on a left-out box is not."""
+    from bloodcell.evaluation.boxed_fields import boxes_to_review
+    from bloodcell.inference.detect import Detections
+
+    plate = KINDS.index("platelet")
+    truth = Boxes(np.array([[0, 0, 40, 40], [50, 0, 90, 40], [100, 0, 140, 40], [0, 50, 40, 90]], np.float32),
+                  np.array([WHITE, RED, RED, WHITE]), types=np.array(["", "", "", "monocyte"], dtype=object),
+                  ignored=np.array([[200, 200, 230, 230]], np.float32), ignored_names=("smudge",))
+    found = Detections(Boxes(np.array([[1, 1, 41, 40],      # red cell on box 0 (a white cell by its label)
+                                       [50, 1, 90, 40],     # white cell on box 1, a red cell, but box 1 is also
+                                       [51, 0, 90, 41],     #   found as a red cell: confirmed
+                                       [100, 0, 139, 40],   # platelet on box 2, below the score for doubt
+                                       [0, 50, 40, 91],     # red cell on the typed monocyte's box
+                                       [300, 300, 330, 330],  # a confident platelet no box labels
+                                       [400, 400, 430, 430],  # a weak white cell no box labels
+                                       [201, 200, 230, 231]], np.float32),  # a white cell on the left-out box
+                             np.array([RED, WHITE, RED, plate, RED, plate, WHITE, WHITE])),
+                       np.array([0.8, 0.9, 0.5, 0.45, 0.7, 0.65, 0.4, 0.9], np.float32))
+    rows = boxes_to_review([found], [truth], ["f.jpg"], thresholds=[0.3, 0.3, 0.3])
+    assert [(r["issue"], r["labelled"], r["detector_kind"]) for r in rows] == [
+        ("kind", "white_cell", "red_cell"), ("kind", "monocyte", "red_cell"), ("unlabelled", "", "platelet")]
+    assert rows[0]["box"].tolist() == [0, 0, 40, 40] and rows[2]["detector_score"] == pytest.approx(0.65)
+    assert boxes_to_review([Detections(Boxes(), np.zeros(0, np.float32))], [truth], ["f.jpg"], [0.3] * 3) == []
+
+
 def cell(box, cls, score=0.9, to_check=False, kind="white_cell"):
     return {"kind": kind, "x0": box[0], "y0": box[1], "x1": box[2], "y1": box[3], "score": score,
             "class": cls if kind == "white_cell" else "", "confidence": score if kind == "white_cell" else "",
@@ -268,6 +295,30 @@ def test_evaluate_scores_the_types_of_a_labs_boxed_fields(tmp_path):
     deleted = json.loads((tmp_path / "s2" / "metrics.json").read_text())["detection"]["white_cell"]
     assert deleted["detections"] == metrics["detection"]["white_cell"]["detections"] + 2
     assert deleted["precision"] < metrics["detection"]["white_cell"]["precision"]
+    # ... and the review lists them as cells no box labels; no box's kind is doubted
+    import csv
+    from pathlib import Path
+
+    review = list(csv.DictReader((tmp_path / "s2" / "boxes_to_review.csv").read_text().splitlines()))
+    eosinophils = {p.stem for p in (smudged / "labels").glob("eosinophil_*.txt")}
+    assert eosinophils <= {Path(r["image"]).stem for r in review if r["issue"] == "unlabelled" and r["detector_kind"] == "white_cell"}
+    assert not [r for r in review if r["issue"] == "kind"]
+    # the neutrophils' boxes labelled as red cells: each listed once as a kind to check, white cell by the detector
+    neutrophils = sorted((smudged / "labels").glob("neutrophil_*.txt"))
+    for label in neutrophils:
+        label.write_text("3" + label.read_text()[1:])  # class 3: RBC
+    result = runner.invoke(app, ["evaluate", "--model", "default", "--data", str(smudged), "--out", str(tmp_path / "s3"),
+                                 "--skip-unknown"])
+    assert result.exit_code == 0 and "Labels worth a second look" in " ".join(result.output.split())
+    review = list(csv.DictReader((tmp_path / "s3" / "boxes_to_review.csv").read_text().splitlines()))
+    swapped = [r for r in review if r["issue"] == "kind"]
+    assert sorted(Path(r["image"]).stem for r in swapped) == [p.stem for p in neutrophils]
+    assert {(r["labelled"], r["detector_kind"]) for r in swapped} == {("red_cell", "white_cell")}
+    assert json.loads((tmp_path / "s3" / "metrics.json").read_text())["review"] == {
+        "file": "boxes_to_review.csv", "kind": 2, "unlabelled": len(review) - 2, "sheet": "boxes_to_review.png"}
+    drawn = min(48, len(review))  # one card of 160 x 190 px for each of the first 48 boxes, 8 to a row
+    with Image.open(tmp_path / "s3" / "boxes_to_review.png") as sheet:
+        assert sheet.size == (160 * min(8, drawn), 190 * -(-drawn // 8))
     # a class folder set is still scored as crops, and --split is refused there
     result = runner.invoke(app, ["evaluate", "--model", "default", "--data", str(pbc), "--split", "test", "--out", str(tmp_path / "x")])
     assert result.exit_code != 0 and "--split is for boxed fields" in result.output

@@ -336,6 +336,12 @@ def print_field_set_result(result: dict) -> None:
                         f"{100 * types['differential_max_error']:.1f} points", highlight=False)
     for bad in result["unreadable"]:
         Console().print(f"skipped {bad['path']}: {bad['error']}", highlight=False)
+    review = result.get("review")
+    if review and (review["kind"] or review["unlabelled"]):
+        Console().print(f"Labels worth a second look ({review['file']}, {review.get('sheet', 'no sheet')}): "
+                        f"{review['kind']} box(es) whose kind the "
+                        f"detector contradicts, {review['unlabelled']} cell(s) it is sure of that no box labels; "
+                        "errors in the labels count against the detector above", highlight=False)
     if result.get("left_out"):
         Console().print("left out (classes bloodcell does not know; a detection on one counts neither way): "
                         + ", ".join(f"{name} {boxes} box(es)" for name, boxes in result["left_out"].items()), highlight=False)
