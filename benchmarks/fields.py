@@ -528,7 +528,7 @@ def main() -> None:
               f"by up to {100 * types['differential_max_error']:.1f} points")
     print("AP50 when the fields are changed as another lab's might be:")
     for name, v in variants.items():
-        print(f"  {name:<23}" + "".join(f"{k} {v[k]:.3f}  " if v[k] is not None else f"{k} -  " for k in KINDS)
+        print(f"  {name:<27}" + "".join(f"{k} {v[k]:.3f}  " if v[k] is not None else f"{k} -  " for k in KINDS)
               + f"white-cell recall {v['white_cell_recall']:.3f}")
     if "speed" in result:
         s = result["speed"]
