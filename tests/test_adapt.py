@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -239,3 +240,31 @@ def test_both_kinds_of_cells_set_the_labs_class_frequencies(run, lab):
     prior = json.loads((run / "adapted-both" / "model.json").read_text())["adapted"]["class_prior"]
     assert len(prior) == 8 and abs(sum(prior.values()) - 1) < 1e-3 and min(prior.values()) > 0
     assert any("class frequencies" in line for line in lines)
+
+
+def test_adapt_lists_the_labelled_cells_its_cross_validation_disputes(tmp_path):
+    """Two eosinophils filed as neutrophils: the models adapted on the other folds call them eosinophils, and
+    labels_to_review.csv lists them (least likely under their label first); cells filed right are left alone."""
+    import csv
+
+    pbc = require(PBC224)
+    lab = tmp_path / "lab"
+    for cls in ("lymphocyte", "neutrophil"):
+        (lab / cls).mkdir(parents=True)
+        for file in sorted((pbc / cls).glob("*.jpg"))[:6]:
+            shutil.copy(file, lab / cls / file.name)
+    misfiled = sorted((pbc / "eosinophil").glob("*.jpg"))[:2]
+    for file in misfiled:
+        shutil.copy(file, lab / "neutrophil" / file.name)
+    lines: list[str] = []
+    summary = adapt_model("default", tmp_path / "adapted", lab, None, AdaptConfig(steps=2), folds=3, export=False,
+                          log=lines.append)
+    rows = list(csv.DictReader((tmp_path / "adapted" / "labels_to_review.csv").read_text().splitlines()))
+    listed = {Path(row["image"]).name: row for row in rows}
+    assert {file.name for file in misfiled} <= set(listed)
+    assert all(listed[f.name]["label"] == "neutrophil" and listed[f.name]["predicted"] == "eosinophil" for f in misfiled)
+    assert len(rows) <= 3  # of the 12 filed right, one borderline cell at most
+    confidence = [float(row["label_confidence"]) for row in rows]
+    assert confidence == sorted(confidence)
+    assert summary["labels_to_review"] == {"file": "labels_to_review.csv", "cells": len(rows)}
+    assert any("check their labels" in line for line in lines)

@@ -56,6 +56,7 @@ if TYPE_CHECKING:
 
 MIN_PER_CLASS = 5
 TO_LABEL_FILE = "to_label.csv"
+LABELS_TO_REVIEW_FILE = "labels_to_review.csv"
 
 
 def model_directory(model: str | Path) -> Path:
@@ -88,7 +89,8 @@ def field_cells(path: Path, size: int, framing: dict | None, log: Callable[[str]
 
 
 def labelled_field_cells(source, class_names: list[str], size: int, framing: dict | None, detector: str | Path | CellDetector,
-                         log: Callable[[str], None], chunk: int = 16) -> tuple[torch.Tensor, np.ndarray]:
+                         log: Callable[[str], None], chunk: int = 16, origins: list[str] | None = None
+                         ) -> tuple[torch.Tensor, np.ndarray]:
     """Class folders of whole fields, one white cell each: the white cell of each, found by ``detector`` and
     cut out as ``count`` cuts it (what ``evaluate`` scores on such fields). A field where none is found is
     left out, with a line: adaptation learns from cells."""
@@ -103,6 +105,8 @@ def labelled_field_cells(source, class_names: list[str], size: int, framing: dic
             continue
         images.append(preprocess(cut[0], size, framing))
         labels.append(remap[item.label])
+        if origins is not None:
+            origins.append(str(item.path))
     if not images:
         raise BloodcellError(f"{source.root}: no white cell found in these fields")
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), np.array(labels, np.int64)
@@ -125,14 +129,16 @@ def read_as_fields(paths: list[str], fields: bool | None, detector: str | Path |
 
 def load_labelled(path: Path, class_names: list[str], size: int, framing: dict | None,
                   log: Callable[[str], None], skip_unknown: bool = False, fields: bool | None = False,
-                  detector: str | Path | CellDetector = "default", decided: dict | None = None) -> tuple[torch.Tensor, np.ndarray, dict[str, int]]:
+                  detector: str | Path | CellDetector = "default", decided: dict | None = None,
+                  origins: list[str] | None = None) -> tuple[torch.Tensor, np.ndarray, dict[str, int]]:
     """The lab's labelled cells, prepared as the model's input: class folders of cells, class folders of whole
     fields holding one white cell each (``fields``: True, or None to look first), or boxed fields whose
-    white-cell boxes are typed. ``decided["fields"]`` is set to whether class folders were read as fields."""
+    white-cell boxes are typed. ``decided["fields"]`` is set to whether class folders were read as fields;
+    ``origins`` (a list) receives where each cell came from, in order."""
     from ..data.fields import is_field_set
 
     if is_field_set(path):  # the lab's own fields, their white cells boxed and typed
-        images, types, _ = field_cells(path, size, framing, log, typed_only=True, skip_unknown=skip_unknown)
+        images, types, where = field_cells(path, size, framing, log, typed_only=True, skip_unknown=skip_unknown)
         unknown = sorted({t for t in types if t not in class_names})
         if unknown:
             log(f"not classes of this model, left out: {', '.join(unknown)}")
@@ -142,6 +148,8 @@ def load_labelled(path: Path, class_names: list[str], size: int, framing: dict |
                                  "(boxes named neutrophil, lymphocyte...; WBC boxes carry no type)")
         tensor = torch.from_numpy(np.stack([images[i] for i in keep])).permute(0, 3, 1, 2).contiguous()
         labels = np.array([class_names.index(types[i]) for i in keep], np.int64)
+        if origins is not None:
+            origins.extend(where[i] for i in keep)
     else:
         # 'Neutrophils', 'EOS' ... read as the model's classes; count --crops's to_check/ is what the lab did not sort
         source = open_source(path, list(class_names), ignore=(TO_CHECK_FOLDER,), skip_unknown=skip_unknown)
@@ -154,12 +162,14 @@ def load_labelled(path: Path, class_names: list[str], size: int, framing: dict |
         if decided is not None:
             decided["fields"] = as_fields
         if as_fields:
-            tensor, labels = labelled_field_cells(source, class_names, size, framing, detector, log)
+            tensor, labels = labelled_field_cells(source, class_names, size, framing, detector, log, origins=origins)
         else:
             split = load_split(source, class_names, size, framing=framing)
             for bad, why in split.unreadable:
                 log(f"skipped {bad}: {why}")
             tensor, labels = split.images, split.labels.numpy()
+            if origins is not None:
+                origins.extend(split.paths)
     counts = {class_names[c]: int((labels == c).sum()) for c in np.unique(labels)}
     for name, count in counts.items():
         if count < MIN_PER_CLASS:
@@ -317,10 +327,11 @@ def adapt_model(model: str | Path, out: str | Path, labelled: str | Path | None 
         detector = load_once(detector)  # one session for every look at a sample and every reading of fields
     images = labels = None
     counts: dict[str, int] = {}
+    labelled_files: list[str] = []
     read_labelled, read_unlabelled = {"fields": False}, {"fields": False}
     if labelled is not None:
         images, labels, counts = load_labelled(Path(labelled), names, size, framing, log, skip_unknown, fields,
-                                               detector, read_labelled)
+                                               detector, read_labelled, labelled_files)
     pool, pool_files = (load_unlabelled(Path(unlabelled), size, framing, log, fields, detector, read_unlabelled)
                         if unlabelled is not None else (None, []))
     log(f"adapting {source_dir} on " + " and ".join(
@@ -333,6 +344,7 @@ def adapt_model(model: str | Path, out: str | Path, labelled: str | Path | None 
                      "labelled_fields": read_labelled["fields"], "unlabelled_fields": read_unlabelled["fields"],
                      "config": config.model_dump(mode="json")}
     temperature = contract.temperature
+    held_out_probs = None
     if labels is not None:
         before = logits_of(net, images).argmax(1).numpy()
         summary["before"] = {"accuracy": float((before == labels).mean())}
@@ -347,6 +359,7 @@ def adapt_model(model: str | Path, out: str | Path, labelled: str | Path | None 
             log(f"cross-validated estimate on this lab's labelled cells: accuracy {estimate['accuracy']:.1%}, "
                 f"balanced {estimate['balanced_accuracy']:.1%} ({estimate['folds']} folds; before adapting "
                 f"{summary['before']['accuracy']:.1%})")
+            held_out_probs = probs  # written beside the model: the labelled cells the other folds dispute
         summary["fit"] = finetune(net, images, labels, config)
         if pool is not None and not config.lab_frequencies:
             log("the unlabelled cells become this lab's familiar cells for the shift warning; the labelled ones teach "
@@ -368,6 +381,12 @@ def adapt_model(model: str | Path, out: str | Path, labelled: str | Path | None 
                                  "(shift.safetensors); run `bloodcell calibrate` on the model first")
         summary["fit"] = align_feature_mean(net, pool, head.means.mean(0))
     out.mkdir(parents=True, exist_ok=True)
+    if held_out_probs is not None:
+        summary["labels_to_review"] = write_labels_to_review(out / LABELS_TO_REVIEW_FILE, held_out_probs, labels,
+                                                             labelled_files, names)
+        if summary["labels_to_review"]["cells"]:
+            log(f"{summary['labels_to_review']['cells']} labelled cell(s) were called another class by a model "
+                f"adapted on the others: check their labels ({out / LABELS_TO_REVIEW_FILE})")
     save_checkpoint(out / "best.safetensors", net.state_dict(), {"adapted_from": str(source_dir)})
     adapted = {key: summary[key] for key in ("source_model", "labelled", "unlabelled", "labelled_per_class",
                                               "unlabelled_images")}
@@ -400,6 +419,24 @@ def adapt_model(model: str | Path, out: str | Path, labelled: str | Path | None 
     (out / "adapt.json").write_text(json.dumps(summary, indent=2))
     log(f"adapted model written to {out} in {summary['seconds']:.0f} s")
     return summary
+
+
+def write_labels_to_review(path: Path, probs: np.ndarray, labels: np.ndarray, files: list[str],
+                           names: list[str]) -> dict:
+    """``path``: the labelled cells whose cross-validated answer (from a model adapted on the other folds) is
+    another class, least likely under their own label first (cleanlab's "predicted_neq_given" rule, ranked by
+    self-confidence). A wrong label teaches the adapted model the wrong class; a right one here is a cell
+    the lab's other cells do not yet explain."""
+    predicted = probs.argmax(1)
+    disputed = np.flatnonzero(predicted != labels)
+    disputed = disputed[np.argsort(probs[disputed, labels[disputed]], kind="stable")]
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "label", "label_confidence", "predicted", "confidence"])
+        for i in disputed:
+            writer.writerow([files[i] if i < len(files) else "", names[labels[i]], f"{probs[i, labels[i]]:.4f}",
+                             names[predicted[i]], f"{probs[i, predicted[i]]:.4f}"])
+    return {"file": LABELS_TO_REVIEW_FILE, "cells": len(disputed)}
 
 
 def write_to_label(path: Path, net, pool: torch.Tensor, files: list[str], names: list[str], temperature: float,
