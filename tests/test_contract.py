@@ -72,6 +72,12 @@ def test_weights_and_data_come_from_settings(tmp_path, monkeypatch):
         resolve_data(None)
     (tmp_path / "pbc224").mkdir()
     assert resolve_data(None) == tmp_path / "pbc224"
+    # a config file's "$BLOODCELL_DATA/fields" (as the shipped detector's config.yaml writes it) is expanded,
+    # and a missing field set says what a field set is, not where to get PBC
+    with pytest.raises(BloodcellError, match="fields: no such file or folder.*boxed field set"):
+        resolve_data("$BLOODCELL_DATA/fields", "fields")
+    (tmp_path / "fields").mkdir()
+    assert resolve_data("$BLOODCELL_DATA/fields", "fields") == tmp_path / "fields"
 
 
 def test_train_config_policy_is_the_libraries_not_the_clis():

@@ -36,16 +36,22 @@ def weights_root() -> Path | None:
     return Path(value) if value else None
 
 
+FIELDS_HELP = ("pass --data DIR, a boxed field set (YOLO layout: classes.txt naming white_cell, red_cell, platelet; "
+               f"images/<split>/, labels/<split>/), or set {DATA_ENV}=PARENT_OF_DIR/fields")
+
+
 def resolve_data(path: str | os.PathLike | None, default_name: str = "pbc224") -> Path:
-    """A dataset path from a flag, or ``$BLOODCELL_DATA/<default_name>``; a missing one says where to get PBC."""
+    """A dataset path from a flag or a config file (``$BLOODCELL_DATA`` and ``~`` in it expanded, as the shipped
+    configs write it), or ``$BLOODCELL_DATA/<default_name>``; a missing one says where to get the data."""
+    help_line = FIELDS_HELP if default_name == "fields" else PBC_HELP
     if path is None:
         root = data_root()
         if root is None:
-            raise BloodcellError(f"no data given: {PBC_HELP}")
+            raise BloodcellError(f"no data given: {help_line}")
         path = root / default_name
-    path = Path(path)
+    path = Path(os.path.expanduser(os.path.expandvars(str(path))))
     if not path.exists():
-        raise BloodcellError(f"{path}: no such file or folder; {PBC_HELP}")
+        raise BloodcellError(f"{path}: no such file or folder; {help_line}")
     return path
 
 

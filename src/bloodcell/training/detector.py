@@ -61,6 +61,9 @@ class DetectorTrainConfig(BaseModel):
     extra_share: float = Field(0.3, ge=0, le=1, description="share of training samples drawn from extra_data")
     platelets: Path | None = Field(None, description="PBC platelet crops pasted into training fields; default $BLOODCELL_DATA/pbc224/platelet")
     max_pasted: int = Field(4, ge=0, description="platelets pasted per field, drawn from 0..max_pasted")
+    paste_own_size_p: float = Field(0.0, ge=0, le=1, description="share of pasted platelets given their own size against "
+                                    "their PBC image's red cells (giant platelets as large as a red cell) rather than "
+                                    "0.2-0.45 of the field's red cells")
     epochs: int = Field(60, ge=1)
     samples_per_epoch: int = Field(352, ge=1)
     batch_size: int = Field(8, ge=1)
@@ -232,7 +235,8 @@ def train_detector(config: DetectorTrainConfig | None = None, resume: Path | Non
             for _ in range(config.batch_size):
                 chosen = draw_fields(rng, train_fields, extra_fields, config.extra_share, config.fields_per_sample)
                 image, boxes = training_sample(chosen, size, config.crop, rng, patches, config.zoom,
-                                               (0, config.max_pasted), config.blank_p, min_visible)
+                                               (0, config.max_pasted), config.blank_p, min_visible,
+                                               config.paste_own_size_p)
                 images.append(torch.from_numpy(image).permute(2, 0, 1).float() / 255.0)
                 targets.append({"boxes": torch.from_numpy(boxes.xyxy).reshape(-1, 4), "labels": torch.from_numpy(boxes.kinds)})
             losses = model(images, targets)
