@@ -895,3 +895,21 @@ def test_a_white_cell_box_without_stained_pixels_is_dropped():
     assert len(off.nucleated(found, canvas, frame)) == 3  # 0: every box kept
     assert json.loads((Path(__file__).parents[1] / "src/bloodcell/default_detector/detector.json").read_text())[
         "white_cell_min_stain"] == 0.05
+
+
+def test_pasted_platelets_take_the_fields_scale_or_their_own_size():
+    """Pasted platelets are 0.2-0.45 of the field's red cells, or, with own_size_p, their own size against their
+    PBC image's red cells (a giant platelet stays as large as a red cell); they land where no cell is."""
+    from bloodcell.data.fields import PASTED_SIDE, PastePatch, paste_platelets
+
+    red = np.array([[0, 0, 100, 100], [200, 0, 300, 100], [0, 200, 100, 300]], np.float32)
+    field = np.full((600, 600, 3), 220, np.uint8)
+    giant = PastePatch(np.full((20, 20, 3), (120, 60, 160), np.uint8), np.ones((20, 20), np.float32), (2, 2, 18, 18), 0.9)
+    for own, low, high in ((0.0, *PASTED_SIDE), (1.0, 0.9 * 0.9, 0.9 * 1.1)):
+        image, boxes = paste_platelets(field, Boxes(red, np.full(3, KINDS.index("red_cell"))), [giant], 12,
+                                       np.random.default_rng(0), own_size_p=own)
+        pasted = boxes.xyxy[boxes.kinds == KINDS.index("platelet")]
+        assert len(pasted) >= 8
+        sides = np.maximum(pasted[:, 2] - pasted[:, 0], pasted[:, 3] - pasted[:, 1]) / 100
+        assert sides.min() >= low - 0.02 and sides.max() <= high + 0.02, (own, sides)
+        assert box_iou(pasted, red).max() < 0.05 and (image != field).any()
