@@ -381,7 +381,7 @@ class PastePatch:
     rgb: np.ndarray
     alpha: np.ndarray
     blob: tuple[float, float, float, float]
-    relative: float = 0.4
+    relative: float
 
 
 # A red cell's side as a share of a PBC image's side: the shipped detector's red-cell boxes on 150 of

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..core.errors import BloodcellError, ImageReadError
 from ..data.fields import KINDS, Boxes, load_field, open_fields, read_kinds
-from ..inference.count import FieldCounter, FieldResult, fields_of_view
+from ..inference.count import FieldCounter, FieldResult, fields_of_view, square_crop
 from ..inference.detect import Detections, box_iou
 from ..models.ood import batch_shift
 from .detection import detection_metrics
@@ -36,6 +36,7 @@ NOT_FOUND = "not found"
 WHITE = KINDS.index("white_cell")
 REVIEW_FILE = "boxes_to_review.csv"
 REVIEW_SHEET = "boxes_to_review.png"
+REVIEW_CONTEXT = 2.0  # each box drawn in a square twice its longer side
 # A box's kind is doubted when the detector finds another kind on it at this score or more (and its own
 # kind not at its threshold); a cell no box labels is listed from this score. Measured on the Raabin
 # fields (docs/experiments.md, twenty-fifth session): 0.5 lists the 6 swapped test boxes read by eye.
@@ -185,17 +186,16 @@ def write_review_sheet(path: Path, rows: list[dict], limit: int = 48, tile: int 
         except (ImageReadError, BloodcellError):
             continue
         x0, y0, x1, y1 = (float(v) for v in row["box"])
-        pad = 0.5 * max(x1 - x0, y1 - y0)
-        left, top = max(0, int(x0 - pad)), max(0, int(y0 - pad))
-        crop = Image.fromarray(image[top : int(y1 + pad) + 1, left : int(x1 + pad) + 1])
-        scale = tile / max(crop.size)
-        crop = crop.resize((max(1, round(crop.width * scale)), max(1, round(crop.height * scale))))
+        side = max(x1 - x0, y1 - y0)
+        # the box at the centre of a square twice its longer side, as count's crops are cut
+        crop = Image.fromarray(square_crop(image, row["box"], REVIEW_CONTEXT)).resize((tile, tile))
+        scale = tile / max(2, round(side * REVIEW_CONTEXT))
+        half_w, half_h = (x1 - x0) / 2 * scale, (y1 - y0) / 2 * scale
         card = Image.new("RGB", (tile, tile + 30), "white")
-        card.paste(crop, ((tile - crop.width) // 2, 0))
+        card.paste(crop, (0, 0))
         draw = ImageDraw.Draw(card)
-        shift = ((tile - crop.width) // 2, 0)
-        draw.rectangle([(x0 - left) * scale + shift[0], (y0 - top) * scale, (x1 - left) * scale + shift[0],
-                        (y1 - top) * scale], outline=(230, 0, 0), width=2)
+        draw.rectangle([tile / 2 - half_w, tile / 2 - half_h, tile / 2 + half_w, tile / 2 + half_h],
+                       outline=(230, 0, 0), width=2)
         said = f"label {row['labelled']}" if row["issue"] == "kind" else "no label"
         draw.text((3, tile + 2), f"{said}; found", fill=(0, 0, 0))
         draw.text((3, tile + 15), f"{row['detector_kind']} {row['detector_score']:.2f}  {Path(row['image']).stem[:10]}",

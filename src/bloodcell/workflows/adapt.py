@@ -434,7 +434,7 @@ def write_labels_to_review(path: Path, probs: np.ndarray, labels: np.ndarray, fi
         writer = csv.writer(handle)
         writer.writerow(["image", "label", "label_confidence", "predicted", "confidence"])
         for i in disputed:
-            writer.writerow([files[i] if i < len(files) else "", names[labels[i]], f"{probs[i, labels[i]]:.4f}",
+            writer.writerow([files[i], names[labels[i]], f"{probs[i, labels[i]]:.4f}",
                              names[predicted[i]], f"{probs[i, predicted[i]]:.4f}"])
     return {"file": LABELS_TO_REVIEW_FILE, "cells": len(disputed)}
 
