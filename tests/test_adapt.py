@@ -195,8 +195,9 @@ def test_adapt_leaves_out_class_folders_it_does_not_know_when_asked(run, lab, tm
     (mixed / "blast").mkdir()
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(mixed / "blast" / "a.png")
     lines = []
-    _, labels, counts = load_labelled(mixed, list(CLASS_NAMES), 32, None, lines.append, skip_unknown=True)
-    _, plain_labels, plain_counts = load_labelled(lab["labelled"], list(CLASS_NAMES), 32, None, lambda line: None)
+    mixed_cells = load_labelled(mixed, list(CLASS_NAMES), 32, None, lines.append, skip_unknown=True)
+    plain = load_labelled(lab["labelled"], list(CLASS_NAMES), 32, None, lambda line: None)
+    labels, counts, plain_labels, plain_counts = mixed_cells.labels, mixed_cells.counts, plain.labels, plain.counts
     assert counts == plain_counts and np.array_equal(np.sort(labels), np.sort(plain_labels))
     assert "blast/: 1 cell(s) not a class of this model, left out" in lines
 

@@ -226,7 +226,7 @@ def test_predict_sorts_copies_for_review_and_adapt_reads_the_sorted_folder(onnx_
     for file in sorted(to_check.iterdir())[1:]:
         file.rename(review / "neutrophil" / file.name)
     lines = []
-    _, labels, _ = load_labelled(review, list(CLASS_NAMES), 32, None, lines.append)
+    labels = load_labelled(review, list(CLASS_NAMES), 32, None, lines.append).labels
     assert len(labels) == 7 and "to_check/: 1 cell(s) not sorted into a class folder, left out" in lines
 
 

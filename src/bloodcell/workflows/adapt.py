@@ -18,6 +18,7 @@ import json
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -59,6 +60,18 @@ TO_LABEL_FILE = "to_label.csv"
 LABELS_TO_REVIEW_FILE = "labels_to_review.csv"
 
 
+@dataclass
+class LabCells:
+    """A lab's cells prepared as the model's input (N, 3, size, size), where each came from (a file, or a field
+    and its box), their labels (None when unlabelled), and whether the images were read as whole fields."""
+
+    images: torch.Tensor
+    origins: list[str]
+    labels: np.ndarray | None = None
+    as_fields: bool = False
+    counts: dict[str, int] = field(default_factory=dict)  # labelled cells per class
+
+
 def model_directory(model: str | Path) -> Path:
     """The run directory holding a model's PyTorch weights ('default': the shipped model)."""
     path = DEFAULT_MODEL_DIR if str(model) == "default" else Path(model)
@@ -89,11 +102,11 @@ def field_cells(path: Path, size: int, framing: dict | None, log: Callable[[str]
 
 
 def labelled_field_cells(source, class_names: list[str], size: int, framing: dict | None, detector: str | Path | CellDetector,
-                         log: Callable[[str], None], chunk: int = 16, origins: list[str] | None = None
+                         log: Callable[[str], None], origins: list[str], chunk: int = 16
                          ) -> tuple[torch.Tensor, np.ndarray]:
     """Class folders of whole fields, one white cell each: the white cell of each, found by ``detector`` and
     cut out as ``count`` cuts it (what ``evaluate`` scores on such fields). A field where none is found is
-    left out, with a line: adaptation learns from cells."""
+    left out, with a line: adaptation learns from cells. ``origins`` receives each cell's file, in order."""
     from ..inference.count import source_white_cells
     from ..inference.detect import load_detector
 
@@ -105,8 +118,7 @@ def labelled_field_cells(source, class_names: list[str], size: int, framing: dic
             continue
         images.append(preprocess(cut[0], size, framing))
         labels.append(remap[item.label])
-        if origins is not None:
-            origins.append(str(item.path))
+        origins.append(str(item.path))
     if not images:
         raise BloodcellError(f"{source.root}: no white cell found in these fields")
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), np.array(labels, np.int64)
@@ -129,14 +141,14 @@ def read_as_fields(paths: list[str], fields: bool | None, detector: str | Path |
 
 def load_labelled(path: Path, class_names: list[str], size: int, framing: dict | None,
                   log: Callable[[str], None], skip_unknown: bool = False, fields: bool | None = False,
-                  detector: str | Path | CellDetector = "default", decided: dict | None = None,
-                  origins: list[str] | None = None) -> tuple[torch.Tensor, np.ndarray, dict[str, int]]:
+                  detector: str | Path | CellDetector = "default") -> LabCells:
     """The lab's labelled cells, prepared as the model's input: class folders of cells, class folders of whole
     fields holding one white cell each (``fields``: True, or None to look first), or boxed fields whose
-    white-cell boxes are typed. ``decided["fields"]`` is set to whether class folders were read as fields;
-    ``origins`` (a list) receives where each cell came from, in order."""
+    white-cell boxes are typed."""
     from ..data.fields import is_field_set
 
+    origins: list[str] = []
+    as_fields = False
     if is_field_set(path):  # the lab's own fields, their white cells boxed and typed
         images, types, where = field_cells(path, size, framing, log, typed_only=True, skip_unknown=skip_unknown)
         unknown = sorted({t for t in types if t not in class_names})
@@ -148,8 +160,7 @@ def load_labelled(path: Path, class_names: list[str], size: int, framing: dict |
                                  "(boxes named neutrophil, lymphocyte...; WBC boxes carry no type)")
         tensor = torch.from_numpy(np.stack([images[i] for i in keep])).permute(0, 3, 1, 2).contiguous()
         labels = np.array([class_names.index(types[i]) for i in keep], np.int64)
-        if origins is not None:
-            origins.extend(where[i] for i in keep)
+        origins = [where[i] for i in keep]
     else:
         # 'Neutrophils', 'EOS' ... read as the model's classes; count --crops's to_check/ is what the lab did not sort
         source = open_source(path, list(class_names), ignore=(TO_CHECK_FOLDER,), skip_unknown=skip_unknown)
@@ -159,17 +170,14 @@ def load_labelled(path: Path, class_names: list[str], size: int, framing: dict |
             why = "not sorted into a class folder" if folder == TO_CHECK_FOLDER else "not a class of this model"
             log(f"{folder}/: {files} cell(s) {why}, left out")
         as_fields = read_as_fields([item.path for item in source.items], fields, detector, path, log)
-        if decided is not None:
-            decided["fields"] = as_fields
         if as_fields:
-            tensor, labels = labelled_field_cells(source, class_names, size, framing, detector, log, origins=origins)
+            tensor, labels = labelled_field_cells(source, class_names, size, framing, detector, log, origins)
         else:
             split = load_split(source, class_names, size, framing=framing)
             for bad, why in split.unreadable:
                 log(f"skipped {bad}: {why}")
             tensor, labels = split.images, split.labels.numpy()
-            if origins is not None:
-                origins.extend(split.paths)
+            origins = list(split.paths)
     counts = {class_names[c]: int((labels == c).sum()) for c in np.unique(labels)}
     for name, count in counts.items():
         if count < MIN_PER_CLASS:
@@ -178,7 +186,7 @@ def load_labelled(path: Path, class_names: list[str], size: int, framing: dict |
     missing = [c for c in class_names if c not in counts]
     if missing:
         log(f"not labelled here (kept as trained): {', '.join(missing)}")
-    return tensor, labels, counts
+    return LabCells(tensor, origins, labels, as_fields, counts)
 
 
 def found_cells(images: list[np.ndarray], names: list[str], finder, size: int,
@@ -198,12 +206,10 @@ def found_cells(images: list[np.ndarray], names: list[str], finder, size: int,
 
 
 def load_unlabelled(path: Path, size: int, framing: dict | None, log: Callable[[str], None],
-                    fields: bool | None = False, detector: str | Path | CellDetector = "default",
-                    decided: dict | None = None) -> tuple[torch.Tensor, list[str]]:
-    """The readable images under ``path``, prepared as the model's input, and their file paths. For a boxed
+                    fields: bool | None = False, detector: str | Path | CellDetector = "default") -> LabCells:
+    """The readable images under ``path``, prepared as the model's input, with their file paths. For a boxed
     field set: every white cell boxed in it, typed or not; with ``fields``: every white cell ``detector``
-    finds in the images, which are whole fields (None: look at a sample first). ``decided["fields"]`` is
-    set to whether the images were read as fields."""
+    finds in the images, which are whole fields (None: look at a sample first)."""
     from ..data.fields import is_field_set
     from ..inference.count import count_field_like, mostly_fields
 
@@ -211,12 +217,10 @@ def load_unlabelled(path: Path, size: int, framing: dict | None, log: Callable[[
         images, _, origins = field_cells(path, size, framing, log, typed_only=False)
         if not images:
             raise BloodcellError(f"{path}: no white cells boxed in these fields")
-        return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), origins
+        return LabCells(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), origins)
     items, bad = collect_inputs([path])
     asked = fields
     fields = read_as_fields([str(entry) for _, entry in items if not isinstance(entry, tuple)], fields, detector, path, log)
-    if decided is not None:
-        decided["fields"] = fields
     images, files = [], []
     chunk: list[tuple[np.ndarray, str]] = []
     if fields:
@@ -259,7 +263,7 @@ def load_unlabelled(path: Path, size: int, framing: dict | None, log: Callable[[
             "white cells the detector finds in them")
     if not images:
         raise BloodcellError(f"{path}: no readable images" if not fields else f"{path}: no white cell found in these fields")
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), files
+    return LabCells(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), files, as_fields=bool(fields))
 
 
 @torch.no_grad()
@@ -328,12 +332,14 @@ def adapt_model(model: str | Path, out: str | Path, labelled: str | Path | None 
     images = labels = None
     counts: dict[str, int] = {}
     labelled_files: list[str] = []
-    read_labelled, read_unlabelled = {"fields": False}, {"fields": False}
+    pool, pool_files = None, []
+    labelled_fields = unlabelled_fields = False
     if labelled is not None:
-        images, labels, counts = load_labelled(Path(labelled), names, size, framing, log, skip_unknown, fields,
-                                               detector, read_labelled, labelled_files)
-    pool, pool_files = (load_unlabelled(Path(unlabelled), size, framing, log, fields, detector, read_unlabelled)
-                        if unlabelled is not None else (None, []))
+        lab = load_labelled(Path(labelled), names, size, framing, log, skip_unknown, fields, detector)
+        images, labels, counts, labelled_files, labelled_fields = lab.images, lab.labels, lab.counts, lab.origins, lab.as_fields
+    if unlabelled is not None:
+        lab = load_unlabelled(Path(unlabelled), size, framing, log, fields, detector)
+        pool, pool_files, unlabelled_fields = lab.images, lab.origins, lab.as_fields
     log(f"adapting {source_dir} on " + " and ".join(
         part for part in (f"{len(labels)} labelled cells ({', '.join(f'{k} {v}' for k, v in counts.items())})"
                           if labels is not None else "", f"{len(pool)} unlabelled cells" if pool is not None else "")
@@ -341,7 +347,7 @@ def adapt_model(model: str | Path, out: str | Path, labelled: str | Path | None 
     summary: dict = {"source_model": str(source_dir), "labelled": str(labelled) if labelled else None,
                      "unlabelled": str(unlabelled) if unlabelled else None, "labelled_per_class": counts,
                      "unlabelled_images": len(pool) if pool is not None else 0,
-                     "labelled_fields": read_labelled["fields"], "unlabelled_fields": read_unlabelled["fields"],
+                     "labelled_fields": labelled_fields, "unlabelled_fields": unlabelled_fields,
                      "config": config.model_dump(mode="json")}
     temperature = contract.temperature
     held_out_probs = None
