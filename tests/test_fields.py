@@ -301,6 +301,12 @@ def test_the_field_of_view_is_the_smear_inside_a_dark_surround():
     assert abs(x0 - (320 - 170)) <= 8 and abs(x1 - (320 + 170)) <= 8 and abs(y0 - (240 - 170)) <= 8 and abs(y1 - (240 + 170)) <= 8
     assert np.abs(filled[5, 5].astype(int) - (226, 214, 204)).max() <= 8  # the surround now looks like the smear
     assert (filled[240, 320] == photo[240, 320]).all() and photo.min() < 5
+    crowded = smear.copy()  # at a high magnification cells cover most of the aperture: paint the background
+    for cy, cx in [(90, 90), (90, 270), (270, 90), (270, 270), (180, 180)]:
+        crowded[np.hypot(yy - cy, xx - cx) < 65] = (200, 150, 170)  # 65% of the aperture
+    assert np.median(crowded.reshape(-1, 3), axis=0)[0] < 210  # the plain median is a cell's colour
+    filled, _ = field_of_view(in_aperture(crowded, 170, (480, 640))[0])
+    assert np.abs(filled[5, 5].astype(int) - (226, 214, 204)).max() <= 8
     dark = np.zeros((200, 200, 3), np.uint8)
     dark[90:110, 90:110] = 200
     assert field_of_view(dark) is None
@@ -641,7 +647,8 @@ def test_count_cuts_the_white_cells_out_for_review_and_adapt_reads_them(tmp_path
     for file in sorted(to_check.iterdir())[1:]:
         file.rename(out / "crops" / "lymphocyte" / file.name)
     lines = []
-    _, labels, counts = load_labelled(out / "crops", list(CLASS_NAMES), 32, None, lines.append)
+    cells = load_labelled(out / "crops", list(CLASS_NAMES), 32, None, lines.append)
+    labels, counts = cells.labels, cells.counts
     assert len(labels) == len(white) - 1 >= 1 and sum(counts.values()) == len(labels)
     assert "to_check/: 1 cell(s) not sorted into a class folder, left out" in lines
 

@@ -306,7 +306,7 @@ SURROUND_MIN_SHARE = 0.02
 
 def field_of_view(image: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int]] | None:
     """Where a photo shows the smear, when it shows it inside a dark surround (an eyepiece's round
-    aperture, a black border): the image with the surround painted in the smear's median colour, and
+    aperture, a black border): the image with the surround painted in the smear's background colour, and
     the box (x0, y0, x1, y1) around what is left. None where the photo has no dark surround, or is
     dark nearly all over (then there is nothing to tell apart).
 
@@ -335,7 +335,11 @@ def field_of_view(image: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, i
     rows, cols = np.nonzero(~surround)
     box = (int(cols.min()) * step, int(rows.min()) * step, min(width, (int(cols.max()) + 1) * step),
            min(height, (int(rows.max()) + 1) * step))
-    colour = np.median(image[::step, ::step][~surround], axis=0)
+    # the smear's background: the median of its brightest quarter (at a high magnification the cells cover
+    # most of the aperture, and the median of all of it is a cell's colour, whose edge reads as cells)
+    smear = image[::step, ::step][~surround].astype(np.float32)
+    light = smear.sum(axis=1)
+    colour = np.median(smear[light >= np.percentile(light, 75)], axis=0)
     # the surround at full size: each small pixel stands for a step x step block (the grid covers the photo)
     mask = np.asarray(Image.fromarray(surround).resize((surround.shape[1] * step, surround.shape[0] * step),
                                                       Image.Resampling.NEAREST))[:height, :width]
