@@ -22,7 +22,7 @@ def cell():
 @pytest.mark.parametrize("switch", [
     {"zoom_scale": (0.2, 0.3)}, {"rotation_degrees": 45}, {"brightness": 0.5}, {"contrast": 0.5},
     {"saturation": 0.9}, {"hue": 0.2}, {"hue": 0.2, "hue_p": 0.5}, {"stain_shift": 0.3}, {"blur_p": 1.0}, {"pixelate_p": 1.0},
-    {"jpeg_p": 1.0, "jpeg_quality": (5, 10)}, {"erase_p": 1.0}, {"augmix_p": 1.0}, {"occlude_p": 1.0},
+    {"jpeg_p": 1.0, "jpeg_quality": (5, 10)}, {"erase_p": 1.0}, {"augmix_p": 1.0}, {"occlude_p": 1.0}, {"shrink_p": 1.0},
 ])
 def test_each_augmentation_changes_the_image_and_keeps_its_format(cell, switch):
     transform = build_transform(AugmentConfig(**{**NOTHING, **switch}), 64)
@@ -68,6 +68,24 @@ def test_occluders_are_translucent_and_local(cell):
         if a.numel() > 300:
             corr.append(float(torch.corrcoef(torch.stack([a, b]))[0, 1]))
     assert corr and np.median(corr) > 0.3
+
+
+def test_a_shrunk_image_sits_whole_in_a_frame_of_its_border_colour(cell):
+    """What a padded framing shows of a tight crop: the image, smaller, somewhere in a frame of one colour,
+    the median of its border."""
+    from bloodcell.data.augment import Shrink
+
+    torch.manual_seed(2)
+    out = Shrink((0.5, 0.5))(cell)
+    edge = torch.cat([cell[:, 0, :], cell[:, -1, :], cell[:, :, 0], cell[:, :, -1]], dim=-1)
+    fill = edge.float().median(dim=-1).values.round().to(torch.uint8)
+    framed = (out == fill[:, None, None]).all(0)
+    assert framed.float().mean() >= 0.7  # three quarters of a 64 px frame lie outside a 32 px image
+    rows, cols = np.nonzero((~framed).numpy())
+    assert rows.max() - rows.min() < 32 and cols.max() - cols.min() < 32
+    top, left = rows.min(), cols.min()
+    small = torch.nn.functional.interpolate(cell[None].float(), size=32, mode="bilinear", antialias=True)[0]
+    assert (out[:, top : top + 32, left : left + 32].float() - small).abs().mean() < 3
 
 
 @pytest.mark.parametrize("settings", [{}, NOTHING, {"enabled": False}])

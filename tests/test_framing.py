@@ -7,6 +7,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from bloodcell.data import preprocess
+from bloodcell.data.preprocess import preprocess_batch
 from bloodcell.data.framing import FramingConfig, blob_stats, crop_box, frame_cell, locate_cell
 
 from .conftest import ORIGINALS, require
@@ -50,6 +51,25 @@ def test_a_tight_crop_is_left_whole():
     """A cell that already fills the frame (another lab's crops) is not cut further."""
     image = smear(size=100, cell=(50, 50), radius=40)
     assert frame_cell(image, FramingConfig()).shape == image.shape
+
+
+def test_a_padded_tight_crop_shows_its_cell_at_the_same_share_of_the_frame():
+    """With ``pad``, a crop of margin x the cell's extent that is larger than the image is filled with the
+    image's border colour: a tight crop's cell and a smear's cell then fill the same share of the frame."""
+    config = FramingConfig(window=0.3, margin=2.0, pad=True)
+    tight = smear(size=100, cell=(50, 50), radius=40)  # the cell fills 80% of the image
+    framed = frame_cell(tight, config)
+    assert 155 <= framed.shape[0] <= 165 and framed.shape[0] == framed.shape[1]
+    assert (framed[:5, :5] == tight[0, 0]).all()  # the border's colour, not Pillow's black
+    offset = (framed.shape[0] - 100) // 2
+    assert np.array_equal(framed[offset : offset + 100, offset : offset + 100], tight)
+    wide = smear(size=400, cell=(200, 200), radius=40)
+    share = [2 * 40 / frame_cell(image, config).shape[0] for image in (tight, wide)]
+    assert abs(share[0] - share[1]) < 0.03  # each cell fills about half its frame
+    assert frame_cell(tight, FramingConfig(window=0.3, margin=2.0)).shape == tight.shape  # without pad: whole
+    batch = preprocess_batch([tight, wide], 64, config.model_dump())
+    for image, prepared in zip((tight, wide), batch):
+        assert np.array_equal(prepared, np.asarray(Image.fromarray(frame_cell(image, config)).resize((64, 64), Image.Resampling.BICUBIC)))
 
 
 def test_no_stain_contrast_means_a_central_window():

@@ -32,6 +32,9 @@ class AugmentConfig(BaseModel):
     grayscale_p: float = Field(0.0, ge=0, le=1, description="probability of a grey image (shape cues only)")
     magnify_p: float = Field(0.0, ge=0, le=1, description="probability of a centred zoom: the whole cell larger in the frame")
     magnify_side: tuple[float, float] = Field((0.5, 0.9), description="side of the centred crop, as a fraction of the image's")
+    shrink_p: float = Field(0.0, ge=0, le=1, description="probability of a shrunk image in a frame of its border colour: "
+                            "what a padded framing (framing.pad) shows of a tight crop, on cells of every class")
+    shrink_side: tuple[float, float] = Field((0.55, 0.95), description="side of the shrunk image, as a fraction of the frame's")
     blur_p: float = Field(0.15, ge=0, le=1, description="defocus: Gaussian blur probability")
     blur_sigma: tuple[float, float] = (0.3, 2.0)
     pixelate_p: float = Field(0.1, ge=0, le=1)
@@ -117,6 +120,27 @@ class Magnify(torch.nn.Module):
         left = slack // 2 + int(torch.randint(-(slack // 8), slack // 8 + 1, ()))
         window = image[..., top : top + crop, left : left + crop]
         return v2.functional.resize(window, [size, size], antialias=True)
+
+
+class Shrink(torch.nn.Module):
+    """The image shrunk and placed in a frame of its border's median colour: a lower magnification, as a padded
+    framing (:class:`bloodcell.data.framing.FramingConfig` ``pad``) shows another lab's tight crops. Given to
+    cells of every class, so that a padded frame tells the network nothing about the class."""
+
+    def __init__(self, side: tuple[float, float]):
+        super().__init__()
+        self.side = side
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        size = image.shape[-1]
+        fraction = self.side[0] + float(torch.rand(())) * (self.side[1] - self.side[0])
+        small = max(int(round(size * fraction)), 8)
+        edge = torch.cat([image[..., 0, :], image[..., -1, :], image[..., :, 0], image[..., :, -1]], dim=-1)
+        fill = edge.float().median(dim=-1).values.round().to(image.dtype)
+        out = fill[..., None, None].expand_as(image).clone()
+        top, left = (int(torch.randint(0, size - small + 1, ())) for _ in range(2))
+        out[..., top : top + small, left : left + small] = v2.functional.resize(image, [small, small], antialias=True)
+        return out
 
 
 class AmplitudeMix(torch.nn.Module):
@@ -248,6 +272,8 @@ def build_transform(config: AugmentConfig, image_size: int, output_size: int | N
         steps.append(v2.RandomResizedCrop(output_size, scale=config.zoom_scale, ratio=(0.9, 1.1), antialias=True))
     elif output_size != image_size:
         steps.append(v2.Resize(output_size, antialias=True))
+    if config.shrink_p:
+        steps.append(v2.RandomApply([Shrink(config.shrink_side)], p=config.shrink_p))
     if config.flips:
         steps += [v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()]
     if config.rot90:

@@ -42,6 +42,9 @@ class FramingConfig(BaseModel):
     window: float = Field(0.65, gt=0, le=1, description="crop side as a fraction of the image's shorter side")
     margin: float = Field(1.5, ge=1, description="the crop is at least this times the stained cell's extent")
     min_contrast: float = Field(15.0, ge=0, description="stain-score contrast below which no cell is sought")
+    pad: bool = Field(False, description="a crop of margin x the cell's extent larger than the image is padded with "
+                      "the image's border colour instead of stopping at the image: a tight crop's cell is then shown "
+                      "at the same share of the frame as any other")
 
 
 @dataclass(frozen=True)
@@ -201,16 +204,41 @@ def crop_box(shape: tuple[int, ...], location: CellLocation | None, config: Fram
     height, width = shape[:2]
     shorter = min(height, width)
     cy, cx, extent = (0.5, 0.5, 0.0) if location is None else (location.cy, location.cx, location.extent)
-    side = int(round(min(shorter, max(config.window * shorter, config.margin * extent * shorter))))
-    side = max(side, 1)
-    # Centred on the cell, shifted back inside the image where the cell is near an edge.
-    top = int(round(min(max(cy * height - side / 2, 0), height - side)))
-    left = int(round(min(max(cx * width - side / 2, 0), width - side)))
+    side = max(config.window * shorter, config.margin * extent * shorter)
+    side = max(int(round(side if config.pad else min(shorter, side))), 1)
+    # Centred on the cell, shifted back inside the image where the cell is near an edge; a padded crop
+    # larger than the image along an axis stays centred on the cell there.
+    top = cy * height - side / 2
+    left = cx * width - side / 2
+    top = round(min(max(top, 0), height - side) if side <= height else top)
+    left = round(min(max(left, 0), width - side) if side <= width else left)
     return top, left, side
 
 
+def border_colour(image: Image.Image) -> tuple[int, ...]:
+    """The median colour of an image's outermost pixels: what a padded crop is filled with."""
+    array = np.asarray(image)
+    edge = np.concatenate([array[0], array[-1], array[:, 0], array[:, -1]])
+    return tuple(int(v) for v in np.median(edge, axis=0))
+
+
+def crop_padded(image: Image.Image, top: int, left: int, side: int) -> Image.Image:
+    """``image`` cropped to the square (top, left, side), where it reaches beyond the image filled with its
+    border colour (Pillow's own crop fills with black)."""
+    if top >= 0 and left >= 0 and top + side <= image.height and left + side <= image.width:
+        return image.crop((left, top, left + side, top + side))
+    canvas = Image.new("RGB", (side, side), border_colour(image))
+    x0, y0 = max(left, 0), max(top, 0)
+    canvas.paste(image.crop((x0, y0, min(left + side, image.width), min(top + side, image.height))),
+                 (x0 - left, y0 - top))
+    return canvas
+
+
 def frame_cell(image: np.ndarray, config: FramingConfig | dict) -> np.ndarray:
-    """The square crop around the cell (not yet resized); a view into ``image``."""
+    """The square crop around the cell (not yet resized); a view into ``image``, or a padded copy where
+    ``config.pad`` takes the crop beyond it."""
     config = FramingConfig.model_validate(config)
     top, left, side = crop_box(image.shape, locate_cell(image, config.min_contrast), config)
-    return image[top : top + side, left : left + side]
+    if top >= 0 and left >= 0 and top + side <= image.shape[0] and left + side <= image.shape[1]:
+        return image[top : top + side, left : left + side]
+    return np.asarray(crop_padded(Image.fromarray(image), top, left, side))

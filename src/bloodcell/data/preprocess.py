@@ -15,6 +15,7 @@ from .framing import (
     FramingConfig,
     as_pil,
     crop_box,
+    crop_padded,
     image_shape,
     locate_cells,
     pil_to_array,
@@ -49,7 +50,7 @@ def preprocess_batch(images: list[np.ndarray | Image.Image], size: int, framing:
         for n, (pil, found) in enumerate(zip(pils, locate_cells(pils, config.min_contrast))):
             top, left, side = crop_box(image_shape(pil), found, config)
             if (top, left, side) != (0, 0, pil.height) or pil.width != side:
-                pil = pil.crop((left, top, left + side, top + side))
+                pil = crop_padded(pil, top, left, side)
             _resize_into(pil, size, out[n])
         return out
     for n, image in enumerate(images):
