@@ -103,18 +103,25 @@ class Illuminant(torch.nn.Module):
         return (image.float() * gain.view(3, 1, 1)).clamp_(0, 255).round_().to(image.dtype)
 
 
-class Magnify(torch.nn.Module):
-    """Crop a square around the centre (where framing put the cell) and resize it back: a higher
-    magnification, with the whole cell kept in view, as other labs' tight crops show it."""
+class RandomSide(torch.nn.Module):
+    """A transform that draws a square's side, a fraction of the image's in ``side`` (low, high)."""
 
     def __init__(self, side: tuple[float, float]):
         super().__init__()
         self.side = side
 
+    def draw(self, size: int) -> int:
+        fraction = self.side[0] + float(torch.rand(())) * (self.side[1] - self.side[0])
+        return max(int(round(size * fraction)), 8)
+
+
+class Magnify(RandomSide):
+    """Crop a square around the centre (where framing put the cell) and resize it back: a higher
+    magnification, with the whole cell kept in view, as other labs' tight crops show it."""
+
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         size = image.shape[-1]
-        fraction = self.side[0] + float(torch.rand(())) * (self.side[1] - self.side[0])
-        crop = max(int(round(size * fraction)), 8)
+        crop = self.draw(size)
         slack = size - crop
         top = slack // 2 + int(torch.randint(-(slack // 8), slack // 8 + 1, ()))
         left = slack // 2 + int(torch.randint(-(slack // 8), slack // 8 + 1, ()))
@@ -122,19 +129,14 @@ class Magnify(torch.nn.Module):
         return v2.functional.resize(window, [size, size], antialias=True)
 
 
-class Shrink(torch.nn.Module):
+class Shrink(RandomSide):
     """The image shrunk and placed in a frame of its border's median colour: a lower magnification, as a padded
     framing (:class:`bloodcell.data.framing.FramingConfig` ``pad``) shows another lab's tight crops. Given to
     cells of every class, so that a padded frame tells the network nothing about the class."""
 
-    def __init__(self, side: tuple[float, float]):
-        super().__init__()
-        self.side = side
-
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         size = image.shape[-1]
-        fraction = self.side[0] + float(torch.rand(())) * (self.side[1] - self.side[0])
-        small = max(int(round(size * fraction)), 8)
+        small = self.draw(size)
         edge = torch.cat([image[..., 0, :], image[..., -1, :], image[..., :, 0], image[..., :, -1]], dim=-1)
         fill = edge.float().median(dim=-1).values.round().to(image.dtype)
         out = fill[..., None, None].expand_as(image).clone()
