@@ -61,6 +61,8 @@ from scipy import ndimage
 
 HERE = Path(__file__).resolve().parent
 LABEL_FIXES = HERE / "fields_label_fixes.json"
+# a box less in sight than this share (cut by a crowded window or an eyepiece's rim) is not a cell to find
+MIN_IN_SIGHT = 0.35
 sys.path.insert(0, str(HERE.parent / "src"))
 
 from bloodcell.data.fields import (
@@ -239,7 +241,7 @@ def crowded(fields: list[tuple[np.ndarray, Boxes]], index: int, magnification: f
     area = np.maximum((shifted[:, 2] - shifted[:, 0]) * (shifted[:, 3] - shifted[:, 1]), 1)
     inside = np.clip(shifted, 0, [window_w, window_h, window_w, window_h])
     visible = np.clip(inside[:, 2] - inside[:, 0], 0, None) * np.clip(inside[:, 3] - inside[:, 1], 0, None) / area
-    keep = visible >= 0.35
+    keep = visible >= MIN_IN_SIGHT
     scale = np.array([640 / window_w, 480 / window_h] * 2, np.float32)
     return (np.asarray(out.resize((640, 480), Image.Resampling.BILINEAR)),
             Boxes((inside[keep] * scale).astype(np.float32), kinds[keep]))
@@ -319,7 +321,7 @@ def eyepiece(image: np.ndarray, boxes: Boxes, seed: int = 0) -> tuple[np.ndarray
         ys, xs = np.nonzero(seen)
         clipped = [max(box[0], x0 + xs.min()), max(box[1], y0 + ys.min()),
                    min(box[2], x0 + xs.max() + 1), min(box[3], y0 + ys.max() + 1)]
-        if seen.mean() < 0.35:
+        if seen.mean() < MIN_IN_SIGHT:
             hidden.append(clipped)
         else:
             kept.append(clipped)
