@@ -71,7 +71,9 @@ from bloodcell.data.fields import (
     fill_colour,
     load_field,
     open_fields,
+    read_boxes,
     read_kinds,
+    read_label_fixes,
 )
 from bloodcell.data.framing import stain_score
 from bloodcell.evaluation.boxed_fields import score_fields, type_metrics
@@ -172,32 +174,6 @@ def interior(found: list[Detections], fields, margin: float = 2.0) -> tuple[list
         kept_found.append(Detections(det.boxes.select(d), det.scores[d]))
         kept_truth.append(truth.select(t))
     return kept_found, kept_truth
-
-
-def label_fixes(root: Path, items, fields: list[tuple[np.ndarray, Boxes]]) -> tuple[list[tuple[np.ndarray, Boxes]], int]:
-    """The fields with the kinds ``fields_label_fixes.json`` gives, where its label files are this set's: boxes of
-    the Raabin fields labelled as the wrong kind, found by ``evaluate``'s review and read by eye. Each fixed
-    line must still read as listed. Returns the fields and how many boxes were fixed."""
-    by_file: dict[Path, list[dict]] = {}
-    for fix in json.loads(LABEL_FIXES.read_text())["fixes"]:
-        by_file.setdefault((root / fix["label_file"]).resolve(), []).append(fix)
-    fixed, count = [], 0
-    for item, (image, boxes) in zip(items, fields):
-        mine = by_file.get(Path(item.labels).resolve()) if item.labels else None
-        if not mine:
-            fixed.append((image, boxes))
-            continue
-        lines = [line.strip() for line in Path(item.labels).read_text().splitlines()]
-        if len([line for line in lines if line]) != len(boxes) or "" in lines[: len(boxes)]:
-            raise SystemExit(f"{item.labels}: its lines are not its boxes one to one; fix {LABEL_FIXES.name} by hand")
-        kinds = boxes.kinds.copy()
-        for fix in mine:
-            if lines[fix["line"] - 1] != fix["reads"]:
-                raise SystemExit(f"{item.labels}: line {fix['line']} no longer reads {fix['reads']!r}")
-            kinds[fix["line"] - 1] = KINDS.index(fix["kind"])
-            count += 1
-        fixed.append((image, Boxes(boxes.xyxy, kinds, boxes.types, boxes.ignored, boxes.ignored_names)))
-    return fixed, count
 
 
 def mosaic(fields: list[tuple[np.ndarray, Boxes]], index: int, n: int) -> tuple[np.ndarray, Boxes, int, int]:
@@ -458,8 +434,11 @@ def main() -> None:
     fields = [load_field(item, kinds) for item in items]
     as_labelled = [boxes for _, boxes in fields]
     fixed = 0
-    if not args.labels_as_given:
-        fields, fixed = label_fixes(root, items, fields)
+    if not args.labels_as_given:  # the same fields, their label files read through the fixes of LABEL_FIXES
+        fixed_items = open_fields(root, args.split, read_label_fixes(LABEL_FIXES, root, only_present=True))
+        fields = [(image, read_boxes(item, image.shape[1], image.shape[0], kinds))
+                  for (image, _), item in zip(fields, fixed_items)]
+        fixed = sum(len(item.fixes) for item in fixed_items)
     truth = [boxes for _, boxes in fields]
 
     detector = load_detector(args.detector)

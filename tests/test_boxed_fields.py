@@ -315,7 +315,21 @@ def test_evaluate_scores_the_types_of_a_labs_boxed_fields(tmp_path):
     assert sorted(Path(r["image"]).stem for r in swapped) == [p.stem for p in neutrophils]
     assert {(r["labelled"], r["detector_kind"]) for r in swapped} == {("red_cell", "white_cell")}
     assert json.loads((tmp_path / "s3" / "metrics.json").read_text())["review"] == {
-        "file": "boxes_to_review.csv", "kind": 2, "unlabelled": len(review) - 2, "sheet": "boxes_to_review.png"}
+        "file": "boxes_to_review.csv", "kind": 2, "unlabelled": len(review) - 2, "sheet": "boxes_to_review.png",
+        "label_fixes": "label_fixes.json"}
+    assert all(r["line"] == "1" for r in swapped)  # each neutrophil's one box is its file's first line
+    # the review's suggested fixes, passed back: the boxes are white cells again, the label files untouched
+    suggested = json.loads((tmp_path / "s3" / "label_fixes.json").read_text())["fixes"]
+    assert sorted(f["label_file"] for f in suggested) == [f"labels/{p.name}" for p in neutrophils]
+    assert {(f["line"], f["labelled"], f["kind"]) for f in suggested} == {(1, "red_cell", "white_cell")}
+    before = {p: p.read_text() for p in neutrophils}
+    result = runner.invoke(app, ["evaluate", "--model", "default", "--data", str(smudged), "--out", str(tmp_path / "s4"),
+                                 "--skip-unknown", "--label-fixes", str(tmp_path / "s3" / "label_fixes.json")])
+    assert result.exit_code == 0, result.output
+    fixed = json.loads((tmp_path / "s4" / "metrics.json").read_text())
+    assert fixed["label_fixes"]["lines"] == 2 and fixed["review"]["kind"] == 0
+    assert fixed["detection"]["white_cell"]["boxes"] == 4 and not (tmp_path / "s4" / "label_fixes.json").exists()
+    assert {p: p.read_text() for p in neutrophils} == before
     drawn = min(48, len(review))  # one card of 160 x 190 px for each of the first 48 boxes, 8 to a row
     with Image.open(tmp_path / "s3" / "boxes_to_review.png") as sheet:
         assert sheet.size == (160 * min(8, drawn), 190 * -(-drawn // 8))

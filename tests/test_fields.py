@@ -26,6 +26,7 @@ from bloodcell.data.fields import (
     open_fields,
     read_boxes,
     read_kinds,
+    read_label_fixes,
     training_sample,
 )
 from bloodcell.evaluation.detection import detection_metrics, voc_ap
@@ -45,6 +46,68 @@ def random_boxes(rng, n, size=200):
 
 
 # --- boxes, letterbox, augmentation -----------------------------------------------------------
+
+
+def test_label_fixes_correct_lines_as_they_are_read_and_never_touch_the_files(tmp_path):
+    for split in ("train", "val"):
+        (tmp_path / "images" / split).mkdir(parents=True)
+        (tmp_path / "labels" / split).mkdir(parents=True)
+        Image.new("RGB", (100, 100), (230, 200, 210)).save(tmp_path / "images" / split / "a.png")
+    (tmp_path / "classes.txt").write_text("white_cell\nred_cell\nplatelet\n")
+    text = "1 0.5 0.5 0.4 0.4\n1 0.2 0.2 0.1 0.1\n1 0.5 0.3 0.4 0.2\n0 0.8 0.8 0.1 0.1\n"
+    (tmp_path / "labels" / "train" / "a.txt").write_text(text)
+    (tmp_path / "labels" / "val" / "a.txt").write_text("0 0.5 0.5 0.2 0.2\n")
+    fixes = [  # a white cell labelled as a red cell, boxed as two: the first becomes the whole cell, the other goes
+        {"label_file": "labels/train/a.txt", "line": 1, "reads": "1 0.5 0.5 0.4 0.4", "kind": "white_cell",
+         "box": [0.5, 0.4, 0.4, 0.4]},
+        {"label_file": "labels/train/a.txt", "line": 3, "reads": "1 0.5 0.3 0.4 0.2", "kind": "none"},
+        {"label_file": "labels/train/a.txt", "line": 4, "reads": "0 0.8 0.8 0.1 0.1", "kind": "platelet"}]
+    path = tmp_path / "fixes.json"
+    path.write_text(json.dumps({"fixes": fixes}))
+    kinds = read_kinds(tmp_path)
+    items = open_fields(tmp_path, None, read_label_fixes(path, tmp_path))
+    assert [len(item.fixes) for item in items] == [1 + 1 + 1, 0]  # train's file, then val's
+    boxes = read_boxes(items[0], 100, 100, kinds)
+    assert [KINDS[k] for k in boxes.kinds] == ["white_cell", "red_cell", "platelet"]
+    np.testing.assert_allclose(boxes.xyxy[0], [30, 20, 70, 60])
+    np.testing.assert_allclose(boxes.xyxy[1], [15, 15, 25, 25])
+    assert (tmp_path / "labels" / "train" / "a.txt").read_text() == text  # the user's labels are unchanged
+    assert read_boxes(open_fields(tmp_path, "train")[0], 100, 100, kinds).kinds.tolist() == [1, 1, 1, 0]
+    # a label file edited since the fix was written stops the read, naming the file and the line
+    (tmp_path / "labels" / "train" / "a.txt").write_text(text.replace("1 0.5 0.3", "2 0.5 0.3"))
+    with pytest.raises(BloodcellError, match=r"a.txt:3: reads '2 0.5 0.3 0.4 0.2', not '1 0.5 0.3 0.4 0.2'"):
+        read_boxes(open_fields(tmp_path, "train", read_label_fixes(path, tmp_path))[0], 100, 100, kinds)
+    (tmp_path / "labels" / "train" / "a.txt").write_text("1 0.5 0.5 0.4 0.4\n")
+    with pytest.raises(BloodcellError, match="has 1 lines; its label fix names line 3"):
+        read_boxes(open_fields(tmp_path, "train", read_label_fixes(path, tmp_path))[0], 100, 100, kinds)
+    # fixes of another set, a line fixed twice, an unknown kind: refused in one line
+    path.write_text(json.dumps([{**fixes[0], "label_file": "labels/test/b.txt"}]))
+    with pytest.raises(BloodcellError, match=r"labels/test/b.txt is not a label file of"):
+        read_label_fixes(path, tmp_path)
+    assert read_label_fixes(path, tmp_path, only_present=True) == []
+    path.write_text(json.dumps([fixes[0], fixes[0]]))
+    with pytest.raises(BloodcellError, match="line 1 is fixed twice"):
+        read_label_fixes(path, tmp_path)
+    path.write_text(json.dumps([{**fixes[0], "kind": "monocyte"}]))
+    with pytest.raises(BloodcellError, match="'monocyte' is not a kind"):
+        read_label_fixes(path, tmp_path)
+
+
+def test_the_benchmarks_label_fixes_still_read_as_the_shared_fields_hold_them():
+    root = require(FIELDS)
+    fixes = read_label_fixes(Path(__file__).parents[1] / "benchmarks" / "fields_label_fixes.json", root)
+    kinds = read_kinds(root)
+    for split in ("train", "val", "test"):
+        fixed = [item for item in open_fields(root, split, fixes) if item.fixes]
+        assert fixed, split
+        for item in fixed:  # each fix's line still reads as listed, and its box becomes the kind it names
+            boxes = read_boxes(item, 575, 575, kinds)
+            dropped = {fix.line for fix in item.fixes if fix.kind == "none"}
+            kept = [n for n in range(1, len(item.labels.read_text().splitlines()) + 1) if n not in dropped]
+            assert len(boxes) == len(kept)
+            for fix in item.fixes:
+                if fix.kind != "none":
+                    assert KINDS[boxes.kinds[kept.index(fix.line)]] == fix.kind
 
 
 def test_yolo_labels_become_pixel_boxes_and_a_bad_line_is_named(tmp_path):
@@ -384,10 +447,18 @@ def test_train_detector_writes_a_run_resumes_and_exports(tmp_path):
     from bloodcell.training.detector import DetectorTrainConfig, train_detector
 
     data = tiny_fields(tmp_path / "fields")
+    # a white cell's line read as a platelet (the red cells, the ruler's, left as labelled)
+    label = sorted((data / "labels" / "train").glob("*.txt"))[0]
+    first = next(i for i, line in enumerate(label.read_text().splitlines(), 1) if line.startswith("0 "))
+    fixes = tmp_path / "fixes.json"
+    fixes.write_text(json.dumps([{"label_file": f"labels/train/{label.name}", "line": first,
+                                  "reads": label.read_text().splitlines()[first - 1], "kind": "platelet"}]))
     config = DetectorTrainConfig(data=data, out=tmp_path / "run", detector=TINY, epochs=1, samples_per_epoch=4,
-                                 batch_size=2, crop=96, max_pasted=0, warmup_steps=1)
+                                 batch_size=2, crop=96, max_pasted=0, warmup_steps=1, label_fixes=fixes)
     lines: list[str] = []
     run = train_detector(config, log=lines.append)
+    assert f"label fixes: 1 line of the train and val labels corrected by {fixes}" in lines
+    assert json.loads((run / "detector.json").read_text())["trained_on"]["label_fixes"] == str(fixes)
     for name in ("config.yaml", "detector.json", "metrics.csv", "best.safetensors", "last.safetensors", "detector.onnx"):
         assert (run / name).is_file(), name
     # the contract carries the training fields' red-cell ruler: from the YOLO labels of the (square) fields

@@ -221,6 +221,8 @@ def evaluate(
     skip_unknown: bool = typer.Option(False, "--skip-unknown", help="Leave out class folders naming none of the "
                                       "model's classes (smudge cells, blasts...) instead of stopping; in boxed "
                                       "fields, boxes of such classes (a detection on one counts neither way)."),
+    label_fixes: Optional[Path] = typer.Option(None, "--label-fixes", help="Boxed fields: a JSON list of corrected "
+                                               "label lines (boxes of the wrong kind); the label files are not changed."),
 ):
     """Score a trained model: accuracy, macro-F1, per-class recall, calibration, robustness.
 
@@ -257,12 +259,14 @@ def evaluate(
             from ..evaluation.boxed_fields import evaluate_field_set
 
             with console.status("reading the fields"):
-                result = evaluate_field_set(model, data, out, detector=detector, split=split, skip_unknown=skip_unknown)
+                result = evaluate_field_set(model, data, out, detector=detector, split=split, skip_unknown=skip_unknown,
+                                            label_fixes=label_fixes)
             print_field_set_result(result)
             Console().print(f"Written to {out}")
             return
-        if split:
-            raise BloodcellError("--split is for boxed fields (YOLO layout); a curated folder is scored on its test split")
+        if split or label_fixes:
+            raise BloodcellError(f"{'--split' if split else '--label-fixes'} is for boxed fields (YOLO layout); "
+                                 f"{data} is not one")
         with console.status("evaluating"):
             result = evaluate_model(model, data, out, corruptions=corruptions, tta=tta, seed=seed, fields=fields,
                                     detector=detector, check_fields=True, skip_unknown=skip_unknown)
@@ -653,6 +657,8 @@ def train_detector(
     epochs: Optional[int] = typer.Option(None, help="Epochs (default 60)."),
     seed: Optional[int] = typer.Option(None),
     resume: Optional[Path] = typer.Option(None, help="Resume this run directory where it stopped."),
+    label_fixes: Optional[Path] = typer.Option(None, "--label-fixes", help="A JSON list of corrected label lines "
+                                               "(boxes of the wrong kind; see docs/fields.md); the label files are not changed."),
 ):
     """Train the cell detector (white cells, red cells, platelets) on whole fields."""
     import yaml
@@ -673,7 +679,8 @@ def train_detector(
             raise BloodcellError("no fields given: pass --data DIR (YOLO layout: images/<split>/, labels/<split>/, "
                                  "classes.txt listing white_cell, red_cell, platelet) or set BLOODCELL_DATA")
         settings["data"] = str(resolve_data(given, "fields"))
-        settings.update({k: v for k, v in {"out": out, "epochs": epochs, "seed": seed}.items() if v is not None})
+        settings.update({k: v for k, v in {"out": out, "epochs": epochs, "seed": seed,
+                                           "label_fixes": label_fixes}.items() if v is not None})
         run_training(DetectorTrainConfig(**settings), log=log)
 
 

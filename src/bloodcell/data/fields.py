@@ -24,6 +24,7 @@ train and predict frame alike.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 from PIL import Image
+from pydantic import BaseModel, Field, ValidationError, field_validator
 from scipy import ndimage
 
 from ..core.classes import canonical_class, name_key
@@ -83,19 +85,77 @@ class Boxes:
     # pixel boxes and class names. Scoring leaves a detection on one of them out, as VOC does "difficult" boxes.
     ignored: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
     ignored_names: tuple[str, ...] = ()
+    # Each box's line in its YOLO label file (from 1), where the boxes were read from one: what a label fix names.
+    lines: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.kinds)
 
     def select(self, keep: np.ndarray) -> Boxes:
         return Boxes(self.xyxy[keep], self.kinds[keep], None if self.types is None else self.types[keep],
-                     self.ignored, self.ignored_names)
+                     self.ignored, self.ignored_names, None if self.lines is None else self.lines[keep])
 
 
 @dataclass(frozen=True)
 class FieldItem:
     image: Path
     labels: Path | None
+    fixes: tuple[LabelFix, ...] = ()  # corrections of lines of ``labels``, applied as it is read
+
+
+class LabelFix(BaseModel):
+    """A correction of one line of a YOLO label file, applied when the file is read (the file itself is
+    never changed). ``reads`` is the line as it must still read: a label file edited since the fix was
+    written stops the run rather than taking a fix meant for another box."""
+
+    label_file: str = Field(description="the label file, relative to the field set's root (labels/train/x.txt)")
+    line: int = Field(ge=1, description="the line's number in the file, from 1")
+    reads: str = Field(description="the line as the file holds it")
+    kind: str = Field(description="the kind the box is (white_cell, red_cell, platelet), or 'none' to drop the line")
+    box: tuple[float, float, float, float] | None = Field(None, description="a new box, YOLO's normalised x_centre "
+                                                           "y_centre width height; default: the line's own")
+    labelled: str | None = Field(None, description="the kind the line gives (a note for the reader)")
+    seen: str | None = Field(None, description="what the box holds, as read by eye")
+
+    @field_validator("kind")
+    @classmethod
+    def _a_kind(cls, value: str) -> str:
+        if value != "none" and value not in KINDS:
+            raise ValueError(f"{value!r} is not a kind ({', '.join(KINDS)}, or none to drop the line)")
+        return value
+
+
+def read_label_fixes(path: str | os.PathLike, root: str | os.PathLike, only_present: bool = False) -> list[LabelFix]:
+    """The fixes of a JSON file (``{"fixes": [...]}``, or a list) for the field set at ``root``; each must name
+    a label file of that set (``only_present``: those that do not are left out), and no line twice."""
+    path, root = Path(path), Path(root)
+    try:
+        raw = json.loads(path.read_text())
+        entries = raw["fixes"] if isinstance(raw, dict) else raw
+        if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
+            raise TypeError("expected a list of objects, or {\"fixes\": [...]}")
+    except OSError as error:
+        raise BloodcellError(f"{path}: cannot read the label fixes ({error.strerror or error})") from None
+    except (ValueError, KeyError, TypeError) as error:
+        raise BloodcellError(f"{path}: not a list of label fixes ({str(error).splitlines()[0]})") from None
+    fixes = []
+    for number, entry in enumerate(entries, 1):
+        try:
+            fixes.append(LabelFix(**entry))
+        except ValidationError as error:
+            first = error.errors()[0]
+            raise BloodcellError(f"{path}: fix {number}, {'.'.join(map(str, first['loc'])) or 'entry'}: "
+                                 f"{first['msg']}") from None
+    if only_present:
+        fixes = [fix for fix in fixes if (root / fix.label_file).is_file()]
+    seen = set()
+    for fix in fixes:
+        if not (root / fix.label_file).is_file():
+            raise BloodcellError(f"{path}: {fix.label_file} is not a label file of {root}")
+        if (fix.label_file, fix.line) in seen:
+            raise BloodcellError(f"{path}: {fix.label_file} line {fix.line} is fixed twice")
+        seen.add((fix.label_file, fix.line))
+    return fixes
 
 
 def _names_file(root: Path) -> Path | None:
@@ -206,21 +266,27 @@ def is_field_set(root: Path) -> bool:
     return _names_file(root) is not None and any((p / "images").is_dir() and (p / "labels").is_dir() for p in pairs)
 
 
-def open_fields(root: str | os.PathLike, split: str | None) -> list[FieldItem]:
+def open_fields(root: str | os.PathLike, split: str | None, fixes: list[LabelFix] | None = None) -> list[FieldItem]:
     """The fields of one split (None: a set without splits, or every split), each with its label file
-    (None where a field has none: no cells)."""
+    (None where a field has none: no cells) and the ``fixes`` of that file (:func:`read_label_fixes`)."""
     root = Path(root)
     read_kinds(root, skip_unknown=True)  # a field set at all; its callers read its names as they need them
     if _names_file(root) is None and _is_voc(root):
+        if fixes:
+            raise BloodcellError(f"{root}: label fixes name lines of YOLO label files; this set is Pascal VOC's")
         return _voc_fields(root, split)
     if split is None and field_splits(root):
-        return [item for name in field_splits(root) for item in open_fields(root, name)]
+        return [item for name in field_splits(root) for item in open_fields(root, name, fixes)]
+    by_file: dict[Path, list[LabelFix]] = {}
+    for fix in fixes or []:
+        by_file.setdefault((root / fix.label_file).resolve(), []).append(fix)
     images, labels = split_folders(root, split)
     items = []
     for path in sorted(images.iterdir()):
         if path.suffix.lower() in IMAGE_EXTENSIONS:
             label = labels / f"{path.stem}.txt"
-            items.append(FieldItem(path, label if label.is_file() else None))
+            items.append(FieldItem(path, label if label.is_file() else None,
+                                   tuple(by_file.get(label.resolve(), ())) if by_file and label.is_file() else ()))
     if not items:
         raise BloodcellError(f"{images}: no images")
     return items
@@ -249,30 +315,46 @@ def read_boxes(item: FieldItem, width: int, height: int, kind_names: list[str], 
         return Boxes()
     labels = [field_label(name) for name in kind_names]
     if item.labels.suffix == ".xml":  # Pascal VOC: pixel corners, a name per object
-        entries = [(name, field_label(name), box) for name, box in _voc_objects(item.labels)]
-        labels = [label for _, label, _ in entries]
+        entries = [(name, field_label(name), box, 0) for name, box in _voc_objects(item.labels)]
+        labels = [label for _, label, _, _ in entries]
     else:
         entries = _yolo_entries(item, width, height, kind_names, labels)
-    unknown = [(name, box) for name, label, box in entries if label is None]
+    unknown = [(name, box) for name, label, box, _ in entries if label is None]
     if unknown and not skip_unknown:
         raise BloodcellError(f"{item.labels}: unknown class {unknown[0][0]!r} (--skip-unknown leaves such boxes out)")
-    known = [(label, box) for _, label, box in entries if label is not None]
+    known = [(label, box, line) for _, label, box, line in entries if label is not None]
     typed = any(label.type for label in labels if label is not None)
     ignored = np.asarray([box for _, box in unknown], np.float32).reshape(-1, 4)
     names = tuple(name for name, _ in unknown)
     if not known:
         return Boxes(ignored=ignored, ignored_names=names)
-    return Boxes(np.asarray([box for _, box in known], np.float32),
-                 np.asarray([KINDS.index(label.kind) for label, _ in known], np.int64),
-                 np.asarray([label.type or "" for label, _ in known]) if typed else None, ignored, names)
+    return Boxes(np.asarray([box for _, box, _ in known], np.float32),
+                 np.asarray([KINDS.index(label.kind) for label, _, _ in known], np.int64),
+                 np.asarray([label.type or "" for label, _, _ in known]) if typed else None, ignored, names,
+                 None if item.labels.suffix == ".xml" else np.asarray([line for _, _, line in known], np.int64))
 
 
 def _yolo_entries(item: FieldItem, width: int, height: int, kind_names: list[str],
-                  labels: list[FieldLabel | None]) -> list[tuple[str, FieldLabel | None, list[float]]]:
-    """(class name, label (None: unknown), pixel box) of each line of a YOLO label file; a bad line names the
-    file and the line."""
+                  labels: list[FieldLabel | None]) -> list[tuple[str, FieldLabel | None, list[float], int]]:
+    """(class name, label (None: unknown), pixel box, line number) of each line of a YOLO label file, read
+    through the item's fixes; a bad line names the file and the line."""
     entries = []
-    for number, line in enumerate(item.labels.read_text().splitlines(), 1):
+    lines = item.labels.read_text().splitlines()
+    fixes = {fix.line: fix for fix in item.fixes}
+    for number, line in enumerate(lines, 1):
+        fix = fixes.pop(number, None)
+        if fix is not None:
+            if line.strip() != fix.reads.strip():
+                raise BloodcellError(f"{item.labels}:{number}: reads {line.strip()!r}, not {fix.reads!r} as its label fix "
+                                     "says: the file changed since the fix was written")
+            if fix.kind == "none":
+                continue
+            box = fix.box or tuple(map(float, line.split()[1:5]))
+            cx, cy, w, h = box
+            entries.append((fix.kind, field_label(fix.kind),
+                            [(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height],
+                            number))
+            continue
         parts = line.split()
         if not parts:
             continue
@@ -283,7 +365,10 @@ def _yolo_entries(item: FieldItem, width: int, height: int, kind_names: list[str
         if not 0 <= index < len(kind_names):
             raise BloodcellError(f"{item.labels}:{number}: class {index} is not in the set's {len(kind_names)} class names")
         entries.append((kind_names[index], labels[index],
-                        [(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height]))
+                        [(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height],
+                        number))
+    if fixes:
+        raise BloodcellError(f"{item.labels}: has {len(lines)} lines; its label fix names line {min(fixes)}")
     return entries
 
 

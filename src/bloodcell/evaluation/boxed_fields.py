@@ -24,7 +24,15 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import BloodcellError, ImageReadError
-from ..data.fields import KINDS, Boxes, load_field, open_fields, read_kinds
+from ..data.fields import (
+    KINDS,
+    Boxes,
+    FieldItem,
+    load_field,
+    open_fields,
+    read_kinds,
+    read_label_fixes,
+)
 from ..inference.count import FieldCounter, FieldResult, fields_of_view, square_crop
 from ..inference.detect import Detections, box_iou
 from ..models.ood import batch_shift
@@ -36,6 +44,11 @@ NOT_FOUND = "not found"
 WHITE = KINDS.index("white_cell")
 REVIEW_FILE = "boxes_to_review.csv"
 REVIEW_SHEET = "boxes_to_review.png"
+FIXES_FILE = "label_fixes.json"
+FIXES_ABOUT = ("Each box boxes_to_review.csv lists as a kind to check, given the kind the detector found there. "
+               "Read each on its field; delete the entries whose label is right (and correct 'kind' where neither "
+               "is), then pass this file to `bloodcell evaluate --label-fixes` or `bloodcell train-detector "
+               "--label-fixes`. The label files are never changed.")
 REVIEW_CONTEXT = 2.0  # each box drawn in a square twice its longer side
 # A box's kind is doubted when the detector finds another kind on it at this score or more (and its own
 # kind not at its threshold); a cell no box labels is listed from this score. Measured on the Raabin
@@ -136,8 +149,8 @@ def boxes_to_review(found: list[Detections], truth: list[Boxes], names: list[str
       kind, nor one left out) overlaps by IoU 0.3: a cell the labels may have left out.
 
     ``found``: each field's detections, from a low threshold; ``thresholds``: the detector's own per kind.
-    Each row: image, issue, the box, what the label says (its kind, or its white-cell type) and what the
-    detector says (kind and score).
+    Each row: image, issue, the box, what the label says (its kind, or its white-cell type), what the
+    detector says (kind and score) and, for a ``kind`` row of a YOLO label file, the box's line in it.
     """
     rows = []
     for name, det, boxes in zip(names, found, truth):
@@ -153,12 +166,13 @@ def boxes_to_review(found: list[Detections], truth: list[Boxes], names: list[str
             best = int(np.argmax(np.where(other, scores, -1.0)))
             said = str(boxes.types[j]) if boxes.types is not None and boxes.types[j] else KINDS[kind]
             rows.append({"image": name, "issue": "kind", "box": box, "labelled": said,
-                         "detector_kind": KINDS[kinds[best]], "detector_score": float(scores[best])})
+                         "detector_kind": KINDS[kinds[best]], "detector_score": float(scores[best]),
+                         "line": None if boxes.lines is None else int(boxes.lines[j])})
         free = (box_iou(det.boxes.xyxy, labelled).max(1) < 0.3 if len(labelled) and len(scores)
                 else np.ones(len(scores), bool))
         for i in np.flatnonzero(free & (scores >= unlabelled_score)):
             rows.append({"image": name, "issue": "unlabelled", "box": det.boxes.xyxy[i], "labelled": "",
-                         "detector_kind": KINDS[kinds[i]], "detector_score": float(scores[i])})
+                         "detector_kind": KINDS[kinds[i]], "detector_score": float(scores[i]), "line": None})
     return sorted(rows, key=lambda r: -r["detector_score"])
 
 
@@ -166,10 +180,32 @@ def write_review(path: Path, rows: list[dict]) -> None:
     """``boxes_to_review.csv``: one row per box of :func:`boxes_to_review`, boxes in the image's pixels."""
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["image", "issue", "x0", "y0", "x1", "y1", "labelled", "detector_kind", "detector_score"])
+        writer.writerow(["image", "issue", "x0", "y0", "x1", "y1", "labelled", "detector_kind", "detector_score", "line"])
         for r in rows:
             writer.writerow([r["image"], r["issue"], *(f"{v:.1f}" for v in r["box"]), r["labelled"], r["detector_kind"],
-                             f"{r['detector_score']:.4f}"])
+                             f"{r['detector_score']:.4f}", "" if r.get("line") is None else r["line"]])
+
+
+def suggested_fixes(rows: list[dict], items: list[FieldItem], root: Path) -> list[dict]:
+    """The ``kind`` rows of :func:`boxes_to_review` as label fixes giving each box the detector's kind, for the
+    lab to read by eye (deleting the ones where the label is right) and pass to ``--label-fixes``: the
+    format :func:`bloodcell.data.fields.read_label_fixes` reads. A line a fix already corrects is left out."""
+    by_image = {str(item.image): item for item in items}
+    fixes = []
+    for r in rows:
+        item = by_image.get(r["image"])
+        if r["issue"] != "kind" or r.get("line") is None or item is None or item.labels is None:
+            continue
+        if any(fix.line == r["line"] for fix in item.fixes):
+            continue
+        try:
+            name = item.labels.relative_to(root).as_posix()
+        except ValueError:
+            name = str(item.labels)
+        fixes.append({"label_file": name, "line": r["line"], "reads": item.labels.read_text().splitlines()[r["line"] - 1].strip(),
+                      "labelled": r["labelled"], "kind": r["detector_kind"],
+                      "seen": f"the detector's {r['detector_kind']} at {r['detector_score']:.2f}: not yet read by eye"})
+    return fixes
 
 
 def write_review_sheet(path: Path, rows: list[dict], limit: int = 48, tile: int = 160) -> int:
@@ -248,7 +284,8 @@ def score_fields(counter: FieldCounter, fields, batch_size: int = 8
 
 
 def evaluate_field_set(model_path: str | Path, data: str | Path, out: str | Path, detector: str | Path = "default",
-                       split: str | None = None, abstain_below: float = 0.7, skip_unknown: bool = False) -> dict:
+                       split: str | None = None, abstain_below: float = 0.7, skip_unknown: bool = False,
+                       label_fixes: str | Path | None = None) -> dict:
     """Score the detector and the classifier on a boxed field set (``split``: one of its splits; None: all
     of it). Writes ``metrics.json``, ``cells.csv`` (every cell found, with the lab's type of the box it
     matched), ``boxes_to_review.csv`` (:func:`boxes_to_review`) with ``boxes_to_review.png`` (the first 48
@@ -257,13 +294,16 @@ def evaluate_field_set(model_path: str | Path, data: str | Path, out: str | Path
 
     ``skip_unknown``: boxes of classes that are neither a kind nor a white-cell type (smudge cells,
     blasts...) are left out instead of refused: a detection on one counts neither way, and
-    ``metrics.json`` lists them (``left_out``: boxes per class)."""
+    ``metrics.json`` lists them (``left_out``: boxes per class).
+
+    ``label_fixes``: a JSON list of corrected label lines (:func:`bloodcell.data.fields.read_label_fixes`),
+    applied as the labels are read; the label files are not changed."""
     from ..inference import load_predictor
     from ..inference.detect import load_detector
 
     data, out = Path(data), Path(out)
     names = read_kinds(data, skip_unknown)
-    items = open_fields(data, split)
+    items = open_fields(data, split, read_label_fixes(label_fixes, data) if label_fixes else None)
     counter = FieldCounter(load_detector(detector), load_predictor(model_path), abstain_below)
     fields = [(str(item.image), (lambda item=item: load_field(item, names, skip_unknown))) for item in items]
     results, truth, ranked, unreadable = score_fields(counter, fields)
@@ -272,6 +312,8 @@ def evaluate_field_set(model_path: str | Path, data: str | Path, out: str | Path
     contract = counter.detector.contract
     result = {"model": str(model_path), "detector": str(detector), "data": str(data), "split": split or "all",
               "fields": len(results), "unreadable": unreadable,
+              **({"label_fixes": {"file": str(label_fixes), "lines": sum(len(item.fixes) for item in items)}}
+                 if label_fixes else {}),
               "detection": detection_metrics(ranked, truth, operating=contract.operating()),
               "fields_magnified": sum(1 for r in results if r.magnification > 1)}
     review = boxes_to_review(ranked, truth, [r.name for r in results], contract.thresholds())
@@ -288,6 +330,10 @@ def evaluate_field_set(model_path: str | Path, data: str | Path, out: str | Path
         result["domain_shift"] = batch_shift(np.asarray(ood, np.float32))
     out.mkdir(parents=True, exist_ok=True)
     write_review(out / REVIEW_FILE, review)
+    fixes = suggested_fixes(review, items, data)
+    if fixes:
+        (out / FIXES_FILE).write_text(json.dumps({"about": FIXES_ABOUT, "fixes": fixes}, indent=1))
+        result["review"]["label_fixes"] = FIXES_FILE
     if write_review_sheet(out / REVIEW_SHEET, review):
         result["review"]["sheet"] = REVIEW_SHEET
     with open(out / "cells.csv", "w", newline="") as handle:

@@ -29,12 +29,14 @@ from ..core.settings import data_root, default_weights, resolve_weights
 from ..data.fields import (
     KINDS,
     Boxes,
+    LabelFix,
     field_splits,
     letterbox,
     load_field,
     open_fields,
     platelet_patches,
     read_kinds,
+    read_label_fixes,
     training_sample,
 )
 from ..evaluation.detection import detection_metrics
@@ -56,6 +58,9 @@ class DetectorTrainConfig(BaseModel):
     out: Path | None = None
     detector: DetectorContract = Field(default_factory=DetectorContract)
     weights: str | None = Field(None, description="ImageNet backbone weights; default: the backbone's file in $BLOODCELL_WEIGHTS")
+    label_fixes: Path | None = Field(None, description="corrections of lines of the set's label files (a JSON list, as "
+                                     "benchmarks/fields_label_fixes.json): boxes of the wrong kind, read by eye; the files "
+                                     "are not changed")
     extra_data: list[Path] = Field(default_factory=list, description="more boxed field sets (any layout bloodcell reads), "
                                    "e.g. other labs' fields: their train split (all of a set without splits) joins training")
     extra_share: float = Field(0.3, ge=0, le=1, description="share of training samples drawn from extra_data")
@@ -97,9 +102,9 @@ def _sample_rng(config: DetectorTrainConfig, epoch: int) -> np.random.Generator:
     return np.random.default_rng([config.seed, epoch])
 
 
-def load_split(root: Path, split: str | None) -> list[tuple[np.ndarray, Boxes]]:
+def load_split(root: Path, split: str | None, fixes: list[LabelFix] | None = None) -> list[tuple[np.ndarray, Boxes]]:
     kinds = read_kinds(root)
-    return [load_field(item, kinds) for item in open_fields(root, split)]
+    return [load_field(item, kinds) for item in open_fields(root, split, fixes)]
 
 
 def load_extra(roots: list[Path]) -> list[tuple[np.ndarray, Boxes]]:
@@ -170,7 +175,12 @@ def train_detector(config: DetectorTrainConfig | None = None, resume: Path | Non
             raise BloodcellError("no fields: pass --data DIR (YOLO layout: images/, labels/, classes.txt)")
         run_dir = Path(config.out) if config.out else Path("runs") / time.strftime("det-%Y%m%d-%H%M%S")
     root = Path(config.data)
-    train_fields, val_fields = load_split(root, "train"), load_split(root, "val")
+    fixes = read_label_fixes(config.label_fixes, root) if config.label_fixes else None
+    train_fields, val_fields = load_split(root, "train", fixes), load_split(root, "val", fixes)
+    if fixes:
+        applied = sum(len(item.fixes) for split in ("train", "val") for item in open_fields(root, split, fixes))
+        log(f"label fixes: {applied} line{'s' if applied != 1 else ''} of the train and val labels corrected by "
+            f"{config.label_fixes}")
     log(f"fields: {len(train_fields)} train, {len(val_fields)} val "
         f"({', '.join(f'{sum(int((b.kinds == k).sum()) for _, b in train_fields)} {n}' for k, n in enumerate(KINDS))} in train)")
     extra_fields = load_extra(config.extra_data) if config.extra_data else []
@@ -189,7 +199,8 @@ def train_detector(config: DetectorTrainConfig | None = None, resume: Path | Non
 
     contract = config.detector.model_copy(update={"red_cell_side": red_cell_side(train_fields, config.detector.image_size),
                                                   "trained_on": {
-        "data": str(root), "fields": len(train_fields), "pasted_platelets_from": str(platelet_dir) if patches else None,
+        "data": str(root), "fields": len(train_fields),
+        **({"label_fixes": str(config.label_fixes)} if fixes else {}), "pasted_platelets_from": str(platelet_dir) if patches else None,
         **({"extra_data": [str(p) for p in config.extra_data], "extra_fields": len(extra_fields),
             "extra_share": config.extra_share} if extra_fields else {})}})
     torch.manual_seed(config.seed)
