@@ -320,16 +320,24 @@ def test_evaluate_scores_the_types_of_a_labs_boxed_fields(tmp_path):
     assert all(r["line"] == "1" for r in swapped)  # each neutrophil's one box is its file's first line
     # the review's suggested fixes, passed back: the boxes are white cells again, the label files untouched
     suggested = json.loads((tmp_path / "s3" / "label_fixes.json").read_text())["fixes"]
-    assert sorted(f["label_file"] for f in suggested) == [f"labels/{p.name}" for p in neutrophils]
-    assert {(f["line"], f["labelled"], f["kind"]) for f in suggested} == {(1, "red_cell", "white_cell")}
-    before = {p: p.read_text() for p in neutrophils}
+    lines = [f for f in suggested if "line" in f]
+    assert sorted(f["label_file"] for f in lines) == [f"labels/{p.name}" for p in neutrophils]
+    assert {(f["line"], f["labelled"], f["kind"]) for f in lines} == {(1, "red_cell", "white_cell")}
+    # ... and each cell no box labels is added as the detector found it: the deleted eosinophils among them
+    added = [f for f in suggested if "line" not in f]
+    assert len(added) == len(review) - 2
+    assert {f"labels/{stem}.txt" for stem in eosinophils} <= {f["label_file"] for f in added if f["kind"] == "white_cell"}
+    before = {p: p.read_text() for p in [*neutrophils, *(smudged / "labels").glob("eosinophil_*.txt")]}
     result = runner.invoke(app, ["evaluate", "--model", "default", "--data", str(smudged), "--out", str(tmp_path / "s4"),
                                  "--skip-unknown", "--label-fixes", str(tmp_path / "s3" / "label_fixes.json")])
     assert result.exit_code == 0, result.output
     fixed = json.loads((tmp_path / "s4" / "metrics.json").read_text())
-    assert fixed["label_fixes"]["lines"] == 2 and fixed["review"]["kind"] == 0
-    assert fixed["detection"]["white_cell"]["boxes"] == 4 and not (tmp_path / "s4" / "label_fixes.json").exists()
-    assert {p: p.read_text() for p in neutrophils} == before
+    assert fixed["label_fixes"]["lines"] == len(suggested)
+    assert fixed["review"]["kind"] == 0 and fixed["review"]["unlabelled"] == 0
+    assert not (tmp_path / "s4" / "label_fixes.json").exists()
+    white = sum(f["kind"] == "white_cell" for f in added)
+    assert fixed["detection"]["white_cell"]["boxes"] == 4 + white and fixed["detection"]["white_cell"]["precision"] == 1.0
+    assert {p: p.read_text() for p in before} == before
     drawn = min(48, len(review))  # one card of 160 x 190 px for each of the first 48 boxes, 8 to a row
     with Image.open(tmp_path / "s3" / "boxes_to_review.png") as sheet:
         assert sheet.size == (160 * min(8, drawn), 190 * -(-drawn // 8))

@@ -61,16 +61,19 @@ def test_label_fixes_correct_lines_as_they_are_read_and_never_touch_the_files(tm
         {"label_file": "labels/train/a.txt", "line": 1, "reads": "1 0.5 0.5 0.4 0.4", "kind": "white_cell",
          "box": [0.5, 0.4, 0.4, 0.4]},
         {"label_file": "labels/train/a.txt", "line": 3, "reads": "1 0.5 0.3 0.4 0.2", "kind": "none"},
-        {"label_file": "labels/train/a.txt", "line": 4, "reads": "0 0.8 0.8 0.1 0.1", "kind": "platelet"}]
+        {"label_file": "labels/train/a.txt", "line": 4, "reads": "0 0.8 0.8 0.1 0.1", "kind": "platelet"},
+        {"label_file": "labels/train/a.txt", "kind": "red_cell", "box": [0.1, 0.9, 0.2, 0.2]}]  # a cell left out
     path = tmp_path / "fixes.json"
     path.write_text(json.dumps({"fixes": fixes}))
     kinds = read_kinds(tmp_path)
     items = open_fields(tmp_path, None, read_label_fixes(path, tmp_path))
-    assert [len(item.fixes) for item in items] == [1 + 1 + 1, 0]  # train's file, then val's
+    assert [len(item.fixes) for item in items] == [4, 0]  # train's file, then val's
     boxes = read_boxes(items[0], 100, 100, kinds)
-    assert [KINDS[k] for k in boxes.kinds] == ["white_cell", "red_cell", "platelet"]
+    assert [KINDS[k] for k in boxes.kinds] == ["white_cell", "red_cell", "platelet", "red_cell"]
     np.testing.assert_allclose(boxes.xyxy[0], [30, 20, 70, 60])
     np.testing.assert_allclose(boxes.xyxy[1], [15, 15, 25, 25])
+    np.testing.assert_allclose(boxes.xyxy[3], [0, 80, 20, 100])
+    assert boxes.lines.tolist() == [1, 2, 4, 0]  # each box's line, 0 for the added one
     assert (tmp_path / "labels" / "train" / "a.txt").read_text() == text  # the user's labels are unchanged
     assert read_boxes(open_fields(tmp_path, "train")[0], 100, 100, kinds).kinds.tolist() == [1, 1, 1, 0]
     # a label file edited since the fix was written stops the read, naming the file and the line
@@ -89,7 +92,13 @@ def test_label_fixes_correct_lines_as_they_are_read_and_never_touch_the_files(tm
     with pytest.raises(BloodcellError, match="line 1 is fixed twice"):
         read_label_fixes(path, tmp_path)
     path.write_text(json.dumps([{**fixes[0], "kind": "monocyte"}]))
-    with pytest.raises(BloodcellError, match="'monocyte' is not a kind"):
+    with pytest.raises(BloodcellError, match="fix 1, kind: .*'monocyte' is not a kind"):
+        read_label_fixes(path, tmp_path)
+    path.write_text(json.dumps([fixes[0], {**fixes[-1], "box": None}]))
+    with pytest.raises(BloodcellError, match="fix 2, .*needs its kind and its box"):
+        read_label_fixes(path, tmp_path)
+    path.write_text(json.dumps([{k: v for k, v in fixes[0].items() if k != "reads"}]))
+    with pytest.raises(BloodcellError, match="fix 1, .*says what the line reads"):
         read_label_fixes(path, tmp_path)
 
 

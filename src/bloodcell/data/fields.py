@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 from PIL import Image
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from scipy import ndimage
 
 from ..core.classes import canonical_class, name_key
@@ -85,7 +85,8 @@ class Boxes:
     # pixel boxes and class names. Scoring leaves a detection on one of them out, as VOC does "difficult" boxes.
     ignored: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
     ignored_names: tuple[str, ...] = ()
-    # Each box's line in its YOLO label file (from 1), where the boxes were read from one: what a label fix names.
+    # Each box's line in its YOLO label file (from 1; 0: a box a label fix added), where the boxes were read
+    # from one: what a label fix names.
     lines: np.ndarray | None = None
 
     def __len__(self) -> int:
@@ -104,13 +105,14 @@ class FieldItem:
 
 
 class LabelFix(BaseModel):
-    """A correction of one line of a YOLO label file, applied when the file is read (the file itself is
-    never changed). ``reads`` is the line as it must still read: a label file edited since the fix was
-    written stops the run rather than taking a fix meant for another box."""
+    """A correction of one line of a YOLO label file, or a box it lacks, applied when the file is read (the
+    file itself is never changed). ``reads`` is the line as it must still read: a label file edited since
+    the fix was written stops the run rather than taking a fix meant for another box."""
 
     label_file: str = Field(description="the label file, relative to the field set's root (labels/train/x.txt)")
-    line: int = Field(ge=1, description="the line's number in the file, from 1")
-    reads: str = Field(description="the line as the file holds it")
+    line: int | None = Field(None, ge=1, description="the line's number in the file, from 1; none: a box the "
+                             "labels left out, added after the file's own")
+    reads: str | None = Field(None, description="the line as the file holds it (required with line)")
     kind: str = Field(description="the kind the box is (white_cell, red_cell, platelet), or 'none' to drop the line")
     box: tuple[float, float, float, float] | None = Field(None, description="a new box, YOLO's normalised x_centre "
                                                            "y_centre width height; default: the line's own")
@@ -123,6 +125,14 @@ class LabelFix(BaseModel):
         if value != "none" and value not in KINDS:
             raise ValueError(f"{value!r} is not a kind ({', '.join(KINDS)}, or none to drop the line)")
         return value
+
+    @model_validator(mode="after")
+    def _a_line_or_a_new_box(self) -> LabelFix:
+        if self.line is not None and self.reads is None:
+            raise ValueError("a fix of a line says what the line reads (reads)")
+        if self.line is None and (self.box is None or self.kind == "none"):
+            raise ValueError("a box the labels left out needs its kind and its box (YOLO's x_centre y_centre width height)")
+        return self
 
 
 def read_label_fixes(path: str | os.PathLike, root: str | os.PathLike, only_present: bool = False) -> list[LabelFix]:
@@ -152,7 +162,7 @@ def read_label_fixes(path: str | os.PathLike, root: str | os.PathLike, only_pres
     for fix in fixes:
         if not (root / fix.label_file).is_file():
             raise BloodcellError(f"{path}: {fix.label_file} is not a label file of {root}")
-        if (fix.label_file, fix.line) in seen:
+        if fix.line is not None and (fix.label_file, fix.line) in seen:
             raise BloodcellError(f"{path}: {fix.label_file} line {fix.line} is fixed twice")
         seen.add((fix.label_file, fix.line))
     return fixes
@@ -340,7 +350,7 @@ def _yolo_entries(item: FieldItem, width: int, height: int, kind_names: list[str
     through the item's fixes; a bad line names the file and the line."""
     entries = []
     lines = item.labels.read_text().splitlines()
-    fixes = {fix.line: fix for fix in item.fixes}
+    fixes = {fix.line: fix for fix in item.fixes if fix.line is not None}
     for number, line in enumerate(lines, 1):
         fix = fixes.pop(number, None)
         if fix is not None:
@@ -369,6 +379,11 @@ def _yolo_entries(item: FieldItem, width: int, height: int, kind_names: list[str
                         number))
     if fixes:
         raise BloodcellError(f"{item.labels}: has {len(lines)} lines; its label fix names line {min(fixes)}")
+    for fix in item.fixes:
+        if fix.line is None:  # a box the labels left out; line 0: in no line of the file
+            cx, cy, w, h = fix.box
+            entries.append((fix.kind, field_label(fix.kind),
+                            [(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height], 0))
     return entries
 
 

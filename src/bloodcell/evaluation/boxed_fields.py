@@ -45,8 +45,9 @@ WHITE = KINDS.index("white_cell")
 REVIEW_FILE = "boxes_to_review.csv"
 REVIEW_SHEET = "boxes_to_review.png"
 FIXES_FILE = "label_fixes.json"
-FIXES_ABOUT = ("Each box boxes_to_review.csv lists as a kind to check, given the kind the detector found there. "
-               "Read each on its field; delete the entries whose label is right (and correct 'kind' where neither "
+FIXES_ABOUT = ("Each box boxes_to_review.csv lists: a kind to check (line: the label file's line) given the kind "
+               "the detector found there, and a cell no box labels (no line) added as the detector found it. Read "
+               "each on its field; delete the entries where the labels are right (and correct 'kind' where neither "
                "is), then pass this file to `bloodcell evaluate --label-fixes` or `bloodcell train-detector "
                "--label-fixes`. The label files are never changed.")
 REVIEW_CONTEXT = 2.0  # each box drawn in a square twice its longer side
@@ -187,24 +188,34 @@ def write_review(path: Path, rows: list[dict]) -> None:
 
 
 def suggested_fixes(rows: list[dict], items: list[FieldItem], root: Path) -> list[dict]:
-    """The ``kind`` rows of :func:`boxes_to_review` as label fixes giving each box the detector's kind, for the
-    lab to read by eye (deleting the ones where the label is right) and pass to ``--label-fixes``: the
-    format :func:`bloodcell.data.fields.read_label_fixes` reads. A line a fix already corrects is left out."""
+    """:func:`boxes_to_review`'s rows as label fixes, for the lab to read by eye (deleting the ones where the
+    label is right) and pass to ``--label-fixes``, in the format :func:`bloodcell.data.fields.read_label_fixes`
+    reads: a ``kind`` row gives its line the detector's kind, an ``unlabelled`` row adds the detector's box
+    (where the field has a YOLO label file). A line a fix already corrects is left out."""
+    from PIL import Image
+
     by_image = {str(item.image): item for item in items}
     fixes = []
     for r in rows:
         item = by_image.get(r["image"])
-        if r["issue"] != "kind" or r.get("line") is None or item is None or item.labels is None:
-            continue
-        if any(fix.line == r["line"] for fix in item.fixes):
+        if item is None or item.labels is None or item.labels.suffix != ".txt":
             continue
         try:
             name = item.labels.relative_to(root).as_posix()
         except ValueError:
             name = str(item.labels)
-        fixes.append({"label_file": name, "line": r["line"], "reads": item.labels.read_text().splitlines()[r["line"] - 1].strip(),
-                      "labelled": r["labelled"], "kind": r["detector_kind"],
-                      "seen": f"the detector's {r['detector_kind']} at {r['detector_score']:.2f}: not yet read by eye"})
+        said = f"the detector's {r['detector_kind']} at {r['detector_score']:.2f}: not yet read by eye"
+        if r["issue"] == "kind" and r.get("line") and not any(fix.line == r["line"] for fix in item.fixes):
+            fixes.append({"label_file": name, "line": r["line"],
+                          "reads": item.labels.read_text().splitlines()[r["line"] - 1].strip(),
+                          "labelled": r["labelled"], "kind": r["detector_kind"], "seen": said})
+        elif r["issue"] == "unlabelled":
+            with Image.open(item.image) as image:
+                width, height = image.size
+            x0, y0, x1, y1 = (float(v) for v in r["box"])
+            fixes.append({"label_file": name, "kind": r["detector_kind"],
+                          "box": [round((x0 + x1) / 2 / width, 6), round((y0 + y1) / 2 / height, 6),
+                                  round((x1 - x0) / width, 6), round((y1 - y0) / height, 6)], "seen": said})
     return fixes
 
 
