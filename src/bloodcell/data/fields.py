@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 from PIL import Image
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from scipy import ndimage
 
 from ..core.classes import canonical_class, name_key
@@ -108,6 +108,8 @@ class LabelFix(BaseModel):
     """A correction of one line of a YOLO label file, or a box it lacks, applied when the file is read (the
     file itself is never changed). ``reads`` is the line as it must still read: a label file edited since
     the fix was written stops the run rather than taking a fix meant for another box."""
+
+    model_config = ConfigDict(frozen=True)
 
     label_file: str = Field(description="the label file, relative to the field set's root (labels/train/x.txt)")
     line: int | None = Field(None, ge=1, description="the line's number in the file, from 1; none: a box the "
