@@ -310,6 +310,7 @@ def test_evaluate_scores_the_types_of_a_labs_boxed_fields(tmp_path):
     result = runner.invoke(app, ["evaluate", "--model", "default", "--data", str(smudged), "--out", str(tmp_path / "s3"),
                                  "--skip-unknown"])
     assert result.exit_code == 0 and "Labels worth a second look" in " ".join(result.output.split())
+    assert "Suggested fixes in label_fixes.json" in " ".join(result.output.split())
     review = list(csv.DictReader((tmp_path / "s3" / "boxes_to_review.csv").read_text().splitlines()))
     swapped = [r for r in review if r["issue"] == "kind"]
     assert sorted(Path(r["image"]).stem for r in swapped) == [p.stem for p in neutrophils]
@@ -331,6 +332,7 @@ def test_evaluate_scores_the_types_of_a_labs_boxed_fields(tmp_path):
     result = runner.invoke(app, ["evaluate", "--model", "default", "--data", str(smudged), "--out", str(tmp_path / "s4"),
                                  "--skip-unknown", "--label-fixes", str(tmp_path / "s3" / "label_fixes.json")])
     assert result.exit_code == 0, result.output
+    assert f"Scored with {len(suggested)} label line(s) fixed by" in " ".join(result.output.split())
     fixed = json.loads((tmp_path / "s4" / "metrics.json").read_text())
     assert fixed["label_fixes"]["lines"] == len(suggested)
     assert fixed["review"]["kind"] == 0 and fixed["review"]["unlabelled"] == 0

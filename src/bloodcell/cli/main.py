@@ -346,6 +346,12 @@ def print_field_set_result(result: dict) -> None:
                         f"{review['kind']} box(es) whose kind the "
                         f"detector contradicts, {review['unlabelled']} cell(s) it is sure of that no box labels; "
                         "errors in the labels count against the detector above", highlight=False)
+        if review.get("label_fixes"):
+            Console().print(f"Suggested fixes in {review['label_fixes']}: read each box, keep the right ones, then pass "
+                            "the file to --label-fixes (your label files are not changed)", highlight=False)
+    if result.get("label_fixes"):
+        fixes = result["label_fixes"]
+        Console().print(f"Scored with {fixes['lines']} label line(s) fixed by {fixes['file']}", highlight=False)
     if result.get("left_out"):
         Console().print("left out (classes bloodcell does not know; a detection on one counts neither way): "
                         + ", ".join(f"{name} {boxes} box(es)" for name, boxes in result["left_out"].items()), highlight=False)
