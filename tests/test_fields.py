@@ -113,10 +113,13 @@ def test_the_benchmarks_label_fixes_still_read_as_the_shared_fields_hold_them():
             boxes = read_boxes(item, 575, 575, kinds)
             dropped = {fix.line for fix in item.fixes if fix.kind == "none"}
             kept = [n for n in range(1, len(item.labels.read_text().splitlines()) + 1) if n not in dropped]
-            assert len(boxes) == len(kept)
+            added = [fix for fix in item.fixes if fix.line is None]
+            assert len(boxes) == len(kept) + len(added)
+            assert boxes.lines.tolist() == kept + [0] * len(added)
             for fix in item.fixes:
                 if fix.kind != "none":
-                    assert KINDS[boxes.kinds[kept.index(fix.line)]] == fix.kind
+                    at = kept.index(fix.line) if fix.line else len(kept) + added.index(fix)
+                    assert KINDS[boxes.kinds[at]] == fix.kind
 
 
 def test_yolo_labels_become_pixel_boxes_and_a_bad_line_is_named(tmp_path):
