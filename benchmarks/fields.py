@@ -36,8 +36,9 @@ Reports, on the ``--split`` fields of ``--data`` (default ``$BLOODCELL_DATA/fiel
   without the nucleus rule (``white_cell_min_stain``), and how often a platelet image's centre
   is called a white cell.
 
-Boxes of the Raabin fields labelled as the wrong kind (``fields_label_fixes.json``: listed by ``bloodcell
-evaluate``'s ``boxes_to_review.csv``, read by eye) are scored with their right kind;
+The Raabin fields' labels are read through ``fields_label_fixes.json`` (boxes of the wrong kind and
+boxes left out, listed by ``bloodcell evaluate``'s review and read by eye; the scored split's own fixes
+apply: 6 kinds on test, 5 on val; the training split's are for ``train-detector --label-fixes``);
 ``learned_as_labelled`` gives the headline figures against the labels as they are, and
 ``--labels-as-given`` scores everything so.
 
