@@ -29,6 +29,7 @@ from ..core.settings import data_root, default_weights, resolve_weights
 from ..data.fields import (
     KINDS,
     Boxes,
+    FieldItem,
     LabelFix,
     field_splits,
     letterbox,
@@ -103,8 +104,12 @@ def _sample_rng(config: DetectorTrainConfig, epoch: int) -> np.random.Generator:
 
 
 def load_split(root: Path, split: str | None, fixes: list[LabelFix] | None = None) -> list[tuple[np.ndarray, Boxes]]:
+    return load_items(root, open_fields(root, split, fixes))
+
+
+def load_items(root: Path, items: list[FieldItem]) -> list[tuple[np.ndarray, Boxes]]:
     kinds = read_kinds(root)
-    return [load_field(item, kinds) for item in open_fields(root, split, fixes)]
+    return [load_field(item, kinds) for item in items]
 
 
 def load_extra(roots: list[Path]) -> list[tuple[np.ndarray, Boxes]]:
@@ -176,9 +181,10 @@ def train_detector(config: DetectorTrainConfig | None = None, resume: Path | Non
         run_dir = Path(config.out) if config.out else Path("runs") / time.strftime("det-%Y%m%d-%H%M%S")
     root = Path(config.data)
     fixes = read_label_fixes(config.label_fixes, root) if config.label_fixes else None
-    train_fields, val_fields = load_split(root, "train", fixes), load_split(root, "val", fixes)
+    train_items, val_items = open_fields(root, "train", fixes), open_fields(root, "val", fixes)
+    train_fields, val_fields = load_items(root, train_items), load_items(root, val_items)
     if fixes:
-        applied = sum(len(item.fixes) for split in ("train", "val") for item in open_fields(root, split, fixes))
+        applied = sum(len(item.fixes) for item in train_items + val_items)
         log(f"label fixes: {applied} line{'s' if applied != 1 else ''} of the train and val labels corrected by "
             f"{config.label_fixes}")
     log(f"fields: {len(train_fields)} train, {len(val_fields)} val "
