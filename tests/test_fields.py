@@ -460,7 +460,7 @@ def test_train_detector_writes_a_run_resumes_and_exports(tmp_path):
 
     data = tiny_fields(tmp_path / "fields")
     # a white cell's line read as a platelet (the red cells, the ruler's, left as labelled)
-    label = sorted((data / "labels" / "train").glob("*.txt"))[0]
+    label = min((data / "labels" / "train").glob("*.txt"))
     first = next(i for i, line in enumerate(label.read_text().splitlines(), 1) if line.startswith("0 "))
     fixes = tmp_path / "fixes.json"
     fixes.write_text(json.dumps([{"label_file": f"labels/train/{label.name}", "line": first,

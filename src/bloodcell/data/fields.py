@@ -33,7 +33,14 @@ from pathlib import Path
 import numpy as np
 import yaml
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from scipy import ndimage
 
 from ..core.classes import canonical_class, name_key
