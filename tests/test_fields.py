@@ -469,7 +469,7 @@ def test_train_detector_writes_a_run_resumes_and_exports(tmp_path):
                                  batch_size=2, crop=96, max_pasted=0, warmup_steps=1, label_fixes=fixes)
     lines: list[str] = []
     run = train_detector(config, log=lines.append)
-    assert f"label fixes: 1 line of the train and val labels corrected by {fixes}" in lines
+    assert f"label fixes: 1 fix of the train and val labels from {fixes}" in lines
     assert json.loads((run / "detector.json").read_text())["trained_on"]["label_fixes"] == str(fixes)
     for name in ("config.yaml", "detector.json", "metrics.csv", "best.safetensors", "last.safetensors", "detector.onnx"):
         assert (run / name).is_file(), name

@@ -221,8 +221,9 @@ def evaluate(
     skip_unknown: bool = typer.Option(False, "--skip-unknown", help="Leave out class folders naming none of the "
                                       "model's classes (smudge cells, blasts...) instead of stopping; in boxed "
                                       "fields, boxes of such classes (a detection on one counts neither way)."),
-    label_fixes: Optional[Path] = typer.Option(None, "--label-fixes", help="Boxed fields: a JSON list of corrected "
-                                               "label lines (boxes of the wrong kind); the label files are not changed."),
+    label_fixes: Optional[Path] = typer.Option(None, "--label-fixes", help="Boxed fields: a JSON list of label "
+                                               "fixes (boxes of the wrong kind, boxes left out; as evaluate's review "
+                                               "writes them); the label files are not changed."),
 ):
     """Score a trained model: accuracy, macro-F1, per-class recall, calibration, robustness.
 
@@ -663,8 +664,8 @@ def train_detector(
     epochs: Optional[int] = typer.Option(None, help="Epochs (default 60)."),
     seed: Optional[int] = typer.Option(None),
     resume: Optional[Path] = typer.Option(None, help="Resume this run directory where it stopped."),
-    label_fixes: Optional[Path] = typer.Option(None, "--label-fixes", help="A JSON list of corrected label lines "
-                                               "(boxes of the wrong kind; see docs/fields.md); the label files are not changed."),
+    label_fixes: Optional[Path] = typer.Option(None, "--label-fixes", help="A JSON list of label fixes (boxes of the "
+                                               "wrong kind, boxes left out; see docs/fields.md); the label files are not changed."),
 ):
     """Train the cell detector (white cells, red cells, platelets) on whole fields."""
     import yaml

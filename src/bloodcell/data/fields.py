@@ -369,10 +369,7 @@ def _yolo_entries(item: FieldItem, width: int, height: int, kind_names: list[str
             if fix.kind == "none":
                 continue
             box = fix.box or tuple(map(float, line.split()[1:5]))
-            cx, cy, w, h = box
-            entries.append((fix.kind, field_label(fix.kind),
-                            [(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height],
-                            number))
+            entries.append((fix.kind, field_label(fix.kind), _pixel_box(*box, width, height), number))
             continue
         parts = line.split()
         if not parts:
@@ -383,17 +380,18 @@ def _yolo_entries(item: FieldItem, width: int, height: int, kind_names: list[str
             raise BloodcellError(f"{item.labels}:{number}: expected 'class x_centre y_centre width height'") from None
         if not 0 <= index < len(kind_names):
             raise BloodcellError(f"{item.labels}:{number}: class {index} is not in the set's {len(kind_names)} class names")
-        entries.append((kind_names[index], labels[index],
-                        [(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height],
-                        number))
+        entries.append((kind_names[index], labels[index], _pixel_box(cx, cy, w, h, width, height), number))
     if fixes:
         raise BloodcellError(f"{item.labels}: has {len(lines)} lines; its label fix names line {min(fixes)}")
     for fix in item.fixes:
         if fix.line is None:  # a box the labels left out; line 0: in no line of the file
-            cx, cy, w, h = fix.box
-            entries.append((fix.kind, field_label(fix.kind),
-                            [(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height], 0))
+            entries.append((fix.kind, field_label(fix.kind), _pixel_box(*fix.box, width, height), 0))
     return entries
+
+
+def _pixel_box(cx: float, cy: float, w: float, h: float, width: int, height: int) -> list[float]:
+    """YOLO's normalised centre and size as pixel corners (x0, y0, x1, y1)."""
+    return [(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height]
 
 
 def load_field(item: FieldItem, kind_names: list[str], skip_unknown: bool = False) -> tuple[np.ndarray, Boxes]:

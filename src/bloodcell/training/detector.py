@@ -59,9 +59,9 @@ class DetectorTrainConfig(BaseModel):
     out: Path | None = None
     detector: DetectorContract = Field(default_factory=DetectorContract)
     weights: str | None = Field(None, description="ImageNet backbone weights; default: the backbone's file in $BLOODCELL_WEIGHTS")
-    label_fixes: Path | None = Field(None, description="corrections of lines of the set's label files (a JSON list, as "
-                                     "benchmarks/fields_label_fixes.json): boxes of the wrong kind, read by eye; the files "
-                                     "are not changed")
+    label_fixes: Path | None = Field(None, description="fixes of the set's label files (a JSON list, as "
+                                     "benchmarks/fields_label_fixes.json): boxes of the wrong kind and boxes left out, "
+                                     "read by eye; the files are not changed")
     extra_data: list[Path] = Field(default_factory=list, description="more boxed field sets (any layout bloodcell reads), "
                                    "e.g. other labs' fields: their train split (all of a set without splits) joins training")
     extra_share: float = Field(0.3, ge=0, le=1, description="share of training samples drawn from extra_data")
@@ -185,7 +185,7 @@ def train_detector(config: DetectorTrainConfig | None = None, resume: Path | Non
     train_fields, val_fields = load_items(root, train_items), load_items(root, val_items)
     if fixes:
         applied = sum(len(item.fixes) for item in train_items + val_items)
-        log(f"label fixes: {applied} line{'s' if applied != 1 else ''} of the train and val labels corrected by "
+        log(f"label fixes: {applied} fix{'es' if applied != 1 else ''} of the train and val labels from "
             f"{config.label_fixes}")
     log(f"fields: {len(train_fields)} train, {len(val_fields)} val "
         f"({', '.join(f'{sum(int((b.kinds == k).sum()) for _, b in train_fields)} {n}' for k, n in enumerate(KINDS))} in train)")
