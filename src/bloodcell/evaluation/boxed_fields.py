@@ -307,7 +307,7 @@ def evaluate_field_set(model_path: str | Path, data: str | Path, out: str | Path
     blasts...) are left out instead of refused: a detection on one counts neither way, and
     ``metrics.json`` lists them (``left_out``: boxes per class).
 
-    ``label_fixes``: a JSON list of corrected label lines (:func:`bloodcell.data.fields.read_label_fixes`),
+    ``label_fixes``: a JSON list of label fixes (kinds corrected, boxes dropped or added) (:func:`bloodcell.data.fields.read_label_fixes`),
     applied as the labels are read; the label files are not changed."""
     from ..inference import load_predictor
     from ..inference.detect import load_detector
