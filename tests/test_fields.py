@@ -426,6 +426,25 @@ def test_voc_ap_by_hand_and_detection_metrics():
     assert metrics["red_cell"]["ap50"] is None and metrics["map50"] == pytest.approx(2 / 3)
 
 
+def test_cells_boxed_another_way_are_found_at_iou_03():
+    # a lymphocyte labelled by its nucleus and boxed far wider (IoU 0.25: not found even at 0.3); a cell found
+    # tightly; a cell not found at all; a false box far away
+    truth = [Boxes(np.array([[20, 20, 40, 40], [100, 100, 130, 130], [200, 200, 220, 220]], np.float32),
+                   np.array([0, 0, 0]))]
+    found = [Detections(Boxes(np.array([[10, 10, 50, 50], [100, 100, 130, 131], [300, 300, 320, 320]], np.float32),
+                              np.array([0, 0, 0])), np.array([0.9, 0.8, 0.7], np.float32))]
+    assert box_iou(found[0].boxes.xyxy[:1], truth[0].xyxy[:1])[0, 0] == pytest.approx(0.25)
+    white = detection_metrics(found, truth, operating=0.3)["white_cell"]
+    assert white["recall"] == pytest.approx(1 / 3) and white["recall_iou30"] == pytest.approx(1 / 3)
+    wider = [Detections(Boxes(np.array([[15, 15, 45, 45], [100, 100, 130, 131]], np.float32), np.array([0, 0])),
+                        np.array([0.9, 0.8], np.float32))]
+    white = detection_metrics(wider, truth, operating=0.3)["white_cell"]
+    assert white["recall"] == pytest.approx(1 / 3)  # VOC's 0.5 calls the wide box a miss (IoU 0.44)
+    assert white["recall_iou30"] == pytest.approx(2 / 3)
+    # the detector's threshold applies to the loose recall too
+    assert detection_metrics(wider, truth, operating=0.85)["white_cell"]["recall_iou30"] == pytest.approx(1 / 3)
+
+
 def test_voc_ap_agrees_with_sklearn_where_precision_only_falls():
     from sklearn.metrics import average_precision_score
 

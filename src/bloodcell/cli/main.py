@@ -318,12 +318,13 @@ def shift_detail(shift: dict, noun: str) -> str:
 def print_field_set_result(result: dict) -> None:
     """Detection per kind, and the white-cell types where the set gives them."""
     table = Table(title=f"{result['model']} on {result['data']} ({result['fields']} fields, split {result['split']})")
-    for column in ("kind", "boxes", "AP50", "recall", "precision"):
+    for column in ("kind", "boxes", "AP50", "recall", "precision", "found (IoU 0.3)"):
         table.add_column(column, justify="left" if column == "kind" else "right")
     fmt = lambda v: "-" if v is None else f"{v:.3f}"
     for kind in ("white_cell", "red_cell", "platelet"):
         row = result["detection"][kind]
-        table.add_row(kind, str(row["boxes"]), fmt(row["ap50"]), fmt(row["recall"]), fmt(row["precision"]))
+        table.add_row(kind, str(row["boxes"]), fmt(row["ap50"]), fmt(row["recall"]), fmt(row["precision"]),
+                      fmt(row.get("recall_iou30")))
     Console().print(table)
     types = result.get("types")
     if types:
