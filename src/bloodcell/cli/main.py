@@ -324,7 +324,7 @@ def print_field_set_result(result: dict) -> None:
     for kind in ("white_cell", "red_cell", "platelet"):
         row = result["detection"][kind]
         table.add_row(kind, str(row["boxes"]), fmt(row["ap50"]), fmt(row["recall"]), fmt(row["precision"]),
-                      fmt(row.get("recall_iou30")))
+                      fmt(row["recall_iou30"]))
     Console().print(table)
     types = result.get("types")
     if types:

@@ -30,7 +30,6 @@ from ..data.fields import (
     KINDS,
     Boxes,
     FieldItem,
-    LabelFix,
     field_splits,
     letterbox,
     load_field,
@@ -103,11 +102,8 @@ def _sample_rng(config: DetectorTrainConfig, epoch: int) -> np.random.Generator:
     return np.random.default_rng([config.seed, epoch])
 
 
-def load_split(root: Path, split: str | None, fixes: list[LabelFix] | None = None) -> list[tuple[np.ndarray, Boxes]]:
-    return load_items(root, open_fields(root, split, fixes))
-
-
 def load_items(root: Path, items: list[FieldItem]) -> list[tuple[np.ndarray, Boxes]]:
+    """Each field of ``items`` (opened from the set at ``root``) decoded, with its boxes."""
     kinds = read_kinds(root)
     return [load_field(item, kinds) for item in items]
 
@@ -115,8 +111,8 @@ def load_items(root: Path, items: list[FieldItem]) -> list[tuple[np.ndarray, Box
 def load_extra(roots: list[Path]) -> list[tuple[np.ndarray, Boxes]]:
     """The training fields of more field sets: each one's train split, or all of a set without splits."""
     fields = []
-    for root in roots:
-        fields += load_split(Path(root), "train" if "train" in field_splits(Path(root)) else None)
+    for root in map(Path, roots):
+        fields += load_items(root, open_fields(root, "train" if "train" in field_splits(root) else None))
     return fields
 
 
